@@ -1,0 +1,355 @@
+"""The application object: task registry, producer API, and connection settings."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, overload
+
+from stem import envelope as env_codec
+from stem.backends import backend_from_url
+from stem.backends.base import ResultBackend
+from stem.brokers import broker_from_url
+from stem.brokers.base import Broker, Message
+from stem.envelope import Envelope, new_id, now_ms
+from stem.errors import BrokerConnectionError, ConfigError, TaskNotRegistered
+from stem.observability import signals
+from stem.result import AsyncResult
+from stem.result_store import ResultStore
+from stem.security.tls import TLSSettings
+from stem.task import Task, TaskOptions
+
+if TYPE_CHECKING:
+    from stem.security.signing import Keyring
+
+log = logging.getLogger("stem.app")
+
+DEFAULT_URL = "sqlite:///stem.db"
+_UNSET: Any = object()
+
+
+def _to_ms(value: datetime | float | timedelta | None, *, relative_to_ms: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ConfigError("eta/expires datetimes must be timezone-aware")
+        return int(value.timestamp() * 1000)
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    return relative_to_ms + int(float(value) * 1000)
+
+
+class Stem:
+    """A Stem application.
+
+    ``broker`` and ``backend`` are URLs (``sqlite:///path``, ``memory://``, ``redis://``,
+    ``rediss://``, ``postgresql://``) or ready-made instances. Without a backend URL, results
+    go to the broker's URL when that store can also keep results (SQLite, Redis,
+    PostgreSQL, memory).
+    """
+
+    def __init__(
+        self,
+        name: str = "stem",
+        broker: str | Broker | None = None,
+        backend: str | ResultBackend | None = None,
+        *,
+        routes: Mapping[str, str] | None = None,
+        default_queue: str = "default",
+        result_ttl_s: float | None = 86400.0,
+        max_message_bytes: int = env_codec.DEFAULT_MAX_BYTES,
+        publish_retries: int = 3,
+        publish_retry_backoff_s: float = 0.2,
+        tls: TLSSettings | None = None,
+        keyring: Keyring | None = None,
+    ) -> None:
+        self.name = name
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.routes: dict[str, str] = dict(routes or {})
+        self.default_queue = default_queue
+        self.result_ttl_s = result_ttl_s
+        self.max_message_bytes = max_message_bytes
+        self.publish_retries = publish_retries
+        self.publish_retry_backoff_s = publish_retry_backoff_s
+        self.tls = tls
+        self.keyring = keyring
+        self.import_spec: str | None = None  # "module:attr", set by the CLI loader
+        self._broker_arg = broker or DEFAULT_URL
+        self._backend_arg = backend
+        self._broker: Broker | None = None
+        self._backend: ResultBackend | None = None
+        self._result_store: ResultStore | None = None
+        self._lock = threading.RLock()
+        self.schedules: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<Stem {self.name} broker={self.broker_url}>"
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def broker_url(self) -> str:
+        arg = self._broker_arg
+        return arg if isinstance(arg, str) else arg.url
+
+    @property
+    def backend_url(self) -> str:
+        arg = self._backend_arg
+        if arg is None:
+            return self.broker_url
+        return arg if isinstance(arg, str) else arg.url
+
+    def configure(
+        self,
+        *,
+        broker: str | Broker | None = None,
+        backend: str | ResultBackend | None = None,
+        routes: Mapping[str, str] | None = None,
+        result_ttl_s: float | None = _UNSET,
+        tls: TLSSettings | None = None,
+        keyring: Keyring | None = None,
+        publish_retries: int | None = None,
+    ) -> None:
+        """Rebind connections and options (before first use; closes open connections)."""
+        with self._lock:
+            if broker is not None or backend is not None:
+                self.close()
+            if broker is not None:
+                self._broker_arg = broker
+            if backend is not None:
+                self._backend_arg = backend
+            if routes is not None:
+                self.routes.update(routes)
+            if result_ttl_s is not _UNSET:
+                self.result_ttl_s = result_ttl_s
+                self._result_store = None
+            if tls is not None:
+                self.tls = tls
+            if keyring is not None:
+                self.keyring = keyring
+                self._result_store = None
+            if publish_retries is not None:
+                self.publish_retries = publish_retries
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            with self._lock:
+                if self._broker is None:
+                    arg = self._broker_arg
+                    self._broker = (
+                        broker_from_url(arg, tls=self.tls) if isinstance(arg, str) else arg
+                    )
+        return self._broker
+
+    @property
+    def backend(self) -> ResultBackend:
+        if self._backend is None:
+            with self._lock:
+                if self._backend is None:
+                    arg = self._backend_arg
+                    if arg is None:
+                        arg = self.broker_url
+                    self._backend = (
+                        backend_from_url(arg, tls=self.tls) if isinstance(arg, str) else arg
+                    )
+        return self._backend
+
+    @property
+    def result_store(self) -> ResultStore:
+        if self._result_store is None:
+            with self._lock:
+                if self._result_store is None:
+                    seal = unseal = None
+                    if self.keyring is not None:
+                        seal, unseal = self.keyring.record_sealers()
+                    self._result_store = ResultStore(
+                        self.backend, ttl_s=self.result_ttl_s, seal=seal, unseal=unseal
+                    )
+        return self._result_store
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in (self._broker, self._backend):
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:  # closing must not mask the caller's error
+                        log.debug("close failed", exc_info=True)
+            self._broker = self._backend = None
+            self._result_store = None
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[..., Any], /) -> Task[Any, Any]: ...
+
+    @overload
+    def task(
+        self, fn: None = None, /, **options: Any
+    ) -> Callable[[Callable[..., Any]], Task[Any, Any]]: ...
+
+    def task(
+        self, fn: Callable[..., Any] | None = None, /, **options: Any
+    ) -> Task[Any, Any] | Callable[[Callable[..., Any]], Task[Any, Any]]:
+        """Register a function as a task (``@app.task`` or ``@app.task(name=..., ...)``)."""
+
+        def register(func: Callable[..., Any]) -> Task[Any, Any]:
+            name = options.pop("name", None) or f"{func.__module__}.{func.__qualname__}"
+            if "autoretry_for" in options:
+                options["autoretry_for"] = tuple(options["autoretry_for"])
+            try:
+                opts = TaskOptions(name=name, **options)
+            except TypeError as exc:
+                raise ConfigError(f"task {name!r}: {exc}") from None
+            if name in self.tasks and self.tasks[name].fn is not func:
+                raise ConfigError(f"a different task is already registered as {name!r}")
+            t: Task[Any, Any] = Task(self, func, opts)
+            self.tasks[name] = t
+            return t
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise TaskNotRegistered(f"no task registered as {name!r}") from None
+
+    def route(self, task_name: str, explicit: str | None = None) -> str:
+        """Queue for a task: explicit argument, then routes (exact name, then patterns in
+        order), then the task's own queue option, then the default queue."""
+        if explicit:
+            return explicit
+        if task_name in self.routes:
+            return self.routes[task_name]
+        for pattern, queue in self.routes.items():
+            if fnmatch.fnmatchcase(task_name, pattern):
+                return queue
+        task = self.tasks.get(task_name)
+        if task is not None and task.options.queue:
+            return task.options.queue
+        return self.default_queue
+
+    # -- producing -----------------------------------------------------------------------
+
+    def build_envelope(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | timedelta | datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        task_id: str | None = None,
+        ignore_result: bool | None = None,
+        headers: Mapping[str, Any] | None = None,
+        parent_id: str | None = None,
+        root_id: str | None = None,
+        group_id: str | None = None,
+    ) -> Envelope:
+        now = now_ms()
+        task = self.tasks.get(name)
+        opts = task.options if task is not None else None
+        if eta is not None and countdown is not None:
+            raise ConfigError("give countdown or eta, not both")
+        not_before = _to_ms(eta if eta is not None else countdown, relative_to_ms=now)
+        if expires is None and opts is not None and opts.expires is not None:
+            expires = opts.expires
+        expires_ms = _to_ms(expires, relative_to_ms=now)
+        hdrs = dict(headers or {})
+        if ignore_result if ignore_result is not None else (opts and opts.ignore_result):
+            hdrs["ignore_result"] = True
+        prio = priority if priority is not None else (opts.priority if opts else 0)
+        if not env_codec.PRIORITY_MIN <= prio <= env_codec.PRIORITY_MAX:
+            raise ConfigError(
+                f"priority must be {env_codec.PRIORITY_MIN}..{env_codec.PRIORITY_MAX}, got {prio}"
+            )
+        tid = task_id or new_id()
+        return Envelope(
+            id=tid,
+            task=name,
+            args=tuple(args),
+            kwargs=dict(kwargs or {}),
+            queue=self.route(name, queue),
+            priority=prio,
+            not_before_ms=not_before if not_before and not_before > now else None,
+            expires_ms=expires_ms,
+            max_retries=opts.max_retries if opts else None,
+            created_ms=now,
+            parent_id=parent_id,
+            root_id=root_id or tid,
+            group_id=group_id,
+            headers=hdrs,
+        )
+
+    def send_task(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult:
+        """Enqueue a task by name (it need not be registered in this process)."""
+        env = self.build_envelope(name, args, kwargs, **options)
+        self.publish([env])
+        return AsyncResult(env.id, self)
+
+    def seal(self, env: Envelope) -> bytes:
+        """Sign (when a keyring can sign) and encode an envelope for the broker."""
+        if self.keyring is not None and self.keyring.can_sign:
+            env = self.keyring.sign(env)
+        return env_codec.encode(env, max_bytes=self.max_message_bytes)
+
+    def publish(self, envelopes: Iterable[Envelope]) -> None:
+        """Publish envelopes in one batch; retries with backoff on broker connection errors
+        before raising :class:`~stem.errors.BrokerConnectionError`."""
+        envs = list(envelopes)
+        if signals.before_publish.has_receivers:
+            for env in envs:
+                signals.before_publish.send(envelope=env)
+        messages = [
+            Message(
+                id=e.id,
+                queue=e.queue,
+                body=self.seal(e),
+                priority=e.priority,
+                not_before_ms=e.not_before_ms,
+            )
+            for e in envs
+        ]
+        self.publish_messages(messages)
+        if signals.after_publish.has_receivers:
+            for env in envs:
+                signals.after_publish.send(envelope=env)
+
+    def publish_messages(self, messages: Sequence[Message]) -> None:
+        delay = self.publish_retry_backoff_s
+        for attempt in range(self.publish_retries + 1):
+            try:
+                self.broker.publish(messages)
+                return
+            except BrokerConnectionError as exc:
+                if attempt >= self.publish_retries:
+                    raise
+                log.warning(
+                    "publish failed, retrying in %.2fs: %s",
+                    delay,
+                    exc,
+                    extra={"event": "publish-retry", "attempt": attempt + 1},
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:
+        return AsyncResult(task_id, self)

@@ -1,0 +1,136 @@
+"""The broker contract: queue-level operations every broker implements.
+
+A broker stores opaque message bodies (encoded, possibly signed envelopes) together with the
+few fields it must act on itself: queue, priority and not-before time. Priority and delays
+are kept broker-side, never in worker memory. Workers take deliveries under a lease; a
+delivery whose lease lapses (its worker died) becomes available again with its delivery
+count raised by one. ``tests/contract/`` holds the one suite every broker passes.
+
+Ordering: within one queue, a higher priority is delivered first, then the message that
+became available earliest. Across several queues no order is promised.
+
+Leases: a delivery is identified by its ``receipt``, which names one lease. Once a lease has
+lapsed and the message was delivered again, the old receipt no longer acks, nacks, extends
+or dead-letters anything (those calls report ``False`` / a count of 0), so a slow worker
+cannot settle a delivery that now belongs to someone else.
+
+Claims: a small expiring key-value primitive kept in the broker's store (set-if-absent),
+used for replay protection, unique tasks, beat ticks and revocations, so that several
+processes on several hosts agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What a producer hands to a broker."""
+
+    id: str
+    queue: str
+    body: bytes
+    priority: int = 0
+    not_before_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One leased delivery of a message. ``delivery_count`` is 1 on the first delivery."""
+
+    receipt: str
+    message_id: str
+    queue: str
+    body: bytes
+    delivery_count: int
+    lease_expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message moved to the dead-letter queue, with the reason it was moved."""
+
+    id: str
+    message_id: str
+    queue: str
+    body: bytes
+    reason: str
+    detail: str
+    dead_ms: int
+    delivery_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    queue: str
+    ready: int
+    delayed: int
+    reserved: int
+    dead: int
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """Queue-level broker contract (see module docstring for the guarantees)."""
+
+    url: str
+
+    def publish(self, messages: Sequence[Message]) -> None:
+        """Store messages durably. A message with ``not_before_ms`` in the future is delayed
+        until then. Raises :class:`~stem.errors.BrokerConnectionError` if unreachable."""
+
+    def reserve(
+        self, queues: Sequence[str], max_n: int, lease_s: float, wait_s: float = 0.0
+    ) -> list[Delivery]:
+        """Lease up to ``max_n`` available messages from ``queues`` for ``lease_s`` seconds,
+        waiting up to ``wait_s`` seconds for the first one. Returns at most ``max_n``."""
+
+    def ack(self, deliveries: Sequence[Delivery]) -> int:
+        """Remove settled messages. Returns how many leases were still held."""
+
+    def nack(self, delivery: Delivery, *, delay_s: float = 0.0, body: bytes | None = None) -> bool:
+        """Hand a message back, available again after ``delay_s``. The delivery count goes
+        back to what it was before this delivery; with a new ``body`` (a retry) it restarts
+        at 0. Returns False if the lease had already lapsed."""
+
+    def extend(self, deliveries: Sequence[Delivery], lease_s: float) -> list[bool]:
+        """Renew leases to ``lease_s`` from now; False where a lease had already lapsed."""
+
+    def dead_letter(self, delivery: Delivery, reason: str, detail: str = "") -> bool:
+        """Atomically move a leased message to the dead-letter queue."""
+
+    def dlq_list(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally for one queue."""
+
+    def dlq_get(self, dead_id: str) -> DeadLetter | None: ...
+
+    def dlq_replay(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
+        """Move dead letters (all, those of ``queue``, or those named) back to their queues
+        with a delivery count of 0. Returns how many moved."""
+
+    def dlq_purge(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
+        """Delete dead letters. Returns how many were deleted."""
+
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        """Depths for the named queues, or for every queue the broker knows."""
+
+    def purge(self, queue: str) -> int:
+        """Delete the ready and delayed messages of a queue (not leased ones)."""
+
+    def claim(self, key: str, value: str, ttl_s: float) -> str:
+        """Set ``key`` to ``value`` for ``ttl_s`` seconds unless it holds a live value.
+        Returns the value now held (equal to ``value`` when this call claimed it)."""
+
+    def release(self, key: str, value: str | None = None) -> bool:
+        """Delete ``key`` (only if it holds ``value``, when given)."""
+
+    def peek(self, key: str) -> str | None:
+        """The live value of ``key``, or None."""
+
+    def ping(self) -> None:
+        """Raise :class:`~stem.errors.BrokerConnectionError` unless the broker answers."""
+
+    def close(self) -> None: ...

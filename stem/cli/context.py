@@ -1,0 +1,95 @@
+"""Shared CLI state: the global options, and turning them into a configured app."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import typer
+
+from stem.app import Stem
+from stem.cli.exitcodes import ExitCode
+from stem.errors import (
+    BackendConnectionError,
+    BrokerConnectionError,
+    ConfigError,
+    ResultTimeout,
+    SignatureError,
+    StemError,
+    TaskError,
+)
+from stem.observability.redact import redact_text
+
+
+@dataclass
+class CLIState:
+    app_spec: str | None = None
+    profile: str | None = None
+    config_file: str | None = None
+    broker: str | None = None
+    backend: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    _app: Stem | None = None
+    settings: Any = None
+
+    def as_obj(self) -> dict[str, Any]:
+        return {"profile": self.profile, "config_file": self.config_file}
+
+
+def state(ctx: typer.Context) -> CLIState:
+    obj = ctx.find_root().obj
+    if isinstance(obj, CLIState):
+        return obj
+    return CLIState()
+
+
+def load_app(ctx: typer.Context, *, need_spec: bool = False, gates: bool = False) -> Stem:
+    """The app named by --app (or a bare app on the configured broker), with settings
+    from the config layers applied on top of what the code set."""
+    st = state(ctx)
+    if st._app is not None:
+        return st._app
+    if st.app_spec:
+        from stem.loader import load_app as _load
+
+        app = _load(st.app_spec)
+    elif need_spec:
+        raise ConfigError(
+            "this command needs the app: pass --app package.module:app (or set STEM_APP)"
+        )
+    else:
+        app = Stem("stem")
+    from stem.cli.settings_bridge import apply_settings
+
+    st.settings = apply_settings(app, st, gates=gates)
+    st._app = app
+    return app
+
+
+_CODES: list[tuple[type[BaseException], ExitCode]] = [
+    (ConfigError, ExitCode.CONFIG),
+    (BrokerConnectionError, ExitCode.UNAVAILABLE),
+    (BackendConnectionError, ExitCode.UNAVAILABLE),
+    (ResultTimeout, ExitCode.TIMEOUT),
+    (TaskError, ExitCode.TASK_FAILED),
+    (SignatureError, ExitCode.CONFIG),
+    (PermissionError, ExitCode.NOPERM),
+]
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return ExitCode.FAILURE if isinstance(exc, StemError) else ExitCode.SOFTWARE
+
+
+def fail(message: str, code: ExitCode = ExitCode.FAILURE) -> NoReturn:
+    typer.echo(f"error: {redact_text(message)}", err=True)
+    raise typer.Exit(int(code))
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

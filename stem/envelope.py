@@ -1,0 +1,262 @@
+"""The envelope: one frozen, versioned record per task message, and its canonical codec.
+
+The wire form is canonical JSON (sorted keys, compact separators, UTF-8). Times are integer
+milliseconds since the epoch. Decoding is strict: unknown fields, wrong types, oversized or
+too-deeply nested payloads raise :class:`~stem.errors.DecodeError` naming what is wrong, and
+nothing else ever escapes the decoder. Nothing here imports code named by a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from stem.errors import DecodeError, EncodeError, EnvelopeTooLarge
+
+ENVELOPE_VERSION = 1
+DEFAULT_MAX_BYTES = 1024 * 1024
+MAX_DEPTH = 64
+PRIORITY_MIN = 0
+PRIORITY_MAX = 9
+_NAME_MAX = 255
+
+
+def now_ms() -> int:
+    """Wall-clock time in integer milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureBlock:
+    """Who signed an envelope, when, and the signature value (base64url, no padding)."""
+
+    algorithm: str
+    key_id: str
+    issued_at_ms: int
+    nonce: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A task message. Change it with :func:`dataclasses.replace`, never in place."""
+
+    id: str
+    task: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    not_before_ms: int | None = None
+    expires_ms: int | None = None
+    attempt: int = 0
+    max_retries: int | None = None
+    created_ms: int = 0
+    parent_id: str | None = None
+    root_id: str | None = None
+    group_id: str | None = None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    signature: SignatureBlock | None = None
+    version: int = ENVELOPE_VERSION
+
+    def replace(self, **changes: Any) -> Envelope:
+        return dataclasses.replace(self, **changes)
+
+    def is_expired(self, at_ms: int | None = None) -> bool:
+        return self.expires_ms is not None and (at_ms or now_ms()) >= self.expires_ms
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Envelope)}
+_SIG_FIELDS = {f.name for f in dataclasses.fields(SignatureBlock)}
+_REQUIRED = {"id", "task", "version"}
+
+
+def to_dict(env: Envelope, *, with_signature: bool = True) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "version": env.version,
+        "id": env.id,
+        "task": env.task,
+        "args": list(env.args),
+        "kwargs": dict(env.kwargs),
+        "queue": env.queue,
+        "priority": env.priority,
+        "not_before_ms": env.not_before_ms,
+        "expires_ms": env.expires_ms,
+        "attempt": env.attempt,
+        "max_retries": env.max_retries,
+        "created_ms": env.created_ms,
+        "parent_id": env.parent_id,
+        "root_id": env.root_id,
+        "group_id": env.group_id,
+        "headers": dict(env.headers),
+    }
+    if with_signature and env.signature is not None:
+        d["signature"] = dataclasses.asdict(env.signature)
+    return d
+
+
+def dumps(value: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, compact) for any JSON-able value."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise EncodeError(f"value cannot be encoded as JSON: {exc}") from None
+
+
+def loads(data: bytes | str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not valid JSON: {exc}") from None
+
+
+def encode(env: Envelope, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Encode to canonical JSON, refusing payloads over ``max_bytes``."""
+    data = dumps(to_dict(env))
+    if len(data) > max_bytes:
+        raise EnvelopeTooLarge(
+            f"message for task {env.task!r} is {len(data)} bytes, over the {max_bytes}-byte limit"
+        )
+    return data
+
+
+def signing_bytes(env: Envelope) -> bytes:
+    """The canonical bytes a signature covers: every field, and the signature block less its
+    value (so algorithm, key id, issued-at and nonce are covered too)."""
+    d = to_dict(env, with_signature=False)
+    if env.signature is not None:
+        sig = dataclasses.asdict(env.signature)
+        del sig["value"]
+        d["signature"] = sig
+    return dumps(d)
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def _opt_int(d: Mapping[str, Any], key: str) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if type(v) is not int:
+        raise DecodeError(f"field {key!r} must be an integer or null, got {type(v).__name__}")
+    return v
+
+
+def _opt_str(d: Mapping[str, Any], key: str) -> str | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) > _NAME_MAX:
+        raise DecodeError(f"field {key!r} must be a string of at most {_NAME_MAX} characters")
+    return v
+
+
+def _req_str(d: Mapping[str, Any], key: str) -> str:
+    v = _opt_str(d, key)
+    if not v:
+        raise DecodeError(f"field {key!r} is required and must be a non-empty string")
+    return v
+
+
+def _signature(raw: Any) -> SignatureBlock | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != _SIG_FIELDS:
+        raise DecodeError(f"field 'signature' must be an object with keys {sorted(_SIG_FIELDS)}")
+    for k in ("algorithm", "key_id", "nonce", "value"):
+        if not isinstance(raw[k], str):
+            raise DecodeError(f"field 'signature.{k}' must be a string")
+    if type(raw["issued_at_ms"]) is not int:
+        raise DecodeError("field 'signature.issued_at_ms' must be an integer")
+    return SignatureBlock(**raw)
+
+
+def from_dict(d: Any) -> Envelope:
+    """Build an envelope from decoded JSON, validating every field."""
+    if not isinstance(d, dict):
+        raise DecodeError(f"message must be a JSON object, got {type(d).__name__}")
+    unknown = set(d) - _FIELDS
+    if unknown:
+        raise DecodeError(f"unknown field(s) in message: {', '.join(sorted(unknown))}")
+    missing = _REQUIRED - set(d)
+    if missing:
+        raise DecodeError(f"missing field(s) in message: {', '.join(sorted(missing))}")
+    version = d["version"]
+    if type(version) is not int or version != ENVELOPE_VERSION:
+        raise DecodeError(f"unsupported message version {version!r} (this Stem reads 1)")
+    args = d.get("args", [])
+    kwargs = d.get("kwargs", {})
+    headers = d.get("headers", {})
+    if not isinstance(args, list):
+        raise DecodeError("field 'args' must be a list")
+    if not isinstance(kwargs, dict):
+        raise DecodeError("field 'kwargs' must be an object")
+    if not isinstance(headers, dict):
+        raise DecodeError("field 'headers' must be an object")
+    if not _depth_ok([args, kwargs, headers], MAX_DEPTH):
+        raise DecodeError(f"message nests deeper than {MAX_DEPTH} levels")
+    priority = d.get("priority", 0)
+    if type(priority) is not int or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise DecodeError(f"field 'priority' must be an integer {PRIORITY_MIN}..{PRIORITY_MAX}")
+    attempt = d.get("attempt", 0)
+    if type(attempt) is not int or attempt < 0:
+        raise DecodeError("field 'attempt' must be a non-negative integer")
+    max_retries = _opt_int(d, "max_retries")
+    if max_retries is not None and max_retries < 0:
+        raise DecodeError("field 'max_retries' must be a non-negative integer or null")
+    return Envelope(
+        id=_req_str(d, "id"),
+        task=_req_str(d, "task"),
+        args=tuple(args),
+        kwargs=kwargs,
+        queue=_req_str(d, "queue") if "queue" in d else "default",
+        priority=priority,
+        not_before_ms=_opt_int(d, "not_before_ms"),
+        expires_ms=_opt_int(d, "expires_ms"),
+        attempt=attempt,
+        max_retries=max_retries,
+        created_ms=_opt_int(d, "created_ms") or 0,
+        parent_id=_opt_str(d, "parent_id"),
+        root_id=_opt_str(d, "root_id"),
+        group_id=_opt_str(d, "group_id"),
+        headers=headers,
+        signature=_signature(d.get("signature")),
+        version=version,
+    )
+
+
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
+    """Decode wire bytes. Raises only :class:`DecodeError` (or its subclass)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError(f"message body must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise EnvelopeTooLarge(f"message is {len(data)} bytes, over the {max_bytes}-byte limit")
+    try:
+        return from_dict(loads(bytes(data)))
+    except DecodeError:
+        raise
+    except (RecursionError, ValueError, TypeError, KeyError) as exc:
+        raise DecodeError(f"malformed message: {type(exc).__name__}: {exc}") from None

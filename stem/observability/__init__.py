@@ -1,0 +1,1 @@
+"""Signals, events, metrics, tracing and structured logs."""

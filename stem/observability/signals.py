@@ -1,0 +1,71 @@
+"""In-process lifecycle signals that user code can connect to.
+
+A receiver that raises is logged and skipped: a broken receiver never breaks a worker or a
+producer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("stem.signals")
+
+Receiver = Callable[..., Any]
+
+
+class Signal:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._receivers: tuple[Receiver, ...] = ()
+        self._lock = threading.Lock()
+
+    def connect(self, receiver: Receiver) -> Receiver:
+        """Connect a receiver (usable as a decorator). Receivers get keyword arguments."""
+        with self._lock:
+            if receiver not in self._receivers:
+                self._receivers = (*self._receivers, receiver)
+        return receiver
+
+    def disconnect(self, receiver: Receiver) -> None:
+        with self._lock:
+            self._receivers = tuple(r for r in self._receivers if r is not receiver)
+
+    @property
+    def has_receivers(self) -> bool:
+        return bool(self._receivers)
+
+    def send(self, **payload: Any) -> None:
+        for receiver in self._receivers:
+            try:
+                receiver(signal=self.name, **payload)
+            except Exception:
+                log.exception(
+                    "signal receiver failed",
+                    extra={"event": "signal-receiver-failed", "signal": self.name},
+                )
+
+    def __repr__(self) -> str:
+        return f"<Signal {self.name}>"
+
+
+before_publish = Signal("before_publish")
+after_publish = Signal("after_publish")
+task_received = Signal("task_received")
+task_prerun = Signal("task_prerun")
+task_postrun = Signal("task_postrun")
+task_success = Signal("task_success")
+task_failure = Signal("task_failure")
+task_retry = Signal("task_retry")
+task_revoked = Signal("task_revoked")
+task_rejected = Signal("task_rejected")
+task_unknown = Signal("task_unknown")
+worker_init = Signal("worker_init")
+worker_ready = Signal("worker_ready")
+worker_shutting_down = Signal("worker_shutting_down")
+worker_shutdown = Signal("worker_shutdown")
+pool_process_init = Signal("pool_process_init")
+pool_process_shutdown = Signal("pool_process_shutdown")
+heartbeat = Signal("heartbeat")

@@ -1,0 +1,100 @@
+"""Reads and writes result records through the configured backend.
+
+The one place records are encoded, decoded and (when a keyring is configured) signed, so
+the worker, producers and the CLI agree on the format.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from stem.backends.base import ResultBackend
+from stem.errors import DecodeError, SignatureError
+from stem.result import ErrorInfo, ResultRecord
+
+log = logging.getLogger("stem.results")
+
+Wrap = Callable[[bytes], bytes]
+
+
+class ResultStore:
+    def __init__(
+        self,
+        backend: ResultBackend,
+        *,
+        ttl_s: float | None = 86400.0,
+        seal: Wrap | None = None,
+        unseal: Wrap | None = None,
+    ) -> None:
+        self.backend = backend
+        self.ttl_s = ttl_s
+        self._seal = seal
+        self._unseal = unseal
+
+    def write(self, record: ResultRecord) -> None:
+        body = record.encode()
+        if self._seal is not None:
+            body = self._seal(body)
+        self.backend.store(record.task_id, record.state, body, self.ttl_s)
+
+    def write_state(
+        self,
+        task_id: str,
+        state: str,
+        *,
+        task: str = "",
+        result: Any = None,
+        error: ErrorInfo | None = None,
+        progress: Mapping[str, Any] | None = None,
+        attempt: int = 0,
+        worker: str | None = None,
+        group_id: str | None = None,
+    ) -> None:
+        self.write(
+            ResultRecord(
+                task_id=task_id,
+                state=state,
+                task=task,
+                result=result,
+                error=error,
+                progress=progress,
+                attempt=attempt,
+                worker=worker,
+                group_id=group_id,
+            )
+        )
+
+    def _decode(self, task_id: str, body: bytes | None) -> ResultRecord | None:
+        if body is None:
+            return None
+        try:
+            if self._unseal is not None:
+                body = self._unseal(body)
+            return ResultRecord.decode(body)
+        except (DecodeError, SignatureError) as exc:
+            # A record we cannot trust is reported as a failure, never as a value.
+            log.warning(
+                "result record rejected: %s",
+                exc,
+                extra={"event": "result-rejected", "task_id": task_id},
+            )
+            return ResultRecord(
+                task_id=task_id,
+                state="FAILURE",
+                error=ErrorInfo(type(exc).__name__, f"result record rejected: {exc}"),
+            )
+
+    def read(self, task_id: str) -> ResultRecord | None:
+        return self._decode(task_id, self.backend.fetch(task_id))
+
+    def read_many(self, task_ids: list[str]) -> list[ResultRecord | None]:
+        bodies = self.backend.fetch_many(task_ids)
+        return [self._decode(t, b) for t, b in zip(task_ids, bodies, strict=True)]
+
+    def wait(self, task_id: str, timeout_s: float) -> ResultRecord | None:
+        return self._decode(task_id, self.backend.wait(task_id, timeout_s))
+
+    def delete(self, task_id: str) -> None:
+        self.backend.delete(task_id)

@@ -1,0 +1,1 @@
+"""Payload signing, TLS settings and development certificates."""

@@ -1,0 +1,84 @@
+"""Entry point of a process-pool child: ``python -m stem.worker.child IN_FD OUT_FD``.
+
+The child imports the operator's app (the spec arrives in the bootstrap frame, with the
+connection URLs, over the pipe so secrets never show in ``ps``), then runs one job at a time.
+It ignores SIGINT/SIGTERM (the parent drains and stops it) and exits if its parent dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, NoReturn
+
+from stem.envelope import from_dict
+from stem.errors import SoftTimeLimitExceeded, StemError, TaskNotRegistered
+from stem.observability import signals
+from stem.worker.framing import read_frame, write_frame
+from stem.worker.job import execute, failure
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def _on_alarm(signum: int, frame: Any) -> NoReturn:
+    raise SoftTimeLimitExceeded("task exceeded its soft time limit")
+
+
+def main(argv: list[str]) -> int:
+    in_fd, out_fd, parent_pid = int(argv[0]), int(argv[1]), int(argv[2])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    boot = read_frame(in_fd)
+    if boot is None:
+        return 0
+    try:
+        from stem.loader import load_app
+
+        app = load_app(boot["app"])
+        app.configure(broker=boot.get("broker"), backend=boot.get("backend"))
+    except (StemError, ImportError, Exception) as exc:  # report any import failure, then exit
+        write_frame(out_fd, {"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    signals.pool_process_init.send(pid=os.getpid())
+    write_frame(out_fd, {"type": "ready", "pid": os.getpid()})
+
+    def progress(data: dict[str, Any]) -> None:
+        write_frame(out_fd, {"type": "progress", "data": data})
+
+    while True:
+        frame = read_frame(in_fd)
+        if frame is None:
+            break
+        env = from_dict(frame["envelope"])
+        soft = frame.get("soft")
+        try:
+            task = app.get_task(env.task)
+        except TaskNotRegistered as exc:
+            outcome = failure(exc)
+        else:
+            if soft:
+                signal.setitimer(signal.ITIMER_REAL, float(soft))
+            try:
+                outcome = execute(task, env, progress)
+            except SoftTimeLimitExceeded as exc:  # fired between task return and here
+                outcome = failure(exc)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        write_frame(out_fd, {"type": "result", "outcome": outcome.to_wire()})
+    signals.pool_process_shutdown.send(pid=os.getpid())
+    app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

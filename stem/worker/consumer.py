@@ -1,0 +1,297 @@
+"""The worker: reserve what free slots can run, run it in a pool, write the result, ack.
+
+Threads: the consumer (reserve + admit), the maintainer (lease renewal, time limits), the
+pool's own threads (which settle their outcomes), and the caller's thread (signals and
+shutdown). Leases of running tasks are renewed while they run, so a live task is never
+redelivered because of its age; a worker that dies stops renewing and its messages come
+back after ``lease_s``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from stem.brokers.base import Delivery
+from stem.errors import BrokerError, StemError
+from stem.observability import signals
+from stem.worker.job import Job, Outcome, execute
+from stem.worker.pools import AsyncPool, Pool, SoloPool, ThreadPool
+from stem.worker.settle import Admission, Settler
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+
+log = logging.getLogger("stem.worker")
+
+POOLS = ("process", "thread", "async", "solo")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    queues: tuple[str, ...] = ("default",)
+    pool: str = "thread"
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 2)
+    lease_s: float = 30.0
+    max_deliveries: int = 5
+    shutdown_budget_s: float = 30.0
+    poll_wait_s: float = 1.0
+    time_limit_s: float | None = None
+    soft_time_limit_s: float | None = None
+    node_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise StemError(f"unknown pool {self.pool!r}; use one of {', '.join(POOLS)}")
+        if self.concurrency < 1:
+            raise StemError("concurrency must be at least 1")
+        if self.lease_s <= 0.2:
+            raise StemError("lease_s must be more than 0.2 seconds")
+        if not self.queues:
+            raise StemError("a worker needs at least one queue")
+
+
+class Worker:
+    def __init__(self, app: Stem, config: WorkerConfig | None = None) -> None:
+        self.app = app
+        self.config = config or WorkerConfig()
+        self.name = self.config.node_name or f"stem-{os.getpid()}@{socket.gethostname()}"
+        self.inflight: dict[str, Job] = {}
+        self._slots = threading.Condition()
+        self._stop_reserving = threading.Event()
+        self._stop_now = threading.Event()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.settler = Settler(app, self.name, self.config.max_deliveries)
+        self.admission = Admission(app, self.settler, self.config.max_deliveries)
+        self.pool: Pool = self._make_pool()
+        self.last_consume_ms = 0
+        self.started_at = time.time()
+
+    def _make_pool(self) -> Pool:
+        cfg = self.config
+        if cfg.pool == "process":
+            from stem.worker.process_pool import ProcessPool
+
+            return ProcessPool(
+                cfg.concurrency,
+                self._done,
+                self._progress,
+                bootstrap={
+                    "app": self.app.import_spec,
+                    "broker": self.app.broker_url,
+                    "backend": self.app.backend_url,
+                },
+            )
+        if cfg.pool == "async":
+            return AsyncPool(cfg.concurrency, self._done, self._progress)
+        if cfg.pool == "solo":
+            return SoloPool(cfg.concurrency, self._done, self._progress)
+        return ThreadPool(cfg.concurrency, self._done, self._progress)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the pool and the worker's threads, and return."""
+        signals.worker_init.send(worker=self)
+        self.app.broker.ping()
+        self.pool.start()
+        for target, name in ((self._consume, "stem-consumer"), (self._maintain, "stem-lease")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info(
+            "worker %s ready: queues=%s pool=%s concurrency=%d",
+            self.name,
+            ",".join(self.config.queues),
+            self.config.pool,
+            self.pool.size,
+            extra={"event": "worker-ready", "worker": self.name},
+        )
+        signals.worker_ready.send(worker=self)
+
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT (or :meth:`request_stop`), then drain and return."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self.start()
+        while not self._stop_reserving.is_set():
+            self._stop_reserving.wait(0.5)
+        self.shutdown()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._stop_reserving.is_set():
+            log.warning("second stop signal: stopping now", extra={"event": "worker-stop-now"})
+            self._stop_now.set()
+        else:
+            log.info(
+                "stop signal: draining for up to %.0fs",
+                self.config.shutdown_budget_s,
+                extra={"event": "worker-draining"},
+            )
+        self._stop_reserving.set()
+        with self._slots:
+            self._slots.notify_all()
+
+    def request_stop(self, *, now: bool = False) -> None:
+        self._stop_reserving.set()
+        if now:
+            self._stop_now.set()
+        with self._slots:
+            self._slots.notify_all()
+
+    def shutdown(self) -> None:
+        """Stop reserving, wait for running tasks up to the drain budget, hand the rest
+        back to the broker, stop the pool."""
+        self._stop_reserving.set()
+        signals.worker_shutting_down.send(worker=self)
+        deadline = time.monotonic() + self.config.shutdown_budget_s
+        with self._slots:
+            while self.inflight and not self._stop_now.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._slots.wait(min(remaining, 0.2))
+            leftover = list(self.inflight.values())
+        handed_back = self.settler.hand_back(leftover)
+        if handed_back:
+            log.warning(
+                "handed %d unfinished task(s) back to the broker",
+                handed_back,
+                extra={"event": "worker-handed-back", "count": handed_back},
+            )
+        self.pool.stop(kill=bool(leftover) or self._stop_now.is_set())
+        self._stopped.set()
+        for t in self._threads:
+            t.join(timeout=self.config.poll_wait_s + 5)
+        signals.worker_shutdown.send(worker=self)
+        log.info("worker %s stopped", self.name, extra={"event": "worker-stopped"})
+
+    def free_slots(self) -> int:
+        return max(0, self.pool.size - len(self.inflight))
+
+    def _consume(self) -> None:
+        backoff = 0.1
+        while not self._stop_reserving.is_set():
+            with self._slots:
+                while not self.free_slots() and not self._stop_reserving.is_set():
+                    self._slots.wait(0.5)
+                free = self.free_slots()
+            if self._stop_reserving.is_set():
+                break
+            try:
+                deliveries = self.app.broker.reserve(
+                    self.config.queues, free, self.config.lease_s, self.config.poll_wait_s
+                )
+            except BrokerError as exc:
+                log.warning(
+                    "reserve failed, retrying in %.1fs: %s",
+                    backoff,
+                    exc,
+                    extra={"event": "reserve-failed"},
+                )
+                self._stop_reserving.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            self.last_consume_ms = int(time.time() * 1000)
+            self._admit(deliveries)
+
+    def _admit(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            if self._stop_reserving.is_set():
+                self.settler.release(delivery)
+                continue
+            job = self.admission.admit(delivery, self._limits)
+            if job is None:
+                continue
+            with self._slots:
+                self.inflight[delivery.receipt] = job
+            self.pool.submit(job)
+
+    def _limits(self, job: Job) -> None:
+        opts = job.task.options
+        job.hard_limit_s = opts.time_limit or self.config.time_limit_s
+        job.soft_limit_s = opts.soft_time_limit or self.config.soft_time_limit_s
+
+    def _done(self, job: Job, outcome: Outcome) -> None:
+        if not job.claim_settlement():
+            return
+        try:
+            self.settler.settle(job, outcome)
+        except Exception:
+            log.exception(
+                "settling task %s failed",
+                job.envelope.id,
+                extra={"event": "settle-failed", "task_id": job.envelope.id},
+            )
+        finally:
+            with self._slots:
+                self.inflight.pop(job.delivery.receipt, None)
+                self._slots.notify_all()
+
+    def _progress(self, job: Job, data: dict[str, Any]) -> None:
+        self.settler.progress(job, data)
+
+    def _maintain(self) -> None:
+        renew_every = self.config.lease_s / 3
+        next_renew = time.monotonic() + renew_every
+        while not self._stopped.is_set():
+            self._stopped.wait(0.05)
+            now = time.monotonic()
+            with self._slots:
+                jobs = list(self.inflight.values())
+            for job in jobs:
+                elapsed = now - job.started
+                if job.soft_limit_s and not job.soft_fired and elapsed > job.soft_limit_s:
+                    job.soft_fired = True
+                    self.pool.on_soft_limit(job)
+                if job.hard_limit_s and not job.hard_fired and elapsed > job.hard_limit_s:
+                    job.hard_fired = True
+                    log.warning(
+                        "task %s hit its hard time limit (%.1fs)",
+                        job.envelope.id,
+                        job.hard_limit_s,
+                        extra={"event": "task-hard-limit"},
+                    )
+                    self.pool.on_hard_limit(job)
+            if now >= next_renew and jobs:
+                self.settler.renew(jobs, self.config.lease_s)
+            if now >= next_renew:
+                next_renew = now + renew_every
+
+
+def drain(
+    app: Stem,
+    queues: Sequence[str] = ("default",),
+    *,
+    max_tasks: int = 10_000,
+    lease_s: float = 60.0,
+) -> int:
+    """Run ready tasks in this thread until the queues have nothing ready; return how many
+    ran. For tests and scripts (``stem.testing``); delayed tasks stay in the broker."""
+    settler = Settler(app, "embedded", max_deliveries=5)
+    admission = Admission(app, settler, max_deliveries=5)
+    ran = 0
+    while ran < max_tasks:
+        deliveries = app.broker.reserve(list(queues), 1, lease_s, 0.0)
+        if not deliveries:
+            return ran
+        job = admission.admit(deliveries[0], lambda job: None)
+        if job is None:
+            continue
+        outcome = execute(job.task, job.envelope, functools.partial(settler.progress, job))
+        job.claim_settlement()
+        settler.settle(job, outcome)
+        ran += 1
+    return ran

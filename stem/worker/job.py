@@ -1,0 +1,178 @@
+"""What a pool runs (a Job) and what it reports back (an Outcome)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from stem.brokers.base import Delivery
+from stem.envelope import Envelope, dumps
+from stem.errors import EncodeError, SoftTimeLimitExceeded
+from stem.result import ErrorInfo
+from stem.retry import Retry
+from stem.task import Task, TaskContext
+
+Status = Literal["success", "failure", "retry"]
+_TB_LIMIT = 16_000
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Status
+    value: Any = None
+    error: ErrorInfo | None = None
+    retry_countdown_s: float | None = None
+    retry_max_retries: int | None = None
+    autoretry: bool = False
+    runtime_s: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "value": self.value,
+            "error": None
+            if self.error is None
+            else [self.error.type, self.error.message, self.error.traceback],
+            "retry_countdown_s": self.retry_countdown_s,
+            "retry_max_retries": self.retry_max_retries,
+            "autoretry": self.autoretry,
+            "runtime_s": self.runtime_s,
+        }
+
+    @classmethod
+    def from_wire(cls, d: dict[str, Any]) -> Outcome:
+        err = d.get("error")
+        return cls(
+            status=d["status"],
+            value=d.get("value"),
+            error=ErrorInfo(err[0], err[1], err[2]) if err else None,
+            retry_countdown_s=d.get("retry_countdown_s"),
+            retry_max_retries=d.get("retry_max_retries"),
+            autoretry=bool(d.get("autoretry")),
+            runtime_s=float(d.get("runtime_s") or 0.0),
+        )
+
+
+def failure(
+    exc: BaseException, *, tb: str | None = None, autoretry: bool = False, runtime_s: float = 0.0
+) -> Outcome:
+    return Outcome(
+        "failure", error=ErrorInfo.from_exception(exc, tb), autoretry=autoretry, runtime_s=runtime_s
+    )
+
+
+@dataclass(eq=False)
+class Job:
+    """One delivery being run. ``settled`` flips once: the first outcome wins."""
+
+    delivery: Delivery
+    envelope: Envelope
+    task: Task[Any, Any]
+    soft_limit_s: float | None = None
+    hard_limit_s: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    soft_fired: bool = False
+    hard_fired: bool = False
+    thread_id: int | None = None
+    _settle_lock: threading.Lock = field(default_factory=threading.Lock)
+    _settled: bool = False
+
+    def claim_settlement(self) -> bool:
+        with self._settle_lock:
+            if self._settled:
+                return False
+            self._settled = True
+            return True
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+
+def make_context(env: Envelope, progress: Callable[[dict[str, Any]], None] | None) -> TaskContext:
+    return TaskContext(
+        task_id=env.id,
+        task_name=env.task,
+        attempt=env.attempt,
+        max_retries=env.max_retries,
+        headers=env.headers,
+        queue=env.queue,
+        root_id=env.root_id,
+        parent_id=env.parent_id,
+        group_id=env.group_id,
+        progress=progress,
+    )
+
+
+def execute(
+    task: Task[Any, Any],
+    env: Envelope,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> Outcome:
+    """Run a task function and turn whatever happens into an Outcome. Never raises
+    (except for SystemExit/KeyboardInterrupt aimed at the process running it)."""
+    start = time.perf_counter()
+    try:
+        value = task.fn(*call_args(task, env, progress), **env.kwargs)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
+    except Exception as exc:
+        return classify(task, exc, start)
+    return check_value(task, value, start)
+
+
+def call_args(
+    task: Task[Any, Any], env: Envelope, progress: Callable[[dict[str, Any]], None] | None
+) -> tuple[Any, ...]:
+    if task.options.bind:
+        return (make_context(env, progress), *env.args)
+    return env.args
+
+
+def classify(task: Task[Any, Any], exc: BaseException, start: float) -> Outcome:
+    """The outcome for an exception a task raised (call inside the ``except`` block)."""
+    runtime = time.perf_counter() - start
+    if isinstance(exc, Retry):
+        err = ErrorInfo.from_exception(exc.exc, _tb()) if exc.exc is not None else None
+        return Outcome(
+            "retry",
+            error=err,
+            retry_countdown_s=exc.countdown,
+            retry_max_retries=exc.max_retries,
+            runtime_s=runtime,
+        )
+    if isinstance(exc, EncodeError):
+        return failure(exc, runtime_s=runtime)
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return failure(exc, tb=_tb(), runtime_s=runtime)
+    auto = bool(task.options.autoretry_for) and isinstance(exc, task.options.autoretry_for)
+    return failure(exc, tb=_tb(), autoretry=auto, runtime_s=runtime)
+
+
+def check_value(task: Task[Any, Any], value: Any, start: float) -> Outcome:
+    """Success, unless the value cannot be stored as JSON (then a clear failure now, with
+    the task's name, rather than at result-write time)."""
+    runtime = time.perf_counter() - start
+    try:
+        dumps(value)
+    except EncodeError as exc:
+        return failure(
+            EncodeError(f"task {task.name!r} returned a value that is not JSON: {exc}"),
+            runtime_s=runtime,
+        )
+    return Outcome("success", value=value, runtime_s=runtime)
+
+
+async def _await(value: Any) -> Any:
+    return await value
+
+
+def _tb() -> str:
+    text = traceback.format_exc()
+    return text if len(text) <= _TB_LIMIT else "...\n" + text[-_TB_LIMIT:]

@@ -1,0 +1,246 @@
+"""Execution pools: thread, async and solo (the process pool lives in process_pool.py).
+
+A pool runs jobs and reports each outcome through the ``done`` callback given at
+construction. The worker owns slot accounting: it submits a job only when a slot is free.
+Time limits are signalled by the worker's watchdog through ``on_soft_limit`` and
+``on_hard_limit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded
+from stem.worker.job import Job, Outcome, call_args, check_value, classify, execute, failure
+
+log = logging.getLogger("stem.worker.pool")
+
+Done = Callable[[Job, Outcome], None]
+Progress = Callable[[Job, dict[str, Any]], None]
+
+
+class Pool(Protocol):
+    name: str
+    size: int
+
+    def start(self) -> None: ...
+
+    def submit(self, job: Job) -> None: ...
+
+    def on_soft_limit(self, job: Job) -> None: ...
+
+    def on_hard_limit(self, job: Job) -> None: ...
+
+    def resize(self, size: int) -> None: ...
+
+    def stop(self, *, kill: bool) -> None: ...
+
+
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
+    """Raise ``exc_type`` inside another Python thread at its next bytecode."""
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
+    )
+    return bool(n == 1)
+
+
+class ThreadPool:
+    """Threads in this process. A hard time limit cannot kill a thread: the task gets an
+    exception injected, its failure is recorded at once, and a fresh thread takes its slot;
+    the stuck thread retires when (if) its task returns. Use the process pool where tasks
+    may block in C code."""
+
+    name = "thread"
+
+    def __init__(self, size: int, done: Done, progress: Progress | None = None) -> None:
+        self.size = size
+        self._done = done
+        self._progress = progress
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._threads: set[threading.Thread] = set()
+        self._retired: set[int] = set()
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            self._seq += 1
+            t = threading.Thread(target=self._run, name=f"stem-pool-{self._seq}", daemon=True)
+            self._threads.add(t)
+        t.start()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                job.thread_id = threading.get_ident()
+                progress = None
+                if self._progress is not None:
+                    progress = functools.partial(self._progress, job)
+                try:
+                    outcome = execute(job.task, job.envelope, progress)
+                except HardTimeLimitExceeded as exc:
+                    outcome = failure(exc)
+                job.thread_id = None
+                self._done(job, outcome)
+                if threading.get_ident() in self._retired:
+                    return
+        finally:
+            with self._lock:
+                self._threads.discard(me)
+                self._retired.discard(threading.get_ident())
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def on_soft_limit(self, job: Job) -> None:
+        if job.thread_id is not None:
+            _raise_in_thread(job.thread_id, SoftTimeLimitExceeded)
+
+    def on_hard_limit(self, job: Job) -> None:
+        tid = job.thread_id
+        if tid is not None:
+            _raise_in_thread(tid, HardTimeLimitExceeded)
+            with self._lock:
+                self._retired.add(tid)
+            self._spawn()
+        self._done(
+            job,
+            failure(
+                HardTimeLimitExceeded(
+                    f"task {job.task.name!r} exceeded its hard time limit of {job.hard_limit_s}s"
+                )
+            ),
+        )
+
+    def resize(self, size: int) -> None:
+        size = max(1, size)
+        delta = size - self.size
+        self.size = size
+        for _ in range(delta):
+            self._spawn()
+        for _ in range(-delta):
+            self._jobs.put(None)
+
+    def stop(self, *, kill: bool) -> None:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(None)
+        if not kill:
+            deadline = time.monotonic() + 5
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+
+
+class SoloPool(ThreadPool):
+    """One job at a time. Runs in its own thread so the consumer can keep renewing leases
+    and the watchdog can interrupt it."""
+
+    name = "solo"
+
+    def __init__(self, size: int, done: Done, progress: Progress | None = None) -> None:
+        super().__init__(1, done, progress)
+
+    def resize(self, size: int) -> None:
+        """The solo pool always has one slot."""
+
+
+class AsyncPool:
+    """An asyncio event loop in one thread: ``async def`` tasks run natively as coroutines,
+    plain functions in the loop's default executor. ``size`` bounds concurrent tasks."""
+
+    name = "async"
+
+    def __init__(self, size: int, done: Done, progress: Progress | None = None) -> None:
+        self.size = size
+        self._done = done
+        self._progress = progress
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="stem-async", daemon=True
+        )
+        self._tasks: dict[Job, asyncio.Task[Any]] = {}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._loop.call_soon_threadsafe(self._start, job)
+
+    def _start(self, job: Job) -> None:
+        self._tasks[job] = self._loop.create_task(self._run(job))
+
+    async def _run(self, job: Job) -> None:
+        progress = None
+        if self._progress is not None:
+            progress = functools.partial(self._progress, job)
+        try:
+            if job.task.is_async:
+                outcome = await self._run_coroutine(job, progress)
+            else:
+                outcome = await self._loop.run_in_executor(
+                    None, execute, job.task, job.envelope, progress
+                )
+        finally:
+            self._tasks.pop(job, None)
+        # Settling does blocking I/O (backend, broker): keep it off the loop.
+        await self._loop.run_in_executor(None, self._done, job, outcome)
+
+    async def _run_coroutine(self, job: Job, progress: Any) -> Outcome:
+        start = time.perf_counter()
+        try:
+            value = await job.task.fn(
+                *call_args(job.task, job.envelope, progress), **job.envelope.kwargs
+            )
+        except asyncio.CancelledError:
+            exc: BaseException = (
+                HardTimeLimitExceeded(f"hard time limit of {job.hard_limit_s}s")
+                if job.hard_fired
+                else SoftTimeLimitExceeded(f"soft time limit of {job.soft_limit_s}s")
+            )
+            return failure(exc, runtime_s=time.perf_counter() - start)
+        except Exception as exc:
+            return classify(job.task, exc, start)
+        return check_value(job.task, value, start)
+
+    def on_soft_limit(self, job: Job) -> None:
+        self._loop.call_soon_threadsafe(self._cancel, job)
+
+    def on_hard_limit(self, job: Job) -> None:
+        self._loop.call_soon_threadsafe(self._cancel, job)
+
+    def _cancel(self, job: Job) -> None:
+        task = self._tasks.get(job)
+        if task is not None:
+            task.cancel()
+
+    def resize(self, size: int) -> None:
+        self.size = max(1, size)
+
+    def stop(self, *, kill: bool) -> None:
+        def _shutdown() -> None:
+            for task in list(self._tasks.values()):
+                task.cancel()
+            self._loop.stop()
+
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(_shutdown)
+            self._thread.join(5)
+        if not self._loop.is_running():
+            self._loop.close()

@@ -1,0 +1,238 @@
+"""The process pool: one child process per slot, spoken to over pipes in JSON frames.
+
+Children are started as ``python -m stem.worker.child`` (no fork of a threaded parent, no
+pickle). A hard time limit kills the child with SIGKILL; its reader thread sees the pipe
+close, records the failure and starts a replacement, so the worker carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from stem.envelope import to_dict
+from stem.errors import HardTimeLimitExceeded, StemError, WorkerLost
+from stem.worker.framing import read_frame, write_frame
+from stem.worker.job import Job, Outcome, failure
+from stem.worker.pools import Done, Progress
+
+log = logging.getLogger("stem.worker.process")
+
+
+@dataclass(eq=False)
+class _Child:
+    proc: subprocess.Popen[bytes]
+    to_child: int
+    from_child: int
+    job: Job | None = None
+    retiring: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ProcessPool:
+    name = "process"
+
+    def __init__(
+        self,
+        size: int,
+        done: Done,
+        progress: Progress | None = None,
+        *,
+        bootstrap: dict[str, Any],
+    ) -> None:
+        if not bootstrap.get("app"):
+            raise StemError(
+                "the process pool needs the app as an import path: run the worker with "
+                "--app package.module:app (or use --pool thread)"
+            )
+        self.size = size
+        self._done = done
+        self._progress = progress
+        self._bootstrap = bootstrap
+        self._children: set[_Child] = set()
+        self._idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self._spawn()
+
+    def _spawn(self) -> _Child:
+        c_in, p_out = os.pipe()  # parent writes jobs, child reads
+        p_in, c_out = os.pipe()  # child writes outcomes, parent reads
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "stem.worker.child",
+                    str(c_in),
+                    str(c_out),
+                    str(os.getpid()),
+                ],
+                pass_fds=(c_in, c_out),
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        finally:
+            os.close(c_in)
+            os.close(c_out)
+        child = _Child(proc, p_out, p_in)
+        write_frame(p_out, self._bootstrap)
+        first = read_frame(p_in)
+        if first is None or first.get("type") != "ready":
+            error = (first or {}).get("error") or f"exited with code {proc.wait()}"
+            self._close(child)
+            proc.wait()
+            raise StemError(f"pool process failed to start: {error}")
+        with self._lock:
+            self._children.add(child)
+        threading.Thread(
+            target=self._reader, args=(child,), name=f"stem-child-{proc.pid}", daemon=True
+        ).start()
+        self._idle.put(child)
+        return child
+
+    @staticmethod
+    def _close_writer(child: _Child) -> None:
+        """Closing the child's input makes it exit after its current job."""
+        with child.lock:
+            fd, child.to_child = child.to_child, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _close(self, child: _Child) -> None:
+        self._close_writer(child)
+        with child.lock:
+            fd, child.from_child = child.from_child, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [c.proc.pid for c in self._children]
+
+    # -- running ---------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        while True:
+            child = self._idle.get()
+            if child.retiring or child.proc.poll() is not None:
+                continue  # stale entry for a child that is gone or going
+            break
+        with child.lock:
+            child.job = job
+        frame = {"envelope": to_dict(job.envelope), "soft": job.soft_limit_s}
+        try:
+            write_frame(child.to_child, frame)
+        except OSError:
+            # The child died; its reader reports WorkerLost for this job and replaces it.
+            child.proc.kill()
+
+    def _reader(self, child: _Child) -> None:
+        while True:
+            try:
+                frame = read_frame(child.from_child)
+            except (OSError, StemError):
+                frame = None
+            if frame is None:
+                break
+            kind = frame.get("type")
+            if kind == "progress" and child.job is not None and self._progress is not None:
+                self._progress(child.job, frame["data"])
+            elif kind == "result":
+                with child.lock:
+                    job, child.job = child.job, None
+                if job is not None:
+                    self._done(job, Outcome.from_wire(frame["outcome"]))
+                if child.retiring:
+                    self._close_writer(child)
+                else:
+                    self._idle.put(child)
+        self._on_exit(child)
+
+    def _on_exit(self, child: _Child) -> None:
+        code = child.proc.wait()
+        self._close(child)
+        with self._lock:
+            self._children.discard(child)
+        with child.lock:
+            job, child.job = child.job, None
+        if job is not None:
+            if job.hard_fired:
+                exc: BaseException = HardTimeLimitExceeded(
+                    f"task {job.task.name!r} exceeded its hard time limit of {job.hard_limit_s}s"
+                    " and its process was killed"
+                )
+            else:
+                exc = WorkerLost(f"pool process {child.proc.pid} exited with code {code}")
+            self._done(job, failure(exc))
+        if not self._stopping and not child.retiring:
+            log.warning(
+                "pool process %s exited (%s); starting a replacement",
+                child.proc.pid,
+                code,
+                extra={"event": "pool-process-replaced"},
+            )
+            try:
+                self._spawn()
+            except (StemError, OSError):
+                log.exception(
+                    "could not replace pool process", extra={"event": "pool-process-spawn-failed"}
+                )
+
+    def on_soft_limit(self, job: Job) -> None:
+        """Soft limits are raised inside the child by its own timer."""
+
+    def on_hard_limit(self, job: Job) -> None:
+        with self._lock:
+            children = list(self._children)
+        for child in children:
+            if child.job is job:
+                child.proc.kill()
+
+    def resize(self, size: int) -> None:
+        size = max(1, size)
+        with self._lock:
+            delta = size - self.size
+            self.size = size
+        for _ in range(delta):
+            self._spawn()
+        for _ in range(-delta):
+            # Retire an idle child now; if none is idle the next one to finish retires.
+            try:
+                child = self._idle.get_nowait()
+            except queue.Empty:
+                with self._lock:
+                    busy = [c for c in self._children if not c.retiring]
+                if busy:
+                    busy[0].retiring = True
+                continue
+            child.retiring = True
+            self._close_writer(child)
+
+    def stop(self, *, kill: bool) -> None:
+        self._stopping = True
+        with self._lock:
+            children = list(self._children)
+        for child in children:
+            child.retiring = True
+            if kill:
+                child.proc.kill()
+            else:
+                self._close_writer(child)
+        for child in children:
+            try:
+                child.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()

@@ -1,0 +1,303 @@
+"""What happens to a delivery before and after it runs.
+
+:class:`Admission` turns a delivery into a job, or settles it without running it (malformed,
+failed verification, poison, unknown task, expired). :class:`Settler` writes the result
+first and acks second; retries go back to the broker with a delay and a fresh signature.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from stem import envelope as codec
+from stem import states
+from stem.brokers.base import Delivery
+from stem.envelope import Envelope
+from stem.errors import BackendError, BrokerError, DecodeError, SignatureError, StemError
+from stem.observability import signals
+from stem.result import ErrorInfo
+from stem.worker.job import Job, Outcome
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+
+log = logging.getLogger("stem.worker")
+
+
+class Settler:
+    def __init__(self, app: Stem, worker_name: str, max_deliveries: int) -> None:
+        self.app = app
+        self.worker_name = worker_name
+        self.max_deliveries = max_deliveries
+        self.counts: dict[str, int] = {
+            "succeeded": 0,
+            "failed": 0,
+            "retried": 0,
+            "dead_lettered": 0,
+            "expired": 0,
+        }
+
+    # -- results ---------------------------------------------------------------------------
+
+    def store(self, env: Envelope, state: str, *, attempts: int = 3, **fields: Any) -> bool:
+        """Write a result record, retrying briefly; False if the backend stayed down."""
+        delay = 0.1
+        for attempt in range(attempts):
+            try:
+                self.app.result_store.write_state(
+                    env.id,
+                    state,
+                    task=env.task,
+                    attempt=env.attempt,
+                    worker=self.worker_name,
+                    group_id=env.group_id,
+                    **fields,
+                )
+                return True
+            except BackendError as exc:
+                log.warning(
+                    "result write for %s failed (%s)",
+                    env.id,
+                    exc,
+                    extra={"event": "result-write-failed", "task_id": env.id},
+                )
+                if attempt + 1 < attempts:
+                    time.sleep(delay)
+                    delay *= 2
+        return False
+
+    def progress(self, job: Job, data: dict[str, Any]) -> None:
+        self.store(job.envelope, states.STARTED, progress=data, attempts=1)
+
+    # -- broker ----------------------------------------------------------------------------
+
+    def _broker_call(self, what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except BrokerError as exc:
+            # The lease lapses and the message is delivered again: at-least-once, not lost.
+            log.error("%s failed: %s", what, exc, extra={"event": "broker-call-failed"})
+
+    def ack(self, delivery: Delivery) -> None:
+        self._broker_call("ack", lambda: self.app.broker.ack([delivery]))
+
+    def release(self, delivery: Delivery, delay_s: float = 0.0) -> None:
+        self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
+
+    def dead_letter(
+        self, delivery: Delivery, reason: str, detail: str = "", env: Envelope | None = None
+    ) -> None:
+        self.counts["dead_lettered"] += 1
+        log.warning(
+            "dead-lettered message %s: %s %s",
+            delivery.message_id,
+            reason,
+            detail,
+            extra={
+                "event": "task-dead-lettered",
+                "reason": reason,
+                "task_id": env.id if env else delivery.message_id,
+                "queue": delivery.queue,
+            },
+        )
+        signals.task_rejected.send(delivery=delivery, reason=reason, detail=detail, envelope=env)
+        self._broker_call(
+            "dead-letter", lambda: self.app.broker.dead_letter(delivery, reason, detail[:2000])
+        )
+
+    def renew(self, jobs: Sequence[Job], lease_s: float) -> None:
+        try:
+            held = self.app.broker.extend([j.delivery for j in jobs], lease_s)
+        except BrokerError as exc:
+            log.warning("lease renewal failed: %s", exc, extra={"event": "lease-renew-failed"})
+            return
+        for job, ok in zip(jobs, held, strict=True):
+            if not ok and not job.settled:
+                log.warning(
+                    "lease of task %s was lost; it may run twice",
+                    job.envelope.id,
+                    extra={"event": "lease-lost", "task_id": job.envelope.id},
+                )
+
+    def hand_back(self, jobs: Sequence[Job]) -> int:
+        """Give unfinished jobs back to the broker (shutdown)."""
+        n = 0
+        for job in jobs:
+            if job.claim_settlement():
+                self.release(job.delivery)
+                n += 1
+        return n
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def settle(self, job: Job, outcome: Outcome) -> None:
+        env, delivery = job.envelope, job.delivery
+        if outcome.status == "success":
+            if not env.headers.get("ignore_result") and not self.store(
+                env, states.SUCCESS, result=outcome.value
+            ):
+                self.release(delivery, delay_s=1.0)  # result not written: run it again later
+                return
+            self.counts["succeeded"] += 1
+            signals.task_success.send(envelope=env, result=outcome.value)
+            signals.task_postrun.send(envelope=env, state=states.SUCCESS)
+            self.ack(delivery)
+            return
+        if outcome.status == "retry" or outcome.autoretry:
+            self._retry(job, outcome)
+            return
+        self._fail(job, outcome)
+
+    def _fail(self, job: Job, outcome: Outcome, *, reason: str | None = None) -> None:
+        env = job.envelope
+        error = outcome.error or ErrorInfo("Error", "task failed")
+        if not self.store(env, states.FAILURE, error=error):
+            self.release(job.delivery, delay_s=1.0)
+            return
+        self.counts["failed"] += 1
+        log.info(
+            "task %s (%s) failed: %s: %s",
+            env.id,
+            env.task,
+            error.type,
+            error.message,
+            extra={"event": "task-failed", "task": env.task, "task_id": env.id},
+        )
+        signals.task_failure.send(envelope=env, error=error)
+        signals.task_postrun.send(envelope=env, state=states.FAILURE)
+        if reason:
+            self.dead_letter(job.delivery, reason, f"{error.type}: {error.message}", env)
+        else:
+            self.ack(job.delivery)
+
+    def _retry(self, job: Job, outcome: Outcome) -> None:
+        env = job.envelope
+        policy = job.task.options.retry_policy()
+        limit = outcome.retry_max_retries
+        if limit is None:
+            limit = env.max_retries if env.max_retries is not None else policy.max_retries
+        decision = policy.decide(
+            env.attempt, countdown_s=outcome.retry_countdown_s, max_retries=limit
+        )
+        if not decision.retry:
+            err = outcome.error or ErrorInfo("MaxRetriesExceeded", decision.reason)
+            self._fail(
+                job,
+                Outcome(
+                    "failure",
+                    error=ErrorInfo(err.type, f"{err.message} ({decision.reason})", err.traceback),
+                ),
+                reason="retries-exhausted",
+            )
+            return
+        keyring = self.app.keyring
+        if keyring is not None and keyring.required and not keyring.can_sign:
+            self._fail(
+                job,
+                Outcome(
+                    "failure",
+                    error=ErrorInfo(
+                        "SignatureError",
+                        "this worker holds no signing key and cannot re-sign a retry",
+                    ),
+                ),
+                reason="retry-needs-signing-key",
+            )
+            return
+        retried = env.replace(attempt=env.attempt + 1, signature=None, not_before_ms=None)
+        try:
+            body = self.app.seal(retried)
+        except StemError as exc:
+            self._fail(job, Outcome("failure", error=ErrorInfo.from_exception(exc)))
+            return
+        self.store(env, states.RETRY, error=outcome.error, attempts=1)
+        self.counts["retried"] += 1
+        signals.task_retry.send(envelope=env, delay_s=decision.delay_s, error=outcome.error)
+        log.info(
+            "task %s (%s) retry %d in %.2fs",
+            env.id,
+            env.task,
+            env.attempt + 1,
+            decision.delay_s,
+            extra={"event": "task-retried", "task_id": env.id},
+        )
+        self._broker_call(
+            "retry", lambda: self.app.broker.nack(job.delivery, delay_s=decision.delay_s, body=body)
+        )
+
+
+class Admission:
+    """Decode, verify and classify a delivery; return a Job to run, or None if settled."""
+
+    def __init__(self, app: Stem, settler: Settler, max_deliveries: int) -> None:
+        self.app = app
+        self.settler = settler
+        self.max_deliveries = max_deliveries
+
+    def decode(self, delivery: Delivery) -> Envelope | None:
+        try:
+            env = codec.decode(delivery.body, max_bytes=self.app.max_message_bytes)
+        except DecodeError as exc:
+            self.settler.dead_letter(delivery, "malformed", str(exc))
+            return None
+        keyring = self.app.keyring
+        if keyring is not None and keyring.required:
+            try:
+                keyring.verify(env)
+            except SignatureError as exc:
+                self.settler.dead_letter(delivery, exc.reason, str(exc), env)
+                return None
+        return env
+
+    def admit(self, delivery: Delivery, set_limits: Callable[[Job], None]) -> Job | None:
+        env = self.decode(delivery)
+        if env is None:
+            return None
+        if delivery.delivery_count > self.max_deliveries:
+            self.settler.store(
+                env,
+                states.DEAD,
+                error=ErrorInfo(
+                    "PoisonMessage", f"delivered {delivery.delivery_count} times without finishing"
+                ),
+                attempts=1,
+            )
+            self.settler.dead_letter(
+                delivery,
+                "max-deliveries-exceeded",
+                f"delivered {delivery.delivery_count} times (limit {self.max_deliveries})",
+                env,
+            )
+            return None
+        task = self.app.tasks.get(env.task)
+        if task is None:
+            signals.task_unknown.send(envelope=env)
+            self.settler.store(
+                env,
+                states.DEAD,
+                error=ErrorInfo(
+                    "TaskNotRegistered", f"no task registered as {env.task!r} on this worker"
+                ),
+                attempts=1,
+            )
+            self.settler.dead_letter(delivery, "unknown-task", env.task, env)
+            return None
+        if env.is_expired():
+            self.settler.counts["expired"] += 1
+            self.settler.store(
+                env,
+                states.EXPIRED,
+                error=ErrorInfo("TaskExpired", "the task expired before a worker could start it"),
+            )
+            self.settler.ack(delivery)
+            return None
+        signals.task_received.send(envelope=env)
+        job = Job(delivery=delivery, envelope=env, task=task)
+        set_limits(job)
+        if task.options.track_started:
+            self.settler.store(env, states.STARTED, attempts=1)
+        signals.task_prerun.send(envelope=env)
+        return job
