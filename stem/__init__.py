@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stem.app import Stem
-from stem.canvas import Signature
+from stem.canvas import Chain, Chord, Group, Signature, chain, chord, group
 from stem.errors import (
     ConfigError,
     DecodeError,
@@ -22,8 +22,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncResult",
+    "Chain",
+    "Chord",
     "ConfigError",
     "DecodeError",
+    "Group",
     "GroupResult",
     "ResultTimeout",
     "Retry",
@@ -37,4 +40,7 @@ __all__ = [
     "TaskError",
     "TaskNotRegistered",
     "__version__",
+    "chain",
+    "chord",
+    "group",
 ]

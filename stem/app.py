@@ -300,8 +300,27 @@ class Stem:
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> AsyncResult:
-        """Enqueue a task by name (it need not be registered in this process)."""
+        """Enqueue a task by name (it need not be registered in this process).
+
+        For a unique task (``unique=True`` or ``unique_key=...``), while a task with the same
+        key is queued, delayed or running, this returns that task's handle instead of
+        enqueueing a twin."""
         env = self.build_envelope(name, args, kwargs, **options)
+        task = self.tasks.get(name)
+        if task is not None and (task.options.unique or task.options.unique_key):
+            from stem.limits import unique_key
+
+            key = unique_key(name, task.options.unique_key, env.args, env.kwargs)
+            owner = self.broker.claim(key, env.id, task.options.unique_window_s)
+            if owner != env.id:
+                return AsyncResult(owner, self)
+            env = env.replace(headers={**env.headers, "unique_key": key})
+            try:
+                self.publish([env])
+            except BaseException:
+                self.broker.release(key, env.id)
+                raise
+            return AsyncResult(env.id, self)
         self.publish([env])
         return AsyncResult(env.id, self)
 

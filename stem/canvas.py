@@ -1,33 +1,238 @@
-"""Signatures: a task name with arguments and options, ready to be sent or composed."""
+"""Signatures and the canvas: chain, group, chord, link and link_error.
+
+Canvas state travels in the (signed) headers of the messages themselves and in the result
+backend, never in a worker's memory, so a chain or chord in flight survives a restart of
+every worker:
+
+- a chain's first message carries the remaining steps (with their pre-assigned task ids);
+  each step's worker publishes the next step after writing its own result;
+- a group's members get ids ``<group id>-<index>`` so anyone can collect their results in
+  order;
+- a chord's members carry the callback; each finishing member adds its index to an
+  idempotent set in the result backend (``add_member``), and the member that completes the
+  set claims the firing in the broker and publishes the callback. A member redelivered
+  after a worker kill is counted once, and the callback's id is fixed in advance, so a
+  second publish of it is recognised and not run twice.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+from stem.envelope import Envelope, new_id
+from stem.errors import ConfigError
 
 if TYPE_CHECKING:
     from stem.app import Stem
-    from stem.result import AsyncResult
+    from stem.result import AsyncResult, GroupResult
+
+_SEND_OPTIONS = {"queue", "priority", "countdown", "expires", "ignore_result"}
+_LINK_OPTIONS = {"link", "link_error"}
 
 
 @dataclass(frozen=True)
 class Signature:
+    """A task name with (partial) arguments and options, to send now or compose."""
+
     task: str
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     immutable: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     app: Stem | None = field(default=None, compare=False, repr=False)
+    task_id: str | None = None
 
     def set(self, **options: Any) -> Signature:
-        return Signature(
-            self.task, self.args, self.kwargs, self.immutable, {**self.options, **options}, self.app
-        )
+        unknown = set(options) - _SEND_OPTIONS - _LINK_OPTIONS
+        if unknown:
+            raise ConfigError(f"unknown signature option(s): {', '.join(sorted(unknown))}")
+        return replace(self, options={**self.options, **options})
+
+    def link(self, callback: Signature) -> Signature:
+        return self.set(link=callback)
+
+    def link_error(self, errback: Signature) -> Signature:
+        return self.set(link_error=errback)
+
+    def __or__(self, other: Signature | Chain) -> Chain:
+        return chain(self, other)
+
+    def _app(self) -> Stem:
+        if self.app is None:
+            raise ConfigError(f"signature {self.task!r} is not bound to an app")
+        return self.app
+
+    def to_wire(self, task_id: str | None = None) -> dict[str, Any]:
+        opts = {k: v for k, v in self.options.items() if k in _SEND_OPTIONS}
+        for key in _LINK_OPTIONS:
+            if key in self.options:
+                opts[key] = self.options[key].to_wire()
+        return {
+            "task": self.task,
+            "args": list(self.args),
+            "kwargs": dict(self.kwargs),
+            "immutable": self.immutable,
+            "options": opts,
+            "id": task_id or self.task_id or new_id(),
+        }
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
-        if self.app is None:
-            raise RuntimeError("signature is not bound to an app")
-        return self.app.send_task(
-            self.task, (*self.args, *args), {**self.kwargs, **kwargs}, **self.options
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncResult:
+        from stem.result import AsyncResult
+
+        app = self._app()
+        wire = self.to_wire()
+        wire["args"] = [*wire["args"], *args]
+        wire["kwargs"] = {**wire["kwargs"], **(kwargs or {})}
+        wire["options"] = {**wire["options"], **options}
+        app.publish([envelope_from_wire(app, wire)])
+        return AsyncResult(wire["id"], app)
+
+
+def envelope_from_wire(
+    app: Stem,
+    wire: Mapping[str, Any],
+    *,
+    prepend: Sequence[Any] = (),
+    headers: Mapping[str, Any] | None = None,
+    parent_id: str | None = None,
+    root_id: str | None = None,
+    group_id: str | None = None,
+) -> Envelope:
+    """Build the envelope for a wire-form signature (``prepend`` goes before its args unless
+    it is immutable)."""
+    opts = dict(wire.get("options") or {})
+    hdrs = dict(headers or {})
+    for key in _LINK_OPTIONS:
+        if key in opts:
+            hdrs[key] = opts.pop(key)
+    args = list(wire.get("args") or [])
+    if prepend and not wire.get("immutable"):
+        args = [*prepend, *args]
+    return app.build_envelope(
+        wire["task"],
+        args,
+        dict(wire.get("kwargs") or {}),
+        task_id=wire["id"],
+        headers=hdrs,
+        parent_id=parent_id,
+        root_id=root_id,
+        group_id=group_id,
+        queue=opts.get("queue"),
+        priority=opts.get("priority"),
+        countdown=opts.get("countdown"),
+        expires=opts.get("expires"),
+        ignore_result=opts.get("ignore_result"),
+    )
+
+
+@dataclass(frozen=True)
+class Chain:
+    steps: tuple[Signature, ...]
+
+    def __or__(self, other: Signature | Chain) -> Chain:
+        return chain(self, other)
+
+    def delay(self) -> AsyncResult:
+        """Start the chain; the result handle is the last step's."""
+        from stem.result import AsyncResult
+
+        if not self.steps:
+            raise ConfigError("an empty chain has nothing to run")
+        app = self.steps[0]._app()
+        wires = [s.to_wire() for s in self.steps]
+        first = envelope_from_wire(
+            app, wires[0], headers={"chain": wires[1:]} if wires[1:] else None
         )
+        app.publish([first])
+        return AsyncResult(wires[-1]["id"], app)
+
+    apply_async = delay
+
+
+def chain(*steps: Signature | Chain) -> Chain:
+    """Run steps one after another; each result is the first argument of the next step
+    (``.si()`` signatures ignore it)."""
+    flat: list[Signature] = []
+    for step in steps:
+        if isinstance(step, Chain):
+            flat.extend(step.steps)
+        elif isinstance(step, Signature):
+            flat.append(step)
+        else:
+            raise ConfigError(f"a chain takes signatures, not {type(step).__name__}")
+    return Chain(tuple(flat))
+
+
+@dataclass(frozen=True)
+class Group:
+    members: tuple[Signature, ...]
+
+    def _publish(self, extra_headers: Mapping[str, Any] | None = None) -> tuple[str, Stem]:
+        if not self.members:
+            raise ConfigError("an empty group has nothing to run")
+        app = self.members[0]._app()
+        gid = new_id()
+        envs = []
+        for i, sig in enumerate(self.members):
+            hdrs = dict(extra_headers or {})
+            if "chord" in hdrs:
+                hdrs["chord"] = {**hdrs["chord"], "index": i}
+            envs.append(
+                envelope_from_wire(app, sig.to_wire(f"{gid}-{i}"), headers=hdrs, group_id=gid)
+            )
+        app.publish(envs)
+        return gid, app
+
+    def delay(self) -> GroupResult:
+        from stem.result import AsyncResult, GroupResult
+
+        gid, app = self._publish()
+        return GroupResult(
+            gid, [AsyncResult(f"{gid}-{i}", app) for i in range(len(self.members))], app
+        )
+
+    apply_async = delay
+
+
+def group(*members: Signature | Sequence[Signature]) -> Group:
+    """Run signatures in parallel; ``.delay()`` returns a GroupResult in member order."""
+    flat: list[Signature] = []
+    for m in members:
+        if isinstance(m, Signature):
+            flat.append(m)
+        elif isinstance(m, (list, tuple)):
+            flat.extend(m)
+        else:
+            raise ConfigError(f"a group takes signatures, not {type(m).__name__}")
+    return Group(tuple(flat))
+
+
+@dataclass(frozen=True)
+class Chord:
+    header: Group
+    body: Signature
+
+    def delay(self) -> AsyncResult:
+        """Run the group, then the callback once with the members' results in order."""
+        from stem.result import AsyncResult
+
+        app = self.body._app()
+        cb = self.body.to_wire()
+        spec = {"size": len(self.header.members), "callback": cb}
+        gid, _ = self.header._publish({"chord": spec})
+        del gid
+        return AsyncResult(cb["id"], app)
+
+    apply_async = delay
+
+
+def chord(header: Group | Sequence[Signature], body: Signature) -> Chord:
+    grp = header if isinstance(header, Group) else group(*header)
+    return Chord(grp, body)

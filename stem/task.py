@@ -42,6 +42,10 @@ class TaskOptions:
     track_started: bool = False
     log_args: bool = False
     rate_limit: str | None = None
+    rate_limit_key: str | Callable[..., str] | None = None
+    rate_limit_group: str | None = None
+    concurrency_limit: int | None = None
+    limit_store_failure: str = "closed"
     unique: bool = False
     unique_key: str | Callable[..., str] | None = None
     unique_window_s: float = 3600.0
@@ -65,6 +69,15 @@ class TaskOptions:
             and self.soft_time_limit >= self.time_limit
         ):
             raise ConfigError(f"task {self.name!r}: soft_time_limit must be below time_limit")
+
+        if self.rate_limit is not None:
+            from stem.limits import parse_rate
+
+            parse_rate(self.rate_limit)
+        if self.limit_store_failure not in ("open", "closed"):
+            raise ConfigError(f"task {self.name!r}: limit_store_failure must be open or closed")
+        if self.concurrency_limit is not None and self.concurrency_limit < 1:
+            raise ConfigError(f"task {self.name!r}: concurrency_limit must be >= 1")
 
     def retry_policy(self) -> RetryPolicy:
         backoff = self.retry_backoff

@@ -130,6 +130,13 @@ class Broker(Protocol):
     def peek(self, key: str) -> str | None:
         """The live value of ``key``, or None."""
 
+    def swap(self, key: str, expected: str | None, new: str | None, ttl_s: float | None) -> bool:
+        """Compare-and-set: if ``key`` holds ``expected`` (None: absent or expired), set it
+        to ``new`` (None: delete) with ``ttl_s`` (None: no expiry). True if it swapped."""
+
+    def scan(self, prefix: str) -> dict[str, str]:
+        """Every live key starting with ``prefix``, with its value."""
+
     def ping(self) -> None:
         """Raise :class:`~stem.errors.BrokerConnectionError` unless the broker answers."""
 

@@ -13,6 +13,16 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(q.strip() for q in value.split(",") if q.strip())
 
 
+def _autoscale(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        hi, lo = (int(x) for x in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--autoscale takes MAX,MIN, got {value!r}") from None
+    return hi, lo
+
+
 def worker(
     ctx: typer.Context,
     queues: Annotated[
@@ -77,22 +87,39 @@ def worker(
             "--name", "-n", envvar="STEM_WORKER_NODE_NAME", help="Node name (default name@host)."
         ),
     ] = None,
+    autoscale: Annotated[
+        str | None,
+        typer.Option(
+            "--autoscale",
+            envvar="STEM_WORKER_AUTOSCALE",
+            help="MAX,MIN: grow the pool under backlog, shrink it when idle.",
+        ),
+    ] = None,
+    heartbeat_s: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat", envvar="STEM_WORKER_HEARTBEAT_S", help="Heartbeat interval seconds."
+        ),
+    ] = 5.0,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (a second signal stops at once)."""
+    import os
+
     from stem.worker.consumer import Worker, WorkerConfig
 
     app = load_app(ctx, need_spec=True, gates=True)
-    kwargs = {} if concurrency is None else {"concurrency": concurrency}
     cfg = WorkerConfig(
         queues=_split(queues),
         pool=pool,
+        concurrency=concurrency or os.cpu_count() or 2,
         lease_s=lease_s,
         max_deliveries=max_deliveries,
         shutdown_budget_s=shutdown_budget_s,
         time_limit_s=time_limit_s,
         soft_time_limit_s=soft_time_limit_s,
         node_name=node_name,
-        **kwargs,
+        heartbeat_s=heartbeat_s,
+        autoscale=_autoscale(autoscale),
     )
     w = Worker(app, cfg)
     try:

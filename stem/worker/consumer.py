@@ -17,13 +17,15 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from stem.brokers.base import Delivery
+from stem.envelope import now_ms as _now_ms
 from stem.errors import BrokerError, StemError
 from stem.observability import signals
+from stem.worker.control import ControlServer
 from stem.worker.job import Job, Outcome, execute
 from stem.worker.pools import AsyncPool, Pool, SoloPool, ThreadPool
 from stem.worker.settle import Admission, Settler
@@ -48,6 +50,10 @@ class WorkerConfig:
     time_limit_s: float | None = None
     soft_time_limit_s: float | None = None
     node_name: str | None = None
+    heartbeat_s: float = 5.0
+    autoscale: tuple[int, int] | None = None  # (max, min) pool size
+    autoscale_idle_s: float = 10.0
+    control: bool = True
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -58,6 +64,10 @@ class WorkerConfig:
             raise StemError("lease_s must be more than 0.2 seconds")
         if not self.queues:
             raise StemError("a worker needs at least one queue")
+        if self.autoscale is not None:
+            hi, lo = self.autoscale
+            if not 1 <= lo <= hi:
+                raise StemError(f"--autoscale MAX,MIN needs 1 <= MIN <= MAX, got {hi},{lo}")
 
 
 class Worker:
@@ -71,10 +81,19 @@ class Worker:
         self._stop_now = threading.Event()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.paused: set[str] = set()
+        self.revoked: set[str] = set()
         self.settler = Settler(app, self.name, self.config.max_deliveries)
-        self.admission = Admission(app, self.settler, self.config.max_deliveries)
+        self.admission = Admission(
+            app, self.settler, self.config.max_deliveries, is_revoked=self.revoked.__contains__
+        )
+        if self.config.autoscale is not None:
+            self.config = replace(self.config, concurrency=self.config.autoscale[1])
         self.pool: Pool = self._make_pool()
-        self.last_consume_ms = 0
+        self._control: ControlServer | None = None
+        self._idle_since = time.monotonic()
+        self.last_consume_ms = 0  # last successful reserve (the broker answered)
+        self.last_loop_ms = 0  # last turn of the consumer loop (also while slots are full)
         self.started_at = time.time()
 
     def _make_pool(self) -> Pool:
@@ -104,7 +123,11 @@ class Worker:
         """Start the pool and the worker's threads, and return."""
         signals.worker_init.send(worker=self)
         self.app.broker.ping()
+        self._load_revoked()
         self.pool.start()
+        if self.config.control:
+            self._control = ControlServer(self)
+            self._control.start()
         for target, name in ((self._consume, "stem-consumer"), (self._maintain, "stem-lease")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -143,6 +166,50 @@ class Worker:
         with self._slots:
             self._slots.notify_all()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def remote_shutdown(self, mode: str) -> None:
+        """warm: drain within the budget; soft: drain for at most 10 s; hard: now."""
+        if mode == "soft":
+            self.config = replace(
+                self.config, shutdown_budget_s=min(self.config.shutdown_budget_s, 10.0)
+            )
+        self.request_stop(now=mode == "hard")
+
+    def resize(self, size: int) -> None:
+        size = max(1, size)
+        if size != self.pool.size:
+            log.info(
+                "pool size %d -> %d",
+                self.pool.size,
+                size,
+                extra={"event": "pool-resized", "worker": self.name},
+            )
+            self.pool.resize(size)
+        with self._slots:
+            self._slots.notify_all()
+
+    def terminate(self, task_ids: list[str]) -> list[str]:
+        """Stop running tasks (revoke --terminate); they are recorded as REVOKED."""
+        wanted = set(task_ids)
+        with self._slots:
+            jobs = [j for j in self.inflight.values() if j.envelope.id in wanted]
+        for job in jobs:
+            job.revoked = True
+            job.hard_fired = True
+            self.pool.on_hard_limit(job)
+        return [j.envelope.id for j in jobs]
+
+    def _load_revoked(self) -> None:
+        try:
+            keys = self.app.broker.scan("revoked:")
+        except BrokerError as exc:
+            log.warning("could not load revocations: %s", exc)
+            return
+        self.revoked.update(k.removeprefix("revoked:") for k in keys)
+
     def request_stop(self, *, now: bool = False) -> None:
         self._stop_reserving.set()
         if now:
@@ -174,6 +241,8 @@ class Worker:
         self._stopped.set()
         for t in self._threads:
             t.join(timeout=self.config.poll_wait_s + 5)
+        if self._control is not None:
+            self._control.join(timeout=5)
         signals.worker_shutdown.send(worker=self)
         log.info("worker %s stopped", self.name, extra={"event": "worker-stopped"})
 
@@ -185,13 +254,19 @@ class Worker:
         while not self._stop_reserving.is_set():
             with self._slots:
                 while not self.free_slots() and not self._stop_reserving.is_set():
+                    self.last_loop_ms = _now_ms()
                     self._slots.wait(0.5)
                 free = self.free_slots()
+            self.last_loop_ms = _now_ms()
             if self._stop_reserving.is_set():
                 break
+            queues = [q for q in self.config.queues if q not in self.paused]
+            if not queues:
+                self._stop_reserving.wait(self.config.poll_wait_s)
+                continue
             try:
                 deliveries = self.app.broker.reserve(
-                    self.config.queues, free, self.config.lease_s, self.config.poll_wait_s
+                    queues, free, self.config.lease_s, self.config.poll_wait_s
                 )
             except BrokerError as exc:
                 log.warning(
@@ -204,12 +279,13 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
-            self.last_consume_ms = int(time.time() * 1000)
+            self.last_consume_ms = self.last_loop_ms = _now_ms()
             self._admit(deliveries)
 
     def _admit(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:
-            if self._stop_reserving.is_set():
+            # Reserved while a stop or a pause arrived: hand it straight back.
+            if self._stop_reserving.is_set() or delivery.queue in self.paused:
                 self.settler.release(delivery)
                 continue
             job = self.admission.admit(delivery, self._limits)
@@ -243,12 +319,50 @@ class Worker:
     def _progress(self, job: Job, data: dict[str, Any]) -> None:
         self.settler.progress(job, data)
 
+    def health(self) -> dict[str, Any]:
+        """A snapshot for heartbeats, health checks and watchdogs. ``consuming`` is true
+        while the consumer loop turns and the broker answered recently (or every slot is
+        busy, when not reserving is the right thing to do)."""
+        now = _now_ms()
+        stale_ms = int((self.config.poll_wait_s * 2 + 10) * 1000)
+        loop_alive = any(t.name == "stem-consumer" and t.is_alive() for t in self._threads)
+        busy = self.free_slots() == 0
+        consuming = (
+            loop_alive
+            and now - self.last_loop_ms < stale_ms
+            and (busy or now - self.last_consume_ms < stale_ms)
+        ) or self._stop_reserving.is_set()
+        return {
+            "worker": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pool": self.config.pool,
+            "concurrency": self.pool.size,
+            "queues": list(self.config.queues),
+            "running": len(self.inflight),
+            "processed": dict(self.settler.counts),
+            "last_consume_ms": self.last_consume_ms,
+            "started_ms": int(self.started_at * 1000),
+            "at_ms": now,
+            "draining": self._stop_reserving.is_set(),
+            "consuming": consuming,
+        }
+
     def _maintain(self) -> None:
         renew_every = self.config.lease_s / 3
         next_renew = time.monotonic() + renew_every
+        next_beat = time.monotonic()
+        next_scale = time.monotonic()
         while not self._stopped.is_set():
             self._stopped.wait(0.05)
             now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self.config.heartbeat_s
+                self._load_revoked()
+                signals.heartbeat.send(worker=self, health=self.health())
+            if self.config.autoscale is not None and now >= next_scale:
+                next_scale = now + 1.0
+                self._autoscale(now)
             with self._slots:
                 jobs = list(self.inflight.values())
             for job in jobs:
@@ -269,6 +383,29 @@ class Worker:
                 self.settler.renew(jobs, self.config.lease_s)
             if now >= next_renew:
                 next_renew = now + renew_every
+
+    def _autoscale(self, now: float) -> None:
+        """Grow under backlog when every slot is busy; shrink by one after idling."""
+        assert self.config.autoscale is not None
+        hi, lo = self.config.autoscale
+        size = self.pool.size
+        if self.inflight:
+            self._idle_since = now
+        if self.free_slots() == 0 and size < hi:
+            try:
+                stats = self.app.broker.stats(list(self.config.queues))
+            except BrokerError:
+                return
+            backlog = sum(s.ready for s in stats if s.queue not in self.paused)
+            if backlog:
+                self.resize(min(hi, size + backlog))
+        elif (
+            not self.inflight
+            and size > lo
+            and now - self._idle_since >= (self.config.autoscale_idle_s)
+        ):
+            self.resize(size - 1)
+            self._idle_since = now
 
 
 def drain(

@@ -79,6 +79,7 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     soft_fired: bool = False
     hard_fired: bool = False
+    revoked: bool = False
     thread_id: int | None = None
     _settle_lock: threading.Lock = field(default_factory=threading.Lock)
     _settled: bool = False

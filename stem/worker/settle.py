@@ -19,7 +19,9 @@ from stem.envelope import Envelope
 from stem.errors import BackendError, BrokerError, DecodeError, SignatureError, StemError
 from stem.observability import signals
 from stem.result import ErrorInfo
+from stem.worker.canvas_hooks import CanvasHooks
 from stem.worker.job import Job, Outcome
+from stem.worker.limit_gate import LimitGate
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -32,6 +34,8 @@ class Settler:
         self.app = app
         self.worker_name = worker_name
         self.max_deliveries = max_deliveries
+        self.canvas = CanvasHooks(app)
+        self.limits = LimitGate(app, self)
         self.counts: dict[str, int] = {
             "succeeded": 0,
             "failed": 0,
@@ -87,6 +91,20 @@ class Settler:
     def release(self, delivery: Delivery, delay_s: float = 0.0) -> None:
         self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
 
+    def nack(self, delivery: Delivery, *, delay_s: float, body: bytes | None) -> None:
+        self._broker_call(
+            "nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s, body=body)
+        )
+
+    def finished(self, job: Job, *, final: bool) -> None:
+        """Release what a run held: its concurrency slot; its unique key once final."""
+        self.limits.finished(job.task, job.envelope)
+        key = job.envelope.headers.get("unique_key")
+        if final and isinstance(key, str):
+            self._broker_call(
+                "unique release", lambda: self.app.broker.release(key, job.envelope.id)
+            )
+
     def dead_letter(
         self, delivery: Delivery, reason: str, detail: str = "", env: Envelope | None = None
     ) -> None:
@@ -133,18 +151,40 @@ class Settler:
 
     # -- outcomes --------------------------------------------------------------------------
 
+    def revoked(self, env: Envelope, delivery: Delivery) -> None:
+        self.store(env, states.REVOKED, error=ErrorInfo("TaskRevoked", "the task was revoked"))
+        signals.task_revoked.send(envelope=env)
+        log.info("task %s revoked", env.id, extra={"event": "task-revoked", "task_id": env.id})
+        self.ack(delivery)
+
     def settle(self, job: Job, outcome: Outcome) -> None:
         env, delivery = job.envelope, job.delivery
+        if job.revoked:
+            self.revoked(env, delivery)
+            self.finished(job, final=True)
+            return
         if outcome.status == "success":
             if not env.headers.get("ignore_result") and not self.store(
                 env, states.SUCCESS, result=outcome.value
             ):
                 self.release(delivery, delay_s=1.0)  # result not written: run it again later
                 return
+            try:
+                self.canvas.after_success(env, outcome.value)
+            except StemError as exc:
+                log.warning(
+                    "follow-up of task %s not published (%s); it will run again",
+                    env.id,
+                    exc,
+                    extra={"event": "canvas-publish-failed"},
+                )
+                self.release(delivery, delay_s=1.0)
+                return
             self.counts["succeeded"] += 1
             signals.task_success.send(envelope=env, result=outcome.value)
             signals.task_postrun.send(envelope=env, state=states.SUCCESS)
             self.ack(delivery)
+            self.finished(job, final=True)
             return
         if outcome.status == "retry" or outcome.autoretry:
             self._retry(job, outcome)
@@ -155,6 +195,17 @@ class Settler:
         env = job.envelope
         error = outcome.error or ErrorInfo("Error", "task failed")
         if not self.store(env, states.FAILURE, error=error):
+            self.release(job.delivery, delay_s=1.0)
+            return
+        try:
+            self.canvas.after_failure(env, error)
+        except StemError as exc:
+            log.warning(
+                "failure follow-up of task %s not done (%s); it will run again",
+                env.id,
+                exc,
+                extra={"event": "canvas-publish-failed"},
+            )
             self.release(job.delivery, delay_s=1.0)
             return
         self.counts["failed"] += 1
@@ -172,6 +223,7 @@ class Settler:
             self.dead_letter(job.delivery, reason, f"{error.type}: {error.message}", env)
         else:
             self.ack(job.delivery)
+        self.finished(job, final=True)
 
     def _retry(self, job: Job, outcome: Outcome) -> None:
         env = job.envelope
@@ -224,18 +276,24 @@ class Settler:
             decision.delay_s,
             extra={"event": "task-retried", "task_id": env.id},
         )
-        self._broker_call(
-            "retry", lambda: self.app.broker.nack(job.delivery, delay_s=decision.delay_s, body=body)
-        )
+        self.nack(job.delivery, delay_s=decision.delay_s, body=body)
+        self.finished(job, final=False)
 
 
 class Admission:
     """Decode, verify and classify a delivery; return a Job to run, or None if settled."""
 
-    def __init__(self, app: Stem, settler: Settler, max_deliveries: int) -> None:
+    def __init__(
+        self,
+        app: Stem,
+        settler: Settler,
+        max_deliveries: int,
+        is_revoked: Callable[[str], bool] | None = None,
+    ) -> None:
         self.app = app
         self.settler = settler
         self.max_deliveries = max_deliveries
+        self.is_revoked = is_revoked or (lambda task_id: False)
 
     def decode(self, delivery: Delivery) -> Envelope | None:
         try:
@@ -285,6 +343,9 @@ class Admission:
             )
             self.settler.dead_letter(delivery, "unknown-task", env.task, env)
             return None
+        if self.is_revoked(env.id):
+            self.settler.revoked(env, delivery)
+            return None
         if env.is_expired():
             self.settler.counts["expired"] += 1
             self.settler.store(
@@ -293,6 +354,11 @@ class Admission:
                 error=ErrorInfo("TaskExpired", "the task expired before a worker could start it"),
             )
             self.settler.ack(delivery)
+            return None
+        if self.settler.canvas.already_done(env):
+            self.settler.ack(delivery)
+            return None
+        if not self.settler.limits.admit(task, env, delivery):
             return None
         signals.task_received.send(envelope=env)
         job = Job(delivery=delivery, envelope=env, task=task)

@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  make demo   |   make test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/monolith/run.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check stem tests benchmarks examples
+	$(VENV)/bin/ruff format --check stem tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy stem
+
+test: lint typecheck
+	$(PY) scripts/run_tests.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage* htmlcov

@@ -1,0 +1,28 @@
+"""Tasks for the benchmark harness; the broker URL comes from STEM_BENCH_BROKER."""
+
+from __future__ import annotations
+
+import os
+
+from stem import Stem
+
+app = Stem(
+    "bench",
+    broker=os.environ.get("STEM_BENCH_BROKER", "sqlite:///var/bench/stem.db"),
+    backend=os.environ.get("STEM_BENCH_BACKEND") or None,
+)
+
+
+@app.task(name="bench.noop")
+def noop() -> None:
+    return None
+
+
+@app.task(name="bench.noop_quiet", ignore_result=True)
+def noop_quiet() -> None:
+    return None
+
+
+@app.task(name="bench.anoop")
+async def anoop() -> None:
+    return None

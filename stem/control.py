@@ -1,0 +1,150 @@
+"""Remote control: the client side (``stem control ...``) and the wire format.
+
+Each worker consumes its own control queue (``stem.control.<node>``) through the ordinary
+broker contract, so control works on every broker and reaches every worker (a broadcast is
+one message per live node, not one message that a single worker picks up). Requests and
+replies are envelopes sealed like task messages: with signing on, only key holders can
+steer workers, and replies are verified too. Revocations are written to the broker's store
+(``revoked:<task id>``) before any worker is told, so they survive restarts and reach
+workers that start later.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from stem import envelope as codec
+from stem.brokers.base import Message
+from stem.envelope import Envelope, new_id
+from stem.errors import DecodeError, SignatureError, StemError
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+
+CONTROL_TASK = "stem.control"
+REPLY_TASK = "stem.control.reply"
+REVOKE_TTL_S = 7 * 86400.0
+COMMANDS = (
+    "ping",
+    "stats",
+    "active",
+    "reserved",
+    "registered",
+    "revoke",
+    "shutdown",
+    "rate-limit",
+    "pool-grow",
+    "pool-shrink",
+    "pause",
+    "resume",
+    "queue-status",
+)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.@-]")
+
+
+def control_queue(node: str) -> str:
+    return f"stem.control.{_UNSAFE.sub('_', node)}"
+
+
+def revoked_key(task_id: str) -> str:
+    return f"revoked:{task_id}"
+
+
+def live_nodes(app: Stem) -> list[str]:
+    """Names of workers with a live heartbeat in the broker."""
+    from stem.envelope import loads
+
+    nodes = []
+    for key, raw in app.broker.scan("workers:").items():
+        try:
+            info = loads(raw)
+        except DecodeError:
+            continue
+        if isinstance(info, dict) and not info.get("offline"):
+            nodes.append(key.removeprefix("workers:"))
+    return sorted(nodes)
+
+
+def open_envelope(app: Stem, body: bytes) -> Envelope:
+    """Decode and (when signing is required) verify a control request or reply."""
+    env = codec.decode(body, max_bytes=app.max_message_bytes)
+    keyring = app.keyring
+    if keyring is not None and keyring.required:
+        keyring.verify(env)
+    return env
+
+
+@dataclass(frozen=True)
+class Reply:
+    worker: str
+    ok: bool
+    result: Any
+
+
+def revoke(app: Stem, task_ids: Sequence[str]) -> None:
+    for task_id in task_ids:
+        app.broker.swap(
+            revoked_key(task_id), app.broker.peek(revoked_key(task_id)), "1", REVOKE_TTL_S
+        )
+
+
+def broadcast(
+    app: Stem,
+    command: str,
+    args: dict[str, Any] | None = None,
+    *,
+    destination: Sequence[str] | None = None,
+    timeout_s: float = 2.0,
+) -> list[Reply]:
+    """Send ``command`` to the named workers (default: every live one) and collect the
+    replies that arrive within ``timeout_s``."""
+    if command not in COMMANDS:
+        raise StemError(f"unknown control command {command!r}; known: {', '.join(COMMANDS)}")
+    nodes = list(destination) if destination else live_nodes(app)
+    if not nodes:
+        return []
+    request_id = new_id()
+    reply_queue = f"stem.reply.{request_id}"
+    envs = [
+        Envelope(
+            id=new_id(),
+            task=CONTROL_TASK,
+            queue=control_queue(node),
+            kwargs={
+                "command": command,
+                "args": args or {},
+                "reply_to": reply_queue,
+                "request_id": request_id,
+            },
+            created_ms=codec.now_ms(),
+            expires_ms=codec.now_ms() + int(timeout_s * 1000),
+        )
+        for node in nodes
+    ]
+    app.publish_messages([Message(id=e.id, queue=e.queue, body=app.seal(e)) for e in envs])
+    replies: list[Reply] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(replies) < len(nodes):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for d in app.broker.reserve([reply_queue], len(nodes), 30.0, min(remaining, 0.5)):
+                app.broker.ack([d])
+                try:
+                    env = open_envelope(app, d.body)
+                except (DecodeError, SignatureError):
+                    continue  # a forged or garbled reply is ignored, never shown
+                kw = env.kwargs
+                if env.task == REPLY_TASK and kw.get("request_id") == request_id:
+                    replies.append(
+                        Reply(str(kw.get("worker")), bool(kw.get("ok")), kw.get("result"))
+                    )
+    finally:
+        # Requests nobody took (a node that died) expire; the reply queue goes now.
+        app.broker.purge(reply_queue)
+    return sorted(replies, key=lambda r: r.worker)

@@ -1,0 +1,146 @@
+"""The worker's side of the canvas: what a finished task sets in motion.
+
+Called after the task's own result is written and before its message is acked, so a crash
+in between re-runs the task and these steps again; every id involved is fixed in advance,
+which makes the repeat harmless (see ``stem.canvas``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from stem import states
+from stem.canvas import envelope_from_wire
+from stem.envelope import Envelope
+from stem.result import ErrorInfo
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+
+log = logging.getLogger("stem.canvas")
+
+
+class CanvasHooks:
+    def __init__(self, app: Stem) -> None:
+        self.app = app
+
+    def _ttl(self) -> float:
+        return float(self.app.result_ttl_s or 7 * 86400)
+
+    def already_done(self, env: Envelope) -> bool:
+        """A canvas step published twice (a crash between publish and ack) runs once."""
+        if not env.headers.get("canvas"):
+            return False
+        rec = self.app.result_store.read(env.id)
+        return rec is not None and rec.state in states.READY_STATES
+
+    def after_success(self, env: Envelope, value: Any) -> None:
+        hdrs = env.headers
+        out: list[Envelope] = []
+        rest = list(hdrs.get("chain") or [])
+        if rest:
+            nxt_headers: dict[str, Any] = {"canvas": True}
+            if rest[1:]:
+                nxt_headers["chain"] = rest[1:]
+            out.append(
+                envelope_from_wire(
+                    self.app,
+                    rest[0],
+                    prepend=[value],
+                    headers=nxt_headers,
+                    parent_id=env.id,
+                    root_id=env.root_id,
+                )
+            )
+        if hdrs.get("link"):
+            out.append(
+                envelope_from_wire(
+                    self.app,
+                    hdrs["link"],
+                    prepend=[value],
+                    headers={"canvas": True},
+                    parent_id=env.id,
+                    root_id=env.root_id,
+                )
+            )
+        if hdrs.get("chord") and env.group_id:
+            cb = self._chord_member_done(env)
+            if cb is not None:
+                out.append(cb)
+        if out:
+            self.app.publish(out)
+
+    def _chord_member_done(self, env: Envelope) -> Envelope | None:
+        spec = env.headers["chord"]
+        gid, size = env.group_id, int(spec["size"])
+        count = self.app.backend.add_member(f"chord:{gid}", str(spec["index"]), self._ttl())
+        if count < size:
+            return None
+        # Several members may see the set complete (or one may run twice): one fires.
+        owner = self.app.broker.claim(f"chord-fire:{gid}", env.id, self._ttl())
+        if owner != env.id:
+            return None
+        ids = [f"{gid}-{i}" for i in range(size)]
+        records = self.app.result_store.read_many(ids)
+        for task_id, rec in zip(ids, records, strict=True):
+            if rec is None or rec.state != states.SUCCESS:
+                self._fail_ids(
+                    [spec["callback"]["id"]],
+                    spec["callback"]["task"],
+                    ErrorInfo(
+                        "ChordError",
+                        f"chord member {task_id} has no successful result "
+                        f"({rec.state if rec else 'missing'})",
+                    ),
+                )
+                return None
+        return envelope_from_wire(
+            self.app,
+            spec["callback"],
+            prepend=[[r.result for r in records if r]],
+            headers={"canvas": True},
+            parent_id=env.id,
+            root_id=env.root_id,
+        )
+
+    def after_failure(self, env: Envelope, error: ErrorInfo) -> None:
+        """The task failed for good: fail what waits on it, and run its errback."""
+        hdrs = env.headers
+        why = f"{env.task} ({env.id}) failed: {error.type}: {error.message}"
+        rest = list(hdrs.get("chain") or [])
+        if rest:
+            self._fail_ids(
+                [w["id"] for w in rest],
+                "",
+                ErrorInfo(error.type, f"chain step {why}", error.traceback),
+            )
+        chord = hdrs.get("chord")
+        if chord and env.group_id:
+            cb = chord["callback"]
+            owner = self.app.broker.claim(
+                f"chord-fire:{env.group_id}", f"failed:{env.id}", self._ttl()
+            )
+            if owner == f"failed:{env.id}":
+                self._fail_ids(
+                    [cb["id"]],
+                    cb["task"],
+                    ErrorInfo(error.type, f"chord member {why}", error.traceback),
+                )
+        if hdrs.get("link_error"):
+            self.app.publish(
+                [
+                    envelope_from_wire(
+                        self.app,
+                        hdrs["link_error"],
+                        prepend=[env.id, {"type": error.type, "message": error.message}],
+                        headers={"canvas": True},
+                        parent_id=env.id,
+                        root_id=env.root_id,
+                    )
+                ]
+            )
+
+    def _fail_ids(self, ids: list[str], task: str, error: ErrorInfo) -> None:
+        for task_id in ids:
+            self.app.result_store.write_state(task_id, states.FAILURE, task=task, error=error)

@@ -1,0 +1,188 @@
+"""The real ``stem`` CLI as subprocesses on the embedded SQLite default."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from stem import Stem, states
+
+from .conftest import StemCLI
+
+pytestmark = pytest.mark.slow
+
+
+def _producer(cli: StemCLI) -> Stem:
+    return Stem("producer", broker=cli.url, backend=cli.url)
+
+
+def _wait_all(app: Stem, ids: list[str], timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = app.result_store.read_many(ids)
+        done = {r.task_id: r.state for r in recs if r is not None}
+        if len(done) == len(ids) and all(s in states.READY_STATES for s in done.values()):
+            return done
+        if time.monotonic() > deadline:
+            return done
+        time.sleep(0.2)
+
+
+def _pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def test_sigkill_mid_batch_then_restart_every_task_succeeds(cli: StemCLI) -> None:
+    app = _producer(cli)
+    n = 400
+    results = [app.send_task("acc.square", [i]) for i in range(n)]
+    ids = [r.id for r in results]
+    env = {"STEM_TEST_TASK_SLEEP": "0.01"}
+    first = cli.start_worker("--pool", "process", "-c", "2", "--lease", "2", env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = sum(1 for r in app.result_store.read_many(ids) if r is not None)
+        if done >= n // 4:
+            break
+        time.sleep(0.05)
+    assert done < n, "the worker finished before it could be killed; make tasks slower"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    cli.start_worker("--pool", "process", "-c", "2", "--lease", "2", env=env)
+    final = _wait_all(app, ids, timeout=120)
+    assert len(final) == n, f"{n - len(final)} tasks never finished:\n{cli.log_text()[-3000:]}"
+    assert set(final.values()) == {states.SUCCESS}
+    assert [r.get(timeout=1) for r in results] == [i * i for i in range(n)]
+    [stats] = [s for s in app.broker.stats() if s.queue == "default"]
+    assert (stats.ready, stats.reserved, stats.delayed, stats.dead) == (0, 0, 0, 0)
+    app.close()
+
+
+def test_hard_time_limit_kills_the_child_not_the_worker(cli: StemCLI) -> None:
+    app = _producer(cli)
+    worker = cli.start_worker("--pool", "process", "-c", "1", "--lease", "5")
+    stuck = app.send_task("acc.stuck")
+    rec = stuck.wait_record(timeout=30)
+    assert rec.state == states.FAILURE
+    assert rec.error is not None and rec.error.type == "HardTimeLimitExceeded"
+    assert worker.poll() is None, "the worker died with its child"
+    assert app.send_task("acc.square", [7]).get(timeout=30) == 49
+    app.close()
+
+
+def test_sigterm_drains_running_tasks_before_exit(cli: StemCLI) -> None:
+    app = _producer(cli)
+    worker = cli.start_worker("--pool", "process", "-c", "1", "--shutdown-budget", "20")
+    res = app.send_task("acc.sleep", [1.5])
+    deadline = time.monotonic() + 30
+    while app.broker.stats(["default"])[0].reserved == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert res.state == states.SUCCESS
+    app.close()
+
+
+def test_drain_budget_hands_back_and_second_signal_stops_now(cli: StemCLI) -> None:
+    app = _producer(cli)
+    worker = cli.start_worker("--pool", "process", "-c", "1", "--shutdown-budget", "60")
+    res = app.send_task("acc.sleep", [30])
+    deadline = time.monotonic() + 30
+    while app.broker.stats(["default"])[0].reserved == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.poll() is None  # still draining
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(timeout=15) == 0
+    [stats] = app.broker.stats(["default"])
+    assert (stats.ready, stats.reserved) == (1, 0)  # handed back, not lost
+    assert res.state == states.PENDING
+    app.close()
+
+
+def test_enqueue_result_queues_and_dlq_commands(cli: StemCLI) -> None:
+    out = cli.run("enqueue", "acc.square", "--args", "[9]", check=True)
+    task_id = out.stdout.strip()
+    ghost = cli.run("enqueue", "no.such.task", "--args", "[]", check=True).stdout.strip()
+    queues = json.loads(cli.run("queues", "--json", check=True).stdout)
+    assert queues == [{"queue": "default", "ready": 2, "delayed": 0, "reserved": 0, "dead": 0}]
+    pending = cli.run("result", task_id)
+    assert pending.returncode == 66 and "PENDING" in pending.stdout
+
+    cli.start_worker("--pool", "thread", "-c", "2")
+    shown = cli.run("result", task_id, "--wait", "30", "--json", check=True)
+    assert json.loads(shown.stdout)["result"] == 81
+    dead = cli.run("result", ghost, "--wait", "30")
+    assert dead.returncode == 65 and "DEAD" in dead.stdout
+
+    letters = json.loads(cli.run("dlq", "list", "--json", check=True).stdout)
+    assert [(d["reason"], d["detail"]) for d in letters] == [("unknown-task", "no.such.task")]
+    show = json.loads(cli.run("dlq", "show", letters[0]["id"], check=True).stdout)
+    assert json.loads(show["body"])["task"] == "no.such.task"
+    cli.stop_all()
+    replay = cli.run("dlq", "replay", "--all", check=True)
+    assert replay.stdout.strip() == "replayed 1"
+    after = json.loads(cli.run("queues", "--json", check=True).stdout)
+    assert after[0]["ready"] == 1 and after[0]["dead"] == 0
+    assert cli.run("dlq", "purge", "--all", "--yes", check=True).stdout.strip() == "purged 0"
+
+
+def test_delayed_task_survives_a_worker_restart(cli: StemCLI) -> None:
+    out = cli.run("enqueue", "acc.square", "--args", "[4]", "--countdown", "2", check=True)
+    task_id = out.stdout.strip()
+    worker = cli.start_worker("--pool", "thread", "-c", "1")
+    time.sleep(0.5)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    queues = json.loads(cli.run("queues", "--json", check=True).stdout)
+    assert queues[0]["delayed"] == 1
+    cli.start_worker("--pool", "thread", "-c", "1")
+    shown = cli.run("result", task_id, "--wait", "30", "--json", check=True)
+    assert json.loads(shown.stdout)["result"] == 16
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["enqueue", "acc.square", "--args", "{bad"], 2, "--args is not valid JSON"),
+        (["enqueue", "acc.square", "--args", "{}"], 2, "--args must be a JSON array"),
+        (["--broker", "ftp://x", "queues"], 78, "unsupported broker URL scheme 'ftp'"),
+        (["--app", "no_such_module:app", "worker"], 78, "module 'no_such_module' not found"),
+        (["--app", "acc_tasks:nothing", "worker"], 78, "has no attribute 'nothing'"),
+        (["worker", "--pool", "gevent"], 1, "unknown pool 'gevent'"),
+        (["dlq", "show", "nope"], 66, "no dead letter 'nope'"),
+        (["--broker", "sqlite:////proc/forbidden/x.db", "queues"], 69, "/proc/forbidden"),
+    ],
+)
+def test_cli_errors_are_clear(cli: StemCLI, args: list[str], code: int, message: str) -> None:
+    proc = cli.run(*args)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_never_prints_broker_passwords(cli: StemCLI) -> None:
+    proc = cli.run("--broker", "redis://user:s3cr3t-pw@127.0.0.1:1/0?password=s3cr3t-pw",
+                   "queues", timeout=60)
+    assert proc.returncode != 0
+    assert "s3cr3t-pw" not in proc.stderr + proc.stdout
+
+
+def test_every_option_reads_an_environment_variable(cli: StemCLI) -> None:
+    out = cli.run("enqueue", "acc.square", env={"STEM_ENQUEUE_ARGS": "[5]",
+                                                "STEM_ENQUEUE_QUEUE": "envq"}, check=True)
+    assert out.stdout.strip()
+    queues = json.loads(cli.run("queues", "--json", check=True).stdout)
+    assert {q["queue"]: q["ready"] for q in queues} == {"envq": 1}

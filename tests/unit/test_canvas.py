@@ -1,0 +1,274 @@
+"""Canvas, unique tasks and rate limits on the in-memory broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from stem import Stem, TaskError, chain, chord, group
+from stem.errors import ConfigError
+from stem.limits import RateLimiter, parse_rate, unique_key
+from stem.testing import memory_app, running_worker
+
+
+@pytest.fixture
+def app() -> Iterator[Stem]:
+    a = memory_app()
+
+    @a.task(name="add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @a.task(name="mul")
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    @a.task(name="total")
+    def total(values: list[int], extra: int = 0) -> int:
+        return sum(values) + extra
+
+    @a.task(name="fail", max_retries=0)
+    def fail(*args: Any) -> None:
+        raise RuntimeError("member broke")
+
+    @a.task(name="record")
+    def record(*args: Any) -> list[Any]:
+        return list(args)
+
+    yield a
+    a.close()
+
+
+def t(app: Stem, name: str) -> Any:
+    return app.tasks[name]
+
+
+def test_chain_feeds_each_result_into_the_next(app: Stem) -> None:
+    add, mul = t(app, "add"), t(app, "mul")
+    with running_worker(app):
+        res = chain(add.s(1, 2), mul.s(10), add.s(5)).delay()
+        assert res.get(timeout=10) == 35
+
+
+def test_immutable_signature_ignores_the_previous_result(app: Stem) -> None:
+    add = t(app, "add")
+    with running_worker(app):
+        assert (add.s(1, 2) | add.si(100, 1)).delay().get(timeout=10) == 101
+
+
+def test_group_results_come_back_in_member_order(app: Stem) -> None:
+    add = t(app, "add")
+    with running_worker(app, concurrency=4):
+        res = (
+            group(add.s(i, i) for i in range(10)).delay()
+            if False
+            else group([add.s(i, i) for i in range(10)]).delay()
+        )
+        assert res.get(timeout=10) == [i * 2 for i in range(10)]
+        assert len(res) == 10 and res.ready() and res.completed_count() == 10
+
+
+def test_chord_callback_runs_once_with_ordered_results(app: Stem) -> None:
+    add, total = t(app, "add"), t(app, "total")
+    runs: list[int] = []
+
+    @app.task(name="count_total")
+    def count_total(values: list[int]) -> int:
+        runs.append(1)
+        return sum(values)
+
+    with running_worker(app, concurrency=4):
+        res = chord([add.s(i, 1) for i in range(8)], count_total.s()).delay()
+        assert res.get(timeout=10) == sum(i + 1 for i in range(8))
+        res2 = chord(group(add.s(1, 1), add.s(2, 2)), total.s(extra=100)).delay()
+        assert res2.get(timeout=10) == 106
+    assert runs == [1]
+
+
+def test_chord_member_failure_fails_the_callback_naming_the_member(app: Stem) -> None:
+    add, fail, total = t(app, "add"), t(app, "fail"), t(app, "total")
+    with running_worker(app):
+        res = chord([add.s(1, 1), fail.s(), add.s(2, 2)], total.s()).delay()
+        with pytest.raises(TaskError, match=r"chord member fail \(.*-1\) failed: RuntimeError"):
+            res.get(timeout=10)
+
+
+def test_chain_step_failure_fails_the_final_result(app: Stem) -> None:
+    add, fail = t(app, "add"), t(app, "fail")
+    with running_worker(app):
+        res = chain(add.s(1, 1), fail.s(), add.s(1)).delay()
+        with pytest.raises(TaskError, match="chain step fail"):
+            res.get(timeout=10)
+
+
+def test_link_and_link_error_callbacks(app: Stem) -> None:
+    add, fail = t(app, "add"), t(app, "fail")
+    seen: list[list[Any]] = []
+
+    @app.task(name="collect")
+    def collect(*args: Any) -> None:
+        seen.append(list(args))
+
+    with running_worker(app):
+        first = add.s(2, 3).set(link=collect.s("after"), link_error=collect.s("err")).delay()
+        assert first.get(timeout=10) == 5
+        bad = fail.s().link_error(collect.s("errback")).delay()
+        with pytest.raises(TaskError):
+            bad.get(timeout=10)
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert [5, "after"] in seen
+    [err] = [s for s in seen if s[-1] == "errback"]
+    assert err[0] == bad.id and err[1]["type"] == "RuntimeError"
+    assert not [s for s in seen if s[-1] == "err"]
+
+
+def test_canvas_in_flight_survives_a_restart_of_every_worker(app: Stem) -> None:
+    add = t(app, "add")
+    res = chain(add.s(1, 1), add.s(1), add.s(1)).delay()
+    with running_worker(app, concurrency=1):
+        deadline = time.monotonic() + 5
+        while app.broker.stats(["default"])[0].ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+    # the first worker is gone; the chain's state is in the broker and the backend
+    with running_worker(app):
+        assert res.get(timeout=10) == 4
+
+
+def test_empty_and_wrong_canvas_inputs_are_clear_errors(app: Stem) -> None:
+    with pytest.raises(ConfigError, match="empty chain"):
+        chain().delay()
+    with pytest.raises(ConfigError, match="empty group"):
+        group().delay()
+    with pytest.raises(ConfigError, match="takes signatures"):
+        chain(42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="unknown signature option"):
+        t(app, "add").s(1, 2).set(colour="red")
+
+
+# -- unique tasks --------------------------------------------------------------------------
+
+
+def test_unique_task_returns_the_existing_id_until_it_finishes(app: Stem) -> None:
+    gate = threading.Event()
+
+    @app.task(name="sync_account", unique=True)
+    def sync_account(account: int) -> int:
+        gate.wait(5)
+        return account
+
+    first = sync_account.delay(7)
+    assert sync_account.delay(7).id == first.id
+    assert sync_account.delay(8).id != first.id
+    with running_worker(app):
+        assert sync_account.delay(7).id == first.id  # running: still the same
+        gate.set()
+        assert first.get(timeout=10) == 7
+        deadline = time.monotonic() + 5
+        while app.broker.peek(unique_key("sync_account", None, (7,), {})) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+        again = sync_account.delay(7)
+        assert again.id != first.id
+        assert again.get(timeout=10) == 7
+
+
+def test_unique_key_template_and_concurrent_producers(app: Stem) -> None:
+    @app.task(name="invoice", unique_key="order:{order_id}")
+    def invoice(order_id: int, attempt: int = 0) -> int:
+        return order_id
+
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def produce(i: int) -> None:
+        res = invoice.enqueue(kwargs={"order_id": 42, "attempt": i})
+        with lock:
+            ids.append(res.id)
+
+    threads = [threading.Thread(target=produce, args=(i,)) for i in range(32)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(set(ids)) == 1
+    assert app.broker.stats(["default"])[0].ready == 1
+    with pytest.raises(ConfigError, match="names a missing argument"):
+        invoice.enqueue(kwargs={"other": 1})
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "per_s"), [("10/s", 10.0), ("30/m", 0.5), ("36/h", 0.01), ("2.5/s", 2.5)]
+)
+def test_parse_rate(text: str, per_s: float) -> None:
+    assert parse_rate(text) == pytest.approx(per_s)
+
+
+@pytest.mark.parametrize("bad", ["", "10", "10/d", "-1/s", "0/s", "fast"])
+def test_bad_rates_are_clear_errors(bad: str) -> None:
+    with pytest.raises(ConfigError, match="is not like '100/s'"):
+        parse_rate(bad)
+
+
+def test_gcra_spaces_slots_and_refuses_beyond_the_horizon(app: Stem) -> None:
+    limiter = RateLimiter(app.broker, horizon_s=1.0)
+    now = 1_000_000
+    slots = [limiter.take("k", 10.0, at_ms=now) for _ in range(12)]
+    runs = [s.run_at_ms for s in slots if s.run_at_ms is not None]
+    assert runs == [now + 100 * i for i in range(len(runs))]
+    assert len(runs) == 11  # 0 .. 1000 ms ahead
+    assert slots[-1].run_at_ms is None and slots[-1].retry_after_s > 0
+
+
+def test_rate_limit_holds_tasks_in_the_broker_not_in_slots(app: Stem) -> None:
+    stamps: list[float] = []
+
+    @app.task(name="limited", rate_limit="20/s")
+    def limited() -> None:
+        stamps.append(time.monotonic())
+
+    @app.task(name="free")
+    def free() -> str:
+        return "free"
+
+    for _ in range(30):
+        limited.delay()
+    with running_worker(app, concurrency=4):
+        assert free.delay().get(timeout=5) == "free"  # not starved by the limited backlog
+        deadline = time.monotonic() + 20
+        while len(stamps) < 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(stamps) == 30
+    span = stamps[-1] - stamps[0]
+    assert 29 / span <= 20 * 1.1, f"rate {29 / span:.1f}/s exceeds 20/s by more than 10%"
+
+
+def test_concurrency_limit_is_cluster_wide(app: Stem) -> None:
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    @app.task(name="capped", concurrency_limit=2)
+    def capped() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.1)
+        with lock:
+            running -= 1
+
+    results = [capped.delay() for _ in range(8)]
+    with running_worker(app, concurrency=3), running_worker(app, concurrency=3):
+        for r in results:
+            r.get(timeout=20)
+    assert peak == 2

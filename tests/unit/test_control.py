@@ -1,0 +1,193 @@
+"""Remote control against two real workers (threads in this process, memory broker)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from stem import Stem, TaskError, control, states
+from stem.testing import memory_app, running_worker
+
+
+@pytest.fixture
+def app() -> Iterator[Stem]:
+    a = memory_app()
+    yield a
+    a.close()
+
+
+def _wait_nodes(app: Stem, n: int) -> list[str]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        nodes = control.live_nodes(app)
+        if len(nodes) >= n:
+            return nodes
+        time.sleep(0.05)
+    raise AssertionError(f"expected {n} live nodes, got {control.live_nodes(app)}")
+
+
+def _beat(app: Stem) -> None:
+    """Stand-in heartbeat publisher until the observability module registers nodes."""
+    from stem.observability import signals
+
+    def write(worker: Any, health: dict[str, Any], **_: Any) -> None:
+        import json
+
+        key = f"workers:{worker.name}"
+        app.broker.swap(key, app.broker.peek(key), json.dumps(health), 5.0)
+
+    signals.heartbeat.connect(write)
+
+
+@pytest.fixture
+def two(app: Stem) -> Iterator[tuple[Any, Any]]:
+    _beat(app)
+    with (
+        running_worker(app, node_name="alpha", queues=("default", "mail")) as a,
+        running_worker(app, node_name="beta", queues=("default", "mail")) as b,
+    ):
+        _wait_nodes(app, 2)
+        yield a, b
+
+
+def test_ping_reaches_every_worker(app: Stem, two: Any) -> None:
+    replies = control.broadcast(app, "ping")
+    assert [(r.worker, r.ok, r.result) for r in replies] == [
+        ("alpha", True, "pong"),
+        ("beta", True, "pong"),
+    ]
+    only = control.broadcast(app, "ping", destination=["beta"])
+    assert [r.worker for r in only] == ["beta"]
+
+
+def test_stats_registered_active_reserved(app: Stem, two: Any) -> None:
+    gate = threading.Event()
+
+    @app.task(name="hold")
+    def hold() -> None:
+        gate.wait(5)
+
+    res = hold.delay()
+    deadline = time.monotonic() + 5
+    active: list[Any] = []
+    while not active and time.monotonic() < deadline:
+        active = [a for r in control.broadcast(app, "active") for a in r.result]
+    assert [a["id"] for a in active] == [res.id]
+    assert all(r.result == [] for r in control.broadcast(app, "reserved"))
+    assert all(r.result == ["hold"] for r in control.broadcast(app, "registered"))
+    stats = {r.worker: r.result for r in control.broadcast(app, "stats")}
+    assert stats["alpha"]["pool"] == "thread" and "consuming" in stats["beta"]
+    gate.set()
+    res.get(timeout=5)
+
+
+def test_revoke_before_start_and_terminate_while_running(app: Stem, two: Any) -> None:
+    started = threading.Event()
+
+    @app.task(name="long")
+    def long() -> str:
+        started.set()
+        for _ in range(500):
+            time.sleep(0.01)
+        return "finished"
+
+    later = long.enqueue(countdown=1.0)
+    control.revoke(app, [later.id])
+    control.broadcast(app, "revoke", {"ids": [later.id]})
+    with pytest.raises(TaskError, match="TaskRevoked"):
+        later.get(timeout=5)
+    assert later.state == states.REVOKED
+
+    running = long.delay()
+    assert started.wait(5)
+    control.revoke(app, [running.id])
+    replies = control.broadcast(app, "revoke", {"ids": [running.id], "terminate": True})
+    assert [running.id] in [r.result["terminated"] for r in replies]
+    with pytest.raises(TaskError, match="TaskRevoked"):
+        running.get(timeout=5)
+
+
+def test_revocations_survive_worker_restarts(app: Stem) -> None:
+    @app.task(name="noop")
+    def noop() -> None: ...
+
+    res = noop.delay()
+    control.revoke(app, [res.id])
+    with running_worker(app):
+        with pytest.raises(TaskError, match="TaskRevoked"):
+            res.get(timeout=5)
+
+
+def test_pause_resume_and_queue_status(app: Stem, two: Any) -> None:
+    @app.task(name="mailer", queue="mail")
+    def mailer() -> str:
+        return "sent"
+
+    assert all(r.ok for r in control.broadcast(app, "pause", {"queue": "mail"}))
+    res = mailer.delay()
+    time.sleep(0.5)
+    assert res.state == states.PENDING
+    status = control.broadcast(app, "queue-status")
+    assert all(
+        {q["queue"]: q["paused"] for q in r.result} == {"default": False, "mail": True}
+        for r in status
+    )
+    control.broadcast(app, "resume", {"queue": "mail"})
+    assert res.get(timeout=5) == "sent"
+    bad = control.broadcast(app, "pause", {"queue": "nope"})
+    assert not any(r.ok for r in bad) and "does not consume" in str(bad[0].result)
+
+
+def test_pool_grow_shrink_and_rate_limit(app: Stem, two: Any) -> None:
+    @app.task(name="limited", rate_limit="1/s")
+    def limited() -> None: ...
+
+    grown = control.broadcast(app, "pool-grow", {"n": 3}, destination=["alpha"])
+    assert grown[0].result == {"pool_size": 5}
+    shrunk = control.broadcast(app, "pool-shrink", {"n": 10}, destination=["alpha"])
+    assert shrunk[0].result == {"pool_size": 1}
+    rl = control.broadcast(app, "rate-limit", {"task": "limited", "rate": "50/s"})
+    assert all(r.result == {"limited": "50/s"} for r in rl)
+    bad = control.broadcast(app, "rate-limit", {"task": "limited", "rate": "lots"})
+    assert not any(r.ok for r in bad)
+
+
+def test_shutdown_command_stops_one_worker(app: Stem) -> None:
+    _beat(app)
+    with running_worker(app, node_name="solo-node") as w:
+        _wait_nodes(app, 1)
+        [reply] = control.broadcast(app, "shutdown", {"mode": "warm"})
+        assert reply.ok and reply.result == "shutting down (warm)"
+        deadline = time.monotonic() + 5
+        while not w._stop_reserving.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert w._stop_reserving.is_set()
+
+
+def test_unknown_command_is_refused_locally(app: Stem) -> None:
+    with pytest.raises(Exception, match="unknown control command"):
+        control.broadcast(app, "format-disk")
+
+
+def test_autoscale_grows_under_backlog_and_shrinks_when_idle(app: Stem) -> None:
+    @app.task(name="work")
+    def work() -> None:
+        time.sleep(0.2)
+
+    results = [work.delay() for _ in range(30)]
+    sizes: list[int] = []
+    with running_worker(app, autoscale=(6, 1), autoscale_idle_s=0.5) as w:
+        assert w.pool.size == 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(r.ready() for r in results):
+            sizes.append(w.pool.size)
+            time.sleep(0.05)
+        assert max(sizes) == 6
+        deadline = time.monotonic() + 10
+        while w.pool.size > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert w.pool.size == 1

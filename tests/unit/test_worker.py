@@ -1,0 +1,362 @@
+"""The worker's semantics on the in-memory broker (no services needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from stem import Stem, TaskError, states
+from stem.brokers.base import Message
+from stem.errors import ResultTimeout
+from stem.testing import memory_app, running_worker
+
+
+@pytest.fixture
+def app() -> Iterator[Stem]:
+    a = memory_app()
+    yield a
+    a.close()
+
+
+def Running(app: Stem, **cfg: Any) -> Any:
+    cfg.setdefault("lease_s", 2.0)
+    return running_worker(app, **cfg)
+
+
+def test_delay_runs_and_result_is_readable(app: Stem) -> None:
+    @app.task(name="add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    with Running(app):
+        res = add.delay(2, 3)
+        assert res.get(timeout=5) == 5
+    assert res.state == states.SUCCESS
+    assert res.successful() and res.ready()
+
+
+def test_failure_is_stored_as_data_and_raised_as_task_error(app: Stem) -> None:
+    @app.task(name="boom", max_retries=0)
+    def boom() -> None:
+        raise ValueError("bad input 42")
+
+    with Running(app):
+        res = boom.delay()
+        with pytest.raises(TaskError, match="ValueError: bad input 42") as info:
+            res.get(timeout=5)
+    assert info.value.type_name == "ValueError"
+    assert "Traceback" in (info.value.traceback or "")
+    assert res.state == states.FAILURE
+    assert isinstance(res.result, TaskError)
+    err = res.get(timeout=1, propagate=False)
+    assert isinstance(err, TaskError)
+
+
+def test_autoretry_with_backoff_then_success(app: Stem) -> None:
+    attempts: list[int] = []
+
+    @app.task(
+        name="flaky", bind=True, max_retries=3, retry_backoff=0.05, autoretry_for=(ConnectionError,)
+    )
+    def flaky(ctx: Any) -> int:
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 2:
+            raise ConnectionError("down")
+        return ctx.attempt
+
+    with Running(app):
+        assert flaky.delay().get(timeout=10) == 2
+    assert attempts == [0, 1, 2]
+
+
+def test_explicit_retry_with_countdown_waits_in_the_broker(app: Stem) -> None:
+    @app.task(name="later", bind=True)
+    def later(ctx: Any) -> str:
+        if ctx.attempt == 0:
+            raise ctx.retry(countdown=0.5)
+        return "done"
+
+    with Running(app) as w:
+        started = time.monotonic()
+        res = later.delay()
+        deadline = time.monotonic() + 5
+        while res.state != states.RETRY and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = {s.queue: s for s in app.broker.stats()}
+        assert stats["default"].delayed == 1  # held by the broker, not by the worker
+        assert not w.inflight
+        assert res.get(timeout=5) == "done"
+        assert time.monotonic() - started >= 0.5
+
+
+def test_exhausted_retries_fail_and_dead_letter(app: Stem) -> None:
+    @app.task(name="always", max_retries=2, retry_backoff=0.01, autoretry_for=(OSError,))
+    def always() -> None:
+        raise OSError("nope")
+
+    with Running(app):
+        res = always.delay()
+        with pytest.raises(TaskError, match="retries exhausted"):
+            res.get(timeout=10)
+    letters = app.broker.dlq_list()
+    assert [d.reason for d in letters] == ["retries-exhausted"]
+    assert "OSError" in letters[0].detail
+
+
+def test_unknown_task_is_dead_lettered_not_run(app: Stem) -> None:
+    with Running(app):
+        res = app.send_task("nobody.home", [1])
+        with pytest.raises(TaskError, match="TaskNotRegistered"):
+            res.get(timeout=5)
+    assert res.state == states.DEAD
+    assert [d.reason for d in app.broker.dlq_list()] == ["unknown-task"]
+
+
+def test_malformed_message_is_dead_lettered(app: Stem) -> None:
+    app.broker.publish([Message(id="junk", queue="default", body=b"{not json")])
+    with Running(app):
+        deadline = time.monotonic() + 5
+        while not app.broker.dlq_list() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    [letter] = app.broker.dlq_list()
+    assert letter.reason == "malformed"
+    assert "not valid JSON" in letter.detail
+    assert letter.body == b"{not json"
+
+
+def test_expired_task_is_recorded_and_never_runs(app: Stem) -> None:
+    ran: list[int] = []
+
+    @app.task(name="stale")
+    def stale() -> None:
+        ran.append(1)
+
+    res = stale.enqueue(expires=0.05)
+    time.sleep(0.1)
+    with Running(app):
+        with pytest.raises(TaskError, match="TaskExpired"):
+            res.get(timeout=5)
+    assert res.state == states.EXPIRED
+    assert ran == []
+
+
+def test_countdown_delays_execution(app: Stem) -> None:
+    @app.task(name="stamp")
+    def stamp() -> float:
+        return time.time()
+
+    with Running(app):
+        sent = time.time()
+        res = stamp.enqueue(countdown=0.6)
+        assert res.get(timeout=5) - sent >= 0.6
+
+
+def test_priority_orders_ready_tasks(app: Stem) -> None:
+    order: list[int] = []
+
+    @app.task(name="p")
+    def p(n: int) -> None:
+        order.append(n)
+
+    for n, prio in [(1, 0), (2, 9), (3, 5), (4, 9)]:
+        p.enqueue(args=[n], priority=prio)
+    with Running(app, concurrency=1, pool="solo"):
+        deadline = time.monotonic() + 5
+        while len(order) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert order == [2, 4, 3, 1]
+
+
+def test_ignore_result_writes_nothing(app: Stem) -> None:
+    done = threading.Event()
+
+    @app.task(name="quiet", ignore_result=True)
+    def quiet() -> int:
+        done.set()
+        return 1
+
+    with Running(app):
+        res = quiet.delay()
+        assert done.wait(5)
+        time.sleep(0.1)
+    assert res.state == states.PENDING
+    with pytest.raises(ResultTimeout):
+        res.get(timeout=0.2)
+
+
+def test_bound_task_reports_progress(app: Stem) -> None:
+    gate = threading.Event()
+
+    @app.task(name="prog", bind=True)
+    def prog(ctx: Any) -> str:
+        ctx.update_progress(3, 10, stage="copy")
+        gate.wait(5)
+        return ctx.task_id
+
+    with Running(app):
+        res = prog.delay()
+        deadline = time.monotonic() + 5
+        while res.progress is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert res.progress == {"current": 3, "total": 10, "stage": "copy"}
+        assert res.state == states.STARTED
+        gate.set()
+        assert res.get(timeout=5) == res.id
+
+
+def test_soft_time_limit_raises_inside_the_task(app: Stem) -> None:
+    from stem import SoftTimeLimitExceeded
+
+    @app.task(name="slow", soft_time_limit=0.2, max_retries=0)
+    def slow() -> str:
+        try:
+            for _ in range(200):
+                time.sleep(0.01)
+        except SoftTimeLimitExceeded:
+            return "cleaned up"
+        return "finished"
+
+    with Running(app):
+        assert slow.delay().get(timeout=5) == "cleaned up"
+
+
+def test_hard_time_limit_on_thread_pool_fails_the_task_and_frees_the_slot(app: Stem) -> None:
+    @app.task(name="stuck", time_limit=0.3, max_retries=0)
+    def stuck() -> None:
+        for _ in range(500):
+            time.sleep(0.01)
+
+    @app.task(name="next")
+    def nxt() -> str:
+        return "ran"
+
+    with Running(app, concurrency=1):
+        res = stuck.delay()
+        with pytest.raises(TaskError, match="HardTimeLimitExceeded"):
+            res.get(timeout=5)
+        assert nxt.delay().get(timeout=5) == "ran"
+
+
+def test_async_pool_runs_coroutines_natively_and_concurrently(app: Stem) -> None:
+    @app.task(name="nap")
+    async def nap(n: int) -> int:
+        await asyncio.sleep(0.3)
+        return n
+
+    @app.task(name="sync_in_async")
+    def plain() -> str:
+        return "plain"
+
+    with Running(app, pool="async", concurrency=20):
+        started = time.monotonic()
+        results = [nap.delay(i) for i in range(20)]
+        assert [r.get(timeout=10) for r in results] == list(range(20))
+        assert time.monotonic() - started < 3.0  # 20 x 0.3 s serially would be 6 s
+        assert plain.delay().get(timeout=5) == "plain"
+
+
+def test_async_pool_soft_limit_cancels_the_coroutine(app: Stem) -> None:
+    @app.task(name="forever", soft_time_limit=0.2, max_retries=0)
+    async def forever() -> None:
+        await asyncio.sleep(30)
+
+    with Running(app, pool="async"):
+        with pytest.raises(TaskError, match="SoftTimeLimitExceeded"):
+            forever.delay().get(timeout=5)
+
+
+def test_worker_reserves_only_what_its_slots_can_run(app: Stem) -> None:
+    gate = threading.Event()
+
+    @app.task(name="hold")
+    def hold() -> None:
+        gate.wait(10)
+
+    for _ in range(10):
+        hold.delay()
+    with Running(app, concurrency=3) as w:
+        deadline = time.monotonic() + 5
+        while len(w.inflight) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        [stats] = [s for s in app.broker.stats() if s.queue == "default"]
+        assert stats.reserved == 3
+        assert stats.ready == 7
+        gate.set()
+
+
+def test_leases_are_renewed_while_a_long_task_runs(app: Stem) -> None:
+    runs: list[int] = []
+
+    @app.task(name="long")
+    def long() -> str:
+        runs.append(1)
+        time.sleep(1.5)
+        return "ok"
+
+    with Running(app, lease_s=0.5, concurrency=2):
+        assert long.delay().get(timeout=10) == "ok"
+    assert runs == [1]  # never delivered twice although it outlived its lease 3 times
+
+
+def test_shutdown_hands_unfinished_work_back(app: Stem) -> None:
+    started = threading.Event()
+
+    @app.task(name="sleepy")
+    def sleepy() -> None:
+        started.set()
+        time.sleep(3)
+
+    res = sleepy.delay()
+    r = Running(app, shutdown_budget_s=0.2)
+    with r:
+        assert started.wait(5)
+    [stats] = [s for s in app.broker.stats() if s.queue == "default"]
+    assert stats.ready == 1 and stats.reserved == 0
+    assert res.state == states.PENDING
+
+
+def test_poison_message_is_dead_lettered_after_max_deliveries(app: Stem) -> None:
+    @app.task(name="poison")
+    def poison() -> None:
+        raise AssertionError("must not run")
+
+    poison.delay()
+    # Simulate crashed workers: lease and let the lease lapse, more often than allowed.
+    for _ in range(2):
+        assert app.broker.reserve(["default"], 1, 0.05)
+        time.sleep(0.08)
+    with Running(app, max_deliveries=2):
+        deadline = time.monotonic() + 5
+        while not app.broker.dlq_list() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    [letter] = app.broker.dlq_list()
+    assert letter.reason == "max-deliveries-exceeded"
+
+
+def test_routes_send_tasks_to_queues_by_pattern() -> None:
+    app = memory_app()
+    app.routes.update({"email.*": "mail", "report.daily": "reports"})
+
+    @app.task(name="email.send")
+    def send() -> None: ...
+
+    @app.task(name="report.daily", queue="ignored")
+    def daily() -> None: ...
+
+    @app.task(name="misc", queue="own")
+    def misc() -> None: ...
+
+    assert app.route("email.send") == "mail"
+    assert app.route("report.daily") == "reports"
+    assert app.route("misc") == "own"
+    assert app.route("other") == "default"
+    assert app.route("email.send", "explicit") == "explicit"
+    send.delay()
+    assert {s.queue: s.ready for s in app.broker.stats()}["mail"] == 1
+    app.close()
