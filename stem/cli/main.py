@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stem.cli import control_cmd, dlq_cmd, task_cmds, worker_cmd
+from stem.cli import control_cmd, db_cmd, dlq_cmd, task_cmds, worker_cmd
 from stem.cli.context import CLIState, exit_code_for
 from stem.errors import StemError
 from stem.observability.logs import setup_logging
@@ -72,6 +72,7 @@ app.command("result")(task_cmds.result)
 app.command("queues")(task_cmds.queues)
 app.add_typer(dlq_cmd.app, name="dlq")
 app.add_typer(control_cmd.app, name="control")
+app.add_typer(db_cmd.app, name="db")
 # -- sub-apps of other roles register below ----------------------------------------------
 
 

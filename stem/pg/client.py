@@ -1,0 +1,207 @@
+"""Connections shared by the PostgreSQL broker and result backend.
+
+A small lock-protected pool of autocommit connections, one per concurrent caller, opened on
+demand and kept up to ``pool_size`` when idle. We do not use psycopg_pool here on purpose: it
+runs background threads (awkward around the worker's fork of child processes) and, while the
+server is down, makes callers wait for its reconnect loop instead of failing at once with a
+clear error; a worker's consumer loop already retries with a backoff.
+
+After a server restart every idle connection is dead. A call that fails on a connection which
+turns out to be broken drops all idle connections and is retried once on a fresh one, so one
+restart costs callers nothing more than a reconnect. A retried publish may store a message
+twice if the first attempt committed before the connection broke: at-least-once, as promised.
+
+Errors leave this module as Stem errors (connection errors as ``conn_error``, everything else
+as ``error``) with the target as ``host:port/db`` and never a password.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from stem.errors import StemError
+from stem.observability.redact import redact_text
+from stem.pg import migrate
+from stem.pg.conninfo import PgOptions
+
+T = TypeVar("T")
+Conn = psycopg.Connection[Any]
+
+
+# Common libpq failures, with what to do about them.
+_HINTS = (
+    ("no encryption", "the server accepts only TLS: give a CA in tls.ca_file or sslrootcert"),
+    ("certificate verify failed", "the server certificate is not signed by the configured CA"),
+    ("does not match host name", "connect by a name the server certificate lists"),
+    ("requires a valid client certificate", "give a client certificate and key"),
+    ("password authentication failed", "check the user name and password"),
+)
+
+
+def _detail(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return redact_text(text) or type(exc).__name__
+
+
+class PgClient:
+    """Connections for one broker or backend. Thread-safe."""
+
+    def __init__(
+        self,
+        options: PgOptions,
+        *,
+        error: type[StemError],
+        conn_error: type[StemError],
+        role: str,
+    ) -> None:
+        self.options = options
+        self._error = error
+        self._conn_error = conn_error
+        self._role = role
+        self._idle: list[Conn] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._schema_ready = threading.Event()
+        if not options.migrate:
+            self._schema_ready.set()
+        self._schema_lock = threading.Lock()
+        extra = dict(options.params)
+        if "application_name" not in conninfo_to_dict(options.conninfo):
+            extra["application_name"] = f"stem-{role}"  # shows in pg_stat_activity
+        self._conninfo = make_conninfo(options.conninfo, **extra)
+
+    # -- errors ------------------------------------------------------------------------------
+
+    def connect_error(self, exc: BaseException) -> StemError:
+        detail = _detail(exc)
+        hints = [hint for needle, hint in _HINTS if needle in detail]
+        suffix = f" ({'; '.join(hints)})" if hints else ""
+        return self._conn_error(
+            f"cannot connect to PostgreSQL at {self.options.target}: {detail}{suffix}"
+        )
+
+    def translate(self, exc: psycopg.Error, doing: str, conn: Conn | None = None) -> StemError:
+        target = self.options.target
+        if conn is not None and (conn.closed or conn.broken):
+            return self._conn_error(
+                f"lost the connection to PostgreSQL at {target} while {doing}: {_detail(exc)}"
+            )
+        if isinstance(exc, pgerrors.UndefinedTable | pgerrors.UndefinedFunction):
+            return self._error(
+                f"the Stem tables are missing in PostgreSQL at {target} ({_detail(exc)}): "
+                "run `stem db migrate --url URL`, or drop `migrate=false` from the URL"
+            )
+        if isinstance(exc, pgerrors.InsufficientPrivilege):
+            return self._error(
+                f"PostgreSQL at {target} refused {doing}: permission denied ({_detail(exc)})"
+            )
+        if isinstance(exc, psycopg.OperationalError) and conn is None:
+            return self.connect_error(exc)
+        return self._error(f"PostgreSQL at {target} failed while {doing}: {_detail(exc)}")
+
+    # -- connections -------------------------------------------------------------------------
+
+    def new_connection(self) -> Conn:
+        """A fresh autocommit connection (callers own it and must close it)."""
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise self.connect_error(exc) from None
+        if not self.options.prepare:
+            conn.prepare_threshold = None
+        return conn
+
+    def _checkout(self) -> tuple[Conn, bool]:
+        with self._lock:
+            if self._closed:
+                raise self._error(f"the PostgreSQL {self._role} is closed")
+            if self._idle:
+                return self._idle.pop(), True
+        return self.new_connection(), False
+
+    def _checkin(self, conn: Conn) -> None:
+        reusable = (
+            not conn.closed
+            and not conn.broken
+            and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        )
+        if reusable:
+            with self._lock:
+                if not self._closed and len(self._idle) < self.options.pool_size:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def _drop_idle(self) -> None:
+        with self._lock:
+            stale, self._idle = self._idle, []
+        for conn in stale:
+            conn.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[Conn]:
+        """A pooled connection for a caller that runs several statements itself."""
+        conn, _ = self._checkout()
+        try:
+            yield conn
+        finally:
+            self._checkin(conn)
+
+    def run(self, doing: str, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn`` on a pooled connection, retrying once if a stale one broke."""
+        self.ensure_schema()
+        retried = False
+        while True:
+            conn, pooled = self._checkout()
+            try:
+                result = fn(conn)
+            except psycopg.Error as exc:
+                broken = conn.closed or conn.broken
+                self._checkin(conn)
+                if broken:
+                    self._drop_idle()
+                    if pooled and not retried:
+                        retried = True
+                        continue
+                raise self.translate(exc, doing, conn) from None
+            except BaseException:
+                conn.close()
+                raise
+            self._checkin(conn)
+            return result
+
+    def ensure_schema(self) -> None:
+        """Apply pending migrations once per client (unless the URL says ``migrate=false``)."""
+        if self._schema_ready.is_set():
+            return
+        with self._schema_lock:
+            if self._schema_ready.is_set():
+                return
+            with self.connection() as conn:
+                try:
+                    if not migrate.is_current(conn):
+                        migrate.apply(conn)
+                except psycopg.Error as exc:
+                    raise self.translate(exc, "applying migrations", conn) from None
+            self._schema_ready.set()
+
+    def ping(self) -> None:
+        self.run("pinging", lambda conn: conn.execute(b"SELECT 1"))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._drop_idle()
+
+
+def close_quietly(conn: Conn | None) -> None:
+    if conn is not None:
+        with suppress(Exception):
+            conn.close()

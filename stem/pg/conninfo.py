@@ -1,0 +1,172 @@
+"""Turn a Stem PostgreSQL URL (plus optional :class:`TLSSettings`) into libpq parameters.
+
+A URL is an ordinary libpq URI (``postgresql://user:pw@host:port/db?sslmode=...``) that may
+carry a few Stem options in its query string. Those are removed before the URL reaches libpq
+(which rejects keys it does not know):
+
+``migrate``          ``true`` (default): apply pending migrations on first connect.
+``listen``           ``true`` (default): wait with LISTEN/NOTIFY; ``false`` polls only, for
+                     transaction poolers (PgBouncer ``pool_mode=transaction``) that drop
+                     notifications.
+``poll_interval_s``  longest sleep between two checks while waiting (default 0.5).
+``pool_size``        idle connections kept per broker or backend (default 4).
+``prepare``          ``true`` (default): psycopg prepares statements used often; ``false``
+                     for poolers that cannot keep prepared statements (PgBouncer < 1.21 in
+                     transaction mode). Behind such a pooler use ``listen=false&prepare=false``.
+
+TLS: libpq's own ``sslmode``/``sslrootcert``/``sslcert``/``sslkey`` in the URL win. A
+:class:`TLSSettings` fills in what the URL leaves out. Whenever a CA is known (or TLS settings
+are given at all) and the URL names no ``sslmode``, the mode is ``verify-full``: the chain
+and the host name are both checked. ``allow_insecure`` means ``sslmode=require`` without
+verification, and every client built that way logs a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from stem.errors import ConfigError
+from stem.observability.redact import redact_url
+from stem.security.tls import TLSSettings
+
+log = logging.getLogger("stem.postgres")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_STEM_OPTIONS = frozenset({"migrate", "listen", "poll_interval_s", "pool_size", "prepare"})
+_DEFAULT_CONNECT_TIMEOUT_S = "10"
+_UNVERIFIED_MODES = frozenset({"disable", "allow", "prefer", "require"})
+
+
+@dataclass(frozen=True, slots=True)
+class PgOptions:
+    """Everything a client needs to open connections, with secrets kept out of ``target``."""
+
+    conninfo: str
+    params: Mapping[str, str] = field(default_factory=dict)
+    target: str = "localhost:5432"
+    migrate: bool = True
+    listen: bool = True
+    poll_interval_s: float = 0.5
+    pool_size: int = 4
+    prepare: bool = True
+    sslmode: str = "prefer"
+
+
+def _bool(name: str, value: str, url: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"URL option {name}={value!r} in {redact_url(url)} must be true or false")
+
+
+def _number(name: str, value: str, url: str, *, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not low <= number <= high:
+        raise ConfigError(
+            f"URL option {name}={value!r} in {redact_url(url)} must be a number "
+            f"from {low:g} to {high:g}"
+        )
+    return number
+
+
+def split_stem_options(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without Stem's own query options, and those options. The rest of the query
+    is kept byte for byte: libpq decodes it itself (and, unlike forms, not ``+``)."""
+    parts = urlsplit(url)
+    kept: list[str] = []
+    ours: dict[str, str] = {}
+    for pair in parts.query.split("&") if parts.query else []:
+        name, _, value = pair.partition("=")
+        if unquote(name) in _STEM_OPTIONS:
+            ours[unquote(name)] = unquote(value)
+        else:
+            kept.append(pair)
+    stripped = urlunsplit((parts.scheme, parts.netloc, parts.path, "&".join(kept), parts.fragment))
+    return stripped, ours
+
+
+def tls_params(given: Mapping[str, str], tls: TLSSettings | None) -> dict[str, str]:
+    """libpq TLS keywords to add to what the URL already says (the URL wins)."""
+    out: dict[str, str] = {}
+    insecure = tls is not None and tls.allow_insecure
+    if tls is not None:
+        if tls.ca_file and not insecure:
+            out["sslrootcert"] = tls.ca_file
+        if tls.cert_file:
+            out["sslcert"] = tls.cert_file
+        if tls.key_file:
+            out["sslkey"] = tls.key_file
+        if tls.min_version:
+            out["ssl_min_protocol_version"] = tls.min_version
+    out = {k: v for k, v in out.items() if k not in given}
+    if "sslmode" not in given:
+        if insecure:
+            out["sslmode"] = "require"
+        elif tls is not None or "sslrootcert" in given:
+            out["sslmode"] = "verify-full"
+            if "sslrootcert" not in given and "sslrootcert" not in out:
+                # libpq >= 16: verify against the operating system's trust store.
+                out["sslrootcert"] = "system"
+    return out
+
+
+def parse(url: str, tls: TLSSettings | None = None) -> PgOptions:
+    """Validate a Stem PostgreSQL URL; raise :class:`ConfigError` naming what is wrong."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in {"postgresql", "postgres"}:
+        raise ConfigError(f"not a PostgreSQL URL: {redact_url(url)}")
+    stripped, ours = split_stem_options(url)
+    try:
+        given = {k: str(v) for k, v in conninfo_to_dict(stripped).items() if v is not None}
+    except psycopg.Error as exc:
+        raise ConfigError(f"invalid PostgreSQL URL {redact_url(url)}: {exc}") from None
+    params = tls_params(given, tls)
+    if "connect_timeout" not in given:
+        params["connect_timeout"] = _DEFAULT_CONNECT_TIMEOUT_S
+    sslmode = params.get("sslmode", given.get("sslmode", "prefer"))
+    host = given.get("host") or given.get("hostaddr") or "localhost"
+    target = f"{host}:{given.get('port') or '5432'}/{given.get('dbname') or given.get('user', '')}"
+    options = PgOptions(
+        conninfo=stripped,
+        params=params,
+        target=target,
+        migrate=_bool("migrate", ours["migrate"], url) if "migrate" in ours else True,
+        listen=_bool("listen", ours["listen"], url) if "listen" in ours else True,
+        poll_interval_s=(
+            _number("poll_interval_s", ours["poll_interval_s"], url, low=0.01, high=60.0)
+            if "poll_interval_s" in ours
+            else 0.5
+        ),
+        pool_size=(
+            int(_number("pool_size", ours["pool_size"], url, low=1, high=64))
+            if "pool_size" in ours
+            else 4
+        ),
+        prepare=_bool("prepare", ours["prepare"], url) if "prepare" in ours else True,
+        sslmode=sslmode,
+    )
+    if tls is not None and tls.allow_insecure:
+        log.warning(
+            "TLS certificate verification is OFF for PostgreSQL at %s (allow_insecure): "
+            "the connection is encrypted but the server is not authenticated",
+            target,
+            extra={"event": "tls-insecure", "target": target},
+        )
+    return options
+
+
+def is_verified(options: PgOptions) -> bool:
+    """True when connections both encrypt and authenticate the server."""
+    return options.sslmode not in _UNVERIFIED_MODES

@@ -1,0 +1,270 @@
+"""PostgreSQL broker behaviour the contract suite cannot see: NOTIFY wake-ups, the polling
+fallback, delayed wake-ups, SKIP LOCKED under concurrency, and error messages."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from stem.brokers.base import Message
+from stem.brokers.postgres import PostgresBroker
+from stem.envelope import now_ms
+from stem.errors import BrokerConnectionError, BrokerError
+from tests.fixtures.postgres_server import PostgresServer
+
+pytestmark = pytest.mark.postgres
+
+# Generous margins: a wake-up must come "well before the deadline", not within a tight bound.
+WAIT_S = 20.0
+PROMPT_S = 5.0
+
+
+@pytest.fixture
+def broker(postgres_url: str) -> Iterator[PostgresBroker]:
+    b = PostgresBroker(postgres_url)
+    yield b
+    b.close()
+
+
+def _publish_later(broker: PostgresBroker, delay_s: float, *messages: Message) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay_s)
+        broker.publish(list(messages))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_notify_wakes_a_blocked_reserve(postgres_url: str) -> None:
+    # A long poll interval proves the wake-up came from NOTIFY, not from polling.
+    consumer = PostgresBroker(postgres_url + "?poll_interval_s=60")
+    producer = PostgresBroker(postgres_url)
+    try:
+        thread = _publish_later(producer, 0.3, Message("m1", "q", b"x"))
+        started = time.monotonic()
+        got = consumer.reserve(["q"], 1, 30, wait_s=WAIT_S)
+        elapsed = time.monotonic() - started
+        thread.join()
+        assert [d.message_id for d in got] == ["m1"]
+        assert elapsed < PROMPT_S
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_notify_for_another_queue_does_not_return_early(postgres_url: str) -> None:
+    consumer = PostgresBroker(postgres_url + "?poll_interval_s=60")
+    producer = PostgresBroker(postgres_url)
+    try:
+        thread = _publish_later(producer, 0.1, Message("other", "elsewhere", b"x"))
+        got = consumer.reserve(["q"], 1, 30, wait_s=1.0)
+        thread.join()
+        assert got == []
+        assert [d.message_id for d in consumer.reserve(["elsewhere"], 1, 30)] == ["other"]
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_polling_fallback_without_notifications(postgres_url: str) -> None:
+    consumer = PostgresBroker(postgres_url + "?listen=false&prepare=false&poll_interval_s=0.1")
+    producer = PostgresBroker(postgres_url)
+    try:
+        thread = _publish_later(producer, 0.3, Message("m1", "q", b"x"))
+        started = time.monotonic()
+        got = consumer.reserve(["q"], 1, 30, wait_s=WAIT_S)
+        elapsed = time.monotonic() - started
+        thread.join()
+        assert [d.message_id for d in got] == ["m1"]
+        assert elapsed < PROMPT_S
+        assert consumer._notifier._conn is None  # really no LISTEN connection
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_waiter_wakes_when_a_delayed_message_is_due(postgres_url: str) -> None:
+    broker = PostgresBroker(postgres_url + "?poll_interval_s=60")
+    try:
+        broker.publish([Message("later", "q", b"x", not_before_ms=now_ms() + 400)])
+        started = time.monotonic()
+        got = broker.reserve(["q"], 1, 30, wait_s=WAIT_S)
+        elapsed = time.monotonic() - started
+        assert [d.message_id for d in got] == ["later"]
+        assert 0.3 <= elapsed < PROMPT_S
+    finally:
+        broker.close()
+
+
+def test_waiter_wakes_when_a_lease_lapses(postgres_url: str) -> None:
+    broker = PostgresBroker(postgres_url + "?poll_interval_s=60")
+    try:
+        broker.publish([Message("m1", "q", b"x")])
+        first = broker.reserve(["q"], 1, 0.4)
+        started = time.monotonic()
+        again = broker.reserve(["q"], 1, 30, wait_s=WAIT_S)
+        assert time.monotonic() - started < PROMPT_S
+        assert [d.delivery_count for d in again] == [2]
+        assert broker.ack(first) == 0  # the old receipt settles nothing
+        assert broker.ack(again) == 1
+    finally:
+        broker.close()
+
+
+def test_a_newly_published_earlier_delay_shortens_the_wait(postgres_url: str) -> None:
+    consumer = PostgresBroker(postgres_url + "?poll_interval_s=60")
+    try:
+        consumer.publish([Message("far", "q", b"x", not_before_ms=now_ms() + 60_000)])
+        thread = _publish_later(
+            consumer, 0.2, Message("near", "q", b"y", not_before_ms=now_ms() + 500)
+        )
+        started = time.monotonic()
+        got = consumer.reserve(["q"], 1, 30, wait_s=WAIT_S)
+        thread.join()
+        assert [d.message_id for d in got] == ["near"]
+        assert time.monotonic() - started < PROMPT_S
+    finally:
+        consumer.close()
+
+
+def test_many_threads_share_one_broker(broker: PostgresBroker) -> None:
+    broker.publish([Message(f"m{i}", "q", b"x") for i in range(200)])
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            got = broker.reserve(["q"], 7, 30, wait_s=0.2)
+            if not got:
+                return
+            assert broker.ack(got) == len(got)
+            with lock:
+                seen.extend(d.message_id for d in got)
+
+    threads = [threading.Thread(target=drain) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == sorted(f"m{i}" for i in range(200))
+
+
+def test_two_brokers_never_lease_the_same_message(postgres_url: str) -> None:
+    producer = PostgresBroker(postgres_url)
+    producer.publish([Message(f"m{i}", "q", b"x") for i in range(1000)])
+    producer.close()
+    taken: list[list[str]] = [[], []]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def drain(slot: int) -> None:
+        broker = PostgresBroker(postgres_url)
+        try:
+            barrier.wait()
+            while True:
+                got = broker.reserve(["q"], 10, 60)
+                if not got:
+                    return
+                taken[slot].extend(d.message_id for d in got)
+                assert broker.ack(got) == len(got)
+        except BaseException as exc:  # surfaced below, not lost in the thread
+            errors.append(exc)
+        finally:
+            broker.close()
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    counts = Counter(taken[0] + taken[1])
+    assert len(counts) == 1000
+    assert set(counts.values()) == {1}
+    assert taken[0] and taken[1], "both brokers should have taken a share"
+
+
+def test_reserve_keeps_priority_order_across_queues(broker: PostgresBroker) -> None:
+    broker.publish(
+        [
+            Message("a0", "a", b"", priority=0),
+            Message("b9", "b", b"", priority=9),
+            Message("a5", "a", b"", priority=5),
+        ]
+    )
+    got = broker.reserve(["a", "b"], 3, 30)
+    assert [d.message_id for d in got] == ["b9", "a5", "a0"]
+
+
+def test_nack_with_body_restarts_count_and_replaces_body(broker: PostgresBroker) -> None:
+    broker.publish([Message("m", "q", b"old")])
+    first = broker.reserve(["q"], 1, 30)[0]
+    assert broker.nack(first, body=b"new")
+    again = broker.reserve(["q"], 1, 30)[0]
+    assert (again.body, again.delivery_count) == (b"new", 1)
+
+
+def test_expired_claims_are_swept(broker: PostgresBroker, postgres_url: str) -> None:
+    broker.claim("old", "v", 0.001)
+    time.sleep(0.01)
+    broker._next_sweep = 0.0
+    assert broker.claim("new", "v", 60) == "v"
+    with psycopg.connect(postgres_url) as conn:
+        keys = {r[0] for r in conn.execute("SELECT key FROM stem_claims").fetchall()}
+    assert keys == {"new"}
+
+
+def test_unreachable_server_error_is_clear_and_redacted() -> None:
+    with socket_closed_port() as port:
+        broker = PostgresBroker(
+            f"postgresql://stem:hunter2@127.0.0.1:{port}/stem?connect_timeout=2"
+        )
+        with pytest.raises(BrokerConnectionError) as info:
+            broker.ping()
+        broker.close()
+    message = str(info.value)
+    assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/stem" in message
+    assert "hunter2" not in message
+
+
+def test_missing_schema_with_migrate_false_says_what_to_run(
+    postgres_server: PostgresServer,
+) -> None:
+    with postgres_server.admin() as conn:
+        conn.execute("DROP DATABASE IF EXISTS stem_empty")
+        conn.execute("CREATE DATABASE stem_empty")
+    broker = PostgresBroker(postgres_server.url_for("stem_empty") + "?migrate=false")
+    try:
+        with pytest.raises(BrokerError, match="stem db migrate"):
+            broker.publish([Message("m", "q", b"")])
+    finally:
+        broker.close()
+        with postgres_server.admin() as conn:
+            conn.execute("DROP DATABASE stem_empty")
+
+
+def test_bad_url_option_is_a_config_error(postgres_url: str) -> None:
+    from stem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="poll_interval_s"):
+        PostgresBroker(postgres_url + "?poll_interval_s=soon")
+
+
+class socket_closed_port:
+    """A localhost port with nothing listening (bound, then released)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        return None
