@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 from stem import envelope as env_codec
 from stem.backends import backend_from_url
@@ -20,11 +21,9 @@ from stem.errors import BrokerConnectionError, ConfigError, TaskNotRegistered
 from stem.observability import signals
 from stem.result import AsyncResult
 from stem.result_store import ResultStore
+from stem.security.signing import Keyring
 from stem.security.tls import TLSSettings
 from stem.task import Task, TaskOptions
-
-if TYPE_CHECKING:
-    from stem.security.signing import Keyring
 
 log = logging.getLogger("stem.app")
 
@@ -77,8 +76,19 @@ class Stem:
         self.publish_retries = publish_retries
         self.publish_retry_backoff_s = publish_retry_backoff_s
         self.tls = tls
+        if keyring is None:
+            keyring = Keyring.from_env(os.environ)
         self.keyring = keyring
         self.import_spec: str | None = None  # "module:attr", set by the CLI loader
+        self._code: dict[str, Any] = {}
+        if isinstance(broker, str):
+            self._code["broker.url"] = broker
+        if isinstance(backend, str):
+            self._code["backend.url"] = backend
+        if routes:
+            self._code["routes"] = dict(routes)
+        self.has_explicit_broker = broker is not None and not isinstance(broker, str)
+        self.has_explicit_backend = backend is not None and not isinstance(backend, str)
         self._broker_arg = broker or DEFAULT_URL
         self._backend_arg = backend
         self._broker: Broker | None = None
@@ -86,11 +96,18 @@ class Stem:
         self._result_store: ResultStore | None = None
         self._lock = threading.RLock()
         self.schedules: dict[str, Any] = {}
+        #: Callables returning extra headers (trace context) set on every published
+        #: envelope before it is sealed, so they are signed with it.
+        self.header_hooks: list[Callable[[Envelope], Mapping[str, Any] | None]] = []
 
     def __repr__(self) -> str:
         return f"<Stem {self.name} broker={self.broker_url}>"
 
     # -- configuration -------------------------------------------------------------------
+
+    def code_settings(self) -> dict[str, Any]:
+        """What this app's code set (URLs, routes): the configuration's "code" layer."""
+        return dict(self._code)
 
     @property
     def broker_url(self) -> str:
@@ -337,6 +354,8 @@ class Stem:
         if signals.before_publish.has_receivers:
             for env in envs:
                 signals.before_publish.send(envelope=env)
+        if self.header_hooks:
+            envs = [self._with_hook_headers(e) for e in envs]
         messages = [
             Message(
                 id=e.id,
@@ -351,6 +370,18 @@ class Stem:
         if signals.after_publish.has_receivers:
             for env in envs:
                 signals.after_publish.send(envelope=env)
+
+    def _with_hook_headers(self, env: Envelope) -> Envelope:
+        headers = dict(env.headers)
+        for hook in self.header_hooks:
+            try:
+                extra = hook(env)
+            except Exception:
+                log.exception("header hook failed", extra={"event": "header-hook-failed"})
+                continue
+            if extra:
+                headers.update(extra)
+        return env.replace(headers=headers) if headers != env.headers else env
 
     def publish_messages(self, messages: Sequence[Message]) -> None:
         delay = self.publish_retry_backoff_s

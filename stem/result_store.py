@@ -72,7 +72,11 @@ class ResultStore:
         try:
             if self._unseal is not None:
                 body = self._unseal(body)
-            return ResultRecord.decode(body)
+            record = ResultRecord.decode(body)
+            if record.task_id != task_id:
+                # A valid record copied under another task's key must not pass as its result.
+                raise DecodeError(f"record is for task {record.task_id!r}, not {task_id!r}")
+            return record
         except (DecodeError, SignatureError) as exc:
             # A record we cannot trust is reported as a failure, never as a value.
             log.warning(

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 from stem import envelope as codec
 from stem import states
 from stem.brokers.base import Delivery
-from stem.envelope import Envelope
+from stem.envelope import Envelope, now_ms
 from stem.errors import BackendError, BrokerError, DecodeError, SignatureError, StemError
 from stem.observability import signals
+from stem.observability.logs import task_log_fields
 from stem.result import ErrorInfo
+from stem.security.replay import ReplayGuard
 from stem.worker.canvas_hooks import CanvasHooks
 from stem.worker.job import Job, Outcome
 from stem.worker.limit_gate import LimitGate
@@ -36,6 +38,9 @@ class Settler:
         self.max_deliveries = max_deliveries
         self.canvas = CanvasHooks(app)
         self.limits = LimitGate(app, self)
+        self.replay = (
+            ReplayGuard.for_keyring(app.broker, app.keyring) if app.keyring is not None else None
+        )
         self.counts: dict[str, int] = {
             "succeeded": 0,
             "failed": 0,
@@ -66,12 +71,19 @@ class Settler:
                     "result write for %s failed (%s)",
                     env.id,
                     exc,
-                    extra={"event": "result-write-failed", "task_id": env.id},
+                    extra={"event": "result-write-failed", **self.fields(env)},
                 )
                 if attempt + 1 < attempts:
                     time.sleep(delay)
                     delay *= 2
         return False
+
+    def fields(self, env: Envelope) -> dict[str, Any]:
+        """Structured log fields for a task (argument values only if the task opts in)."""
+        task = self.app.tasks.get(env.task)
+        return task_log_fields(
+            env, worker=self.worker_name, log_args=bool(task and task.options.log_args)
+        )
 
     def progress(self, job: Job, data: dict[str, Any]) -> None:
         self.store(job.envelope, states.STARTED, progress=data, attempts=1)
@@ -96,6 +108,20 @@ class Settler:
             "nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s, body=body)
         )
 
+    def consume_nonce(self, env: Envelope) -> None:
+        """Mark a signed message as settled, so a copy of it can never run again."""
+        if self.replay is None or env.signature is None:
+            return
+        try:
+            self.replay.consume(env)
+        except BrokerError as exc:
+            log.warning(
+                "could not record nonce of %s: %s",
+                env.id,
+                exc,
+                extra={"event": "nonce-record-failed", "task_id": env.id},
+            )
+
     def finished(self, job: Job, *, final: bool) -> None:
         """Release what a run held: its concurrency slot; its unique key once final."""
         self.limits.finished(job.task, job.envelope)
@@ -117,8 +143,11 @@ class Settler:
             extra={
                 "event": "task-dead-lettered",
                 "reason": reason,
-                "task_id": env.id if env else delivery.message_id,
-                "queue": delivery.queue,
+                **(
+                    self.fields(env)
+                    if env
+                    else {"task_id": delivery.message_id, "queue": delivery.queue}
+                ),
             },
         )
         signals.task_rejected.send(delivery=delivery, reason=reason, detail=detail, envelope=env)
@@ -132,13 +161,15 @@ class Settler:
         except BrokerError as exc:
             log.warning("lease renewal failed: %s", exc, extra={"event": "lease-renew-failed"})
             return
+        signals.lease_renewed.send(count=sum(1 for ok in held if ok))
         for job, ok in zip(jobs, held, strict=True):
             if not ok and not job.settled:
                 log.warning(
                     "lease of task %s was lost; it may run twice",
                     job.envelope.id,
-                    extra={"event": "lease-lost", "task_id": job.envelope.id},
+                    extra={"event": "lease-lost", **self.fields(job.envelope)},
                 )
+                signals.lease_lost.send(envelope=job.envelope)
 
     def hand_back(self, jobs: Sequence[Job]) -> int:
         """Give unfinished jobs back to the broker (shutdown)."""
@@ -154,13 +185,17 @@ class Settler:
     def revoked(self, env: Envelope, delivery: Delivery) -> None:
         self.store(env, states.REVOKED, error=ErrorInfo("TaskRevoked", "the task was revoked"))
         signals.task_revoked.send(envelope=env)
-        log.info("task %s revoked", env.id, extra={"event": "task-revoked", "task_id": env.id})
+        log.info("task %s revoked", env.id, extra={"event": "task-revoked", **self.fields(env)})
+        self.consume_nonce(env)
         self.ack(delivery)
 
     def settle(self, job: Job, outcome: Outcome) -> None:
         env, delivery = job.envelope, job.delivery
         if job.revoked:
             self.revoked(env, delivery)
+            signals.task_postrun.send(
+                envelope=env, state=states.REVOKED, runtime_s=outcome.runtime_s
+            )
             self.finished(job, final=True)
             return
         if outcome.status == "success":
@@ -176,13 +211,16 @@ class Settler:
                     "follow-up of task %s not published (%s); it will run again",
                     env.id,
                     exc,
-                    extra={"event": "canvas-publish-failed"},
+                    extra={"event": "canvas-publish-failed", **self.fields(env)},
                 )
                 self.release(delivery, delay_s=1.0)
                 return
             self.counts["succeeded"] += 1
             signals.task_success.send(envelope=env, result=outcome.value)
-            signals.task_postrun.send(envelope=env, state=states.SUCCESS)
+            signals.task_postrun.send(
+                envelope=env, state=states.SUCCESS, runtime_s=outcome.runtime_s
+            )
+            self.consume_nonce(env)
             self.ack(delivery)
             self.finished(job, final=True)
             return
@@ -204,7 +242,7 @@ class Settler:
                 "failure follow-up of task %s not done (%s); it will run again",
                 env.id,
                 exc,
-                extra={"event": "canvas-publish-failed"},
+                extra={"event": "canvas-publish-failed", **self.fields(env)},
             )
             self.release(job.delivery, delay_s=1.0)
             return
@@ -215,10 +253,11 @@ class Settler:
             env.task,
             error.type,
             error.message,
-            extra={"event": "task-failed", "task": env.task, "task_id": env.id},
+            extra={"event": "task-failed", **self.fields(env)},
         )
         signals.task_failure.send(envelope=env, error=error)
-        signals.task_postrun.send(envelope=env, state=states.FAILURE)
+        signals.task_postrun.send(envelope=env, state=states.FAILURE, runtime_s=outcome.runtime_s)
+        self.consume_nonce(env)
         if reason:
             self.dead_letter(job.delivery, reason, f"{error.type}: {error.message}", env)
         else:
@@ -259,7 +298,12 @@ class Settler:
                 reason="retry-needs-signing-key",
             )
             return
-        retried = env.replace(attempt=env.attempt + 1, signature=None, not_before_ms=None)
+        # not_before is signed too, so the replay window counts from when the retry is due.
+        retried = env.replace(
+            attempt=env.attempt + 1,
+            signature=None,
+            not_before_ms=now_ms() + int(decision.delay_s * 1000),
+        )
         try:
             body = self.app.seal(retried)
         except StemError as exc:
@@ -268,14 +312,16 @@ class Settler:
         self.store(env, states.RETRY, error=outcome.error, attempts=1)
         self.counts["retried"] += 1
         signals.task_retry.send(envelope=env, delay_s=decision.delay_s, error=outcome.error)
+        signals.task_postrun.send(envelope=env, state=states.RETRY, runtime_s=outcome.runtime_s)
         log.info(
             "task %s (%s) retry %d in %.2fs",
             env.id,
             env.task,
             env.attempt + 1,
             decision.delay_s,
-            extra={"event": "task-retried", "task_id": env.id},
+            extra={"event": "task-retried", **self.fields(env)},
         )
+        self.consume_nonce(env)
         self.nack(job.delivery, delay_s=decision.delay_s, body=body)
         self.finished(job, final=False)
 
@@ -302,11 +348,23 @@ class Admission:
             self.settler.dead_letter(delivery, "malformed", str(exc))
             return None
         keyring = self.app.keyring
-        if keyring is not None and keyring.required:
+        # With keys configured, a signed message is always verified; an unsigned one passes
+        # only while signing is not required (a rollout).
+        if keyring is not None and (keyring.required or env.signature is not None):
             try:
                 keyring.verify(env)
+                if self.settler.replay is not None:
+                    self.settler.replay.check(env)
             except SignatureError as exc:
                 self.settler.dead_letter(delivery, exc.reason, str(exc), env)
+                return None
+            except BrokerError as exc:
+                log.warning(
+                    "replay check unavailable, retrying later: %s",
+                    exc,
+                    extra={"event": "replay-check-failed"},
+                )
+                self.settler.release(delivery, delay_s=1.0)
                 return None
         return env
 
@@ -341,6 +399,7 @@ class Admission:
                 ),
                 attempts=1,
             )
+            self.settler.consume_nonce(env)
             self.settler.dead_letter(delivery, "unknown-task", env.task, env)
             return None
         if self.is_revoked(env.id):
@@ -348,6 +407,7 @@ class Admission:
             return None
         if env.is_expired():
             self.settler.counts["expired"] += 1
+            signals.task_expired.send(envelope=env)
             self.settler.store(
                 env,
                 states.EXPIRED,
@@ -360,7 +420,7 @@ class Admission:
             return None
         if not self.settler.limits.admit(task, env, delivery):
             return None
-        signals.task_received.send(envelope=env)
+        signals.task_received.send(envelope=env, delivery=delivery)
         job = Job(delivery=delivery, envelope=env, task=task)
         set_limits(job)
         if task.options.track_started:

@@ -1,0 +1,103 @@
+"""Replay protection: each signed message's nonce runs to completion once.
+
+The nonce of a verified message is recorded in the broker's claim store under
+``nonce:{key_id}:{nonce}`` when a worker *settles* the delivery (success, failure, retry
+re-publish, dead letter), not when it starts running it. So:
+
+* a message redelivered because its worker crashed (lease lapsed, nothing settled) still runs
+  -- delivery stays at-least-once;
+* a copy re-injected into the broker after the original settled is rejected with
+  ``signature-replayed``;
+* two copies in flight at the same moment may both run (the guard is not a lock; tasks are
+  idempotent under at-least-once anyway).
+
+A nonce is remembered for as long as its message could still pass verification: until
+``max(issued_at, not_before) + replay window`` plus the clock skew allowance and a margin.
+Older copies are refused by :meth:`Keyring.verify` as ``signature-expired`` instead.
+
+Call :meth:`ReplayGuard.check` only after :meth:`Keyring.verify` succeeded: the key id and
+nonce are only trustworthy (and bounded in size) once the signature covering them is checked.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from stem import envelope as codec
+from stem.envelope import Envelope, SignatureBlock
+from stem.errors import SignatureError
+from stem.security.signing import DEFAULT_CLOCK_SKEW_S, Keyring
+
+DEFAULT_MARGIN_S = 60.0
+
+
+class ClaimStore(Protocol):
+    """The part of :class:`~stem.brokers.base.Broker` the guard uses."""
+
+    def claim(self, key: str, value: str, ttl_s: float) -> str: ...
+
+    def peek(self, key: str) -> str | None: ...
+
+
+def _block(item: Envelope | SignatureBlock) -> SignatureBlock | None:
+    return item.signature if isinstance(item, Envelope) else item
+
+
+class ReplayGuard:
+    """Rejects signed messages whose nonce was already consumed (see module docstring)."""
+
+    def __init__(
+        self,
+        broker: ClaimStore,
+        window_s: float,
+        *,
+        clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
+        margin_s: float = DEFAULT_MARGIN_S,
+    ) -> None:
+        self.broker = broker
+        self.window_s = window_s
+        self.clock_skew_s = clock_skew_s
+        self.margin_s = margin_s
+
+    @classmethod
+    def for_keyring(cls, broker: ClaimStore, keyring: Keyring) -> ReplayGuard:
+        return cls(broker, keyring.replay_window_s, clock_skew_s=keyring.clock_skew_s)
+
+    @staticmethod
+    def key(block: SignatureBlock) -> str:
+        return f"nonce:{block.key_id}:{block.nonce}"
+
+    def check(self, item: Envelope | SignatureBlock) -> None:
+        """Raise ``SignatureError("signature-replayed")`` if this nonce was consumed.
+        Unsigned messages pass (whether they may run is the keyring's decision)."""
+        block = _block(item)
+        if block is None:
+            return
+        holder = self.broker.peek(self.key(block))
+        if holder is not None:
+            raise SignatureError(
+                "signature-replayed",
+                f"replayed: the nonce of key {block.key_id!r} was already used "
+                f"by message {holder[:64]!r}",
+            )
+
+    def ttl_s(self, item: Envelope | SignatureBlock, *, now_ms: int | None = None) -> float:
+        """How long the nonce must be remembered from now."""
+        block = _block(item)
+        if block is None:
+            return 0.0
+        not_before = item.not_before_ms if isinstance(item, Envelope) else None
+        now = codec.now_ms() if now_ms is None else now_ms
+        valid_until_ms = max(block.issued_at_ms, not_before or 0) + self.window_s * 1000
+        remaining_s = max(self.window_s, (valid_until_ms - now) / 1000)
+        return remaining_s + self.clock_skew_s + self.margin_s
+
+    def consume(self, item: Envelope | SignatureBlock, *, now_ms: int | None = None) -> bool:
+        """Record the nonce as used. True if it is now held for this message id (also when
+        it already was), False if another message holds it. Unsigned messages: False."""
+        block = _block(item)
+        if block is None:
+            return False
+        value = item.id if isinstance(item, Envelope) else "control"
+        held = self.broker.claim(self.key(block), value, self.ttl_s(item, now_ms=now_ms))
+        return held == value

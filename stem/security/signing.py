@@ -1,0 +1,600 @@
+"""Message signing: HMAC-SHA256 and Ed25519 behind one immutable :class:`Keyring`.
+
+An envelope signature covers :func:`stem.envelope.signing_bytes` -- every envelope field
+(routing, ETA, expiry, retries, headers, ids) plus the signature block less its value, so the
+algorithm, key id, issue time and nonce cannot be swapped either. Values are base64url without
+padding, and only the canonical encoding is accepted (no second spelling of one signature).
+
+Byte payloads (result records, control messages) are signed with the same keys over a
+different, domain-separated input, so no envelope signature is ever a valid byte signature or
+the other way round; a ``context`` string ("result", "control", ...) separates purposes too::
+
+    b"stem-bytes-v1\\n" + canonical_json({algorithm, key_id, issued_at_ms, nonce, context})
+    + b"\\n" + payload
+
+The sealed form (:meth:`Keyring.seal`) carries the block in front of the payload::
+
+    b"stem-sealed-v1\\n" + canonical_json({algorithm, key_id, issued_at_ms, nonce, value})
+    + b"\\n" + payload
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hmac
+import math
+import re
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from hashlib import sha256
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from stem import envelope as codec
+from stem.envelope import Envelope, SignatureBlock
+from stem.errors import ConfigError, DecodeError, EncodeError, SignatureError
+from stem.security.keys import (
+    ALGORITHMS,
+    ED25519,
+    HMAC_SHA256,
+    KeyMaterial,
+    Kind,
+    b64url,
+    check_algorithm,
+    check_kid,
+    parse_key_entries,
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_CLOCK_SKEW_S",
+    "DEFAULT_REPLAY_WINDOW_S",
+    "ED25519",
+    "ENV_NAMES",
+    "HMAC_SHA256",
+    "Keyring",
+    "Signer",
+    "Verifier",
+]
+
+DEFAULT_REPLAY_WINDOW_S = 3600.0
+DEFAULT_CLOCK_SKEW_S = 60.0
+NONCE_BYTES = 16
+_NONCE_MAX = 128
+_SIG_LEN = {HMAC_SHA256: 32, ED25519: 64}
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_BYTES_MAGIC = b"stem-bytes-v1\n"
+_SEALED_MAGIC = b"stem-sealed-v1\n"
+_BLOCK_FIELDS = frozenset(f.name for f in dataclasses.fields(SignatureBlock))
+
+# Environment variable names read by Keyring.from_env (also used in its error messages).
+ENV_NAMES: Mapping[str, str] = MappingProxyType(
+    {
+        "algorithm": "STEM_SIGNING_ALGORITHM",
+        "keys": "STEM_SIGNING_KEYS",
+        "active_key": "STEM_SIGNING_ACTIVE_KEY",
+        "public_keys": "STEM_SIGNING_PUBLIC_KEYS",
+        "required": "STEM_SIGNING_REQUIRED",
+        "replay_window_s": "STEM_SIGNING_REPLAY_WINDOW_S",
+        "results_required": "STEM_SIGNING_RESULTS_REQUIRED",
+    }
+)
+_SETTING_NAMES: Mapping[str, str] = MappingProxyType(
+    {name: f"signing.{name}" for name in ENV_NAMES}
+)
+
+
+class Signer(Protocol):
+    """Produces raw signatures with one private key or secret."""
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+class Verifier(Protocol):
+    """Checks raw signatures for one key id. Never raises on a bad signature."""
+
+    def verify(self, data: bytes, signature: bytes) -> bool: ...
+
+
+class _HmacKey:
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        return "<HMAC-SHA256 key>"
+
+    def sign(self, data: bytes) -> bytes:
+        return hmac.new(self._secret, data, sha256).digest()
+
+    def verify(self, data: bytes, signature: bytes) -> bool:
+        return hmac.compare_digest(self.sign(data), signature)
+
+
+class _Ed25519Signer:
+    __slots__ = ("_key",)
+
+    def __init__(self, seed: bytes) -> None:
+        self._key = Ed25519PrivateKey.from_private_bytes(seed)
+
+    def __repr__(self) -> str:
+        return "<Ed25519 private key>"
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+
+class _Ed25519Verifier:
+    __slots__ = ("_key",)
+
+    def __init__(self, public: bytes) -> None:
+        self._key = Ed25519PublicKey.from_public_bytes(public)
+
+    def __repr__(self) -> str:
+        return "<Ed25519 public key>"
+
+    def verify(self, data: bytes, signature: bytes) -> bool:
+        try:
+            self._key.verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
+
+
+def _decode_value(value: str, algorithm: str) -> bytes | None:
+    """The raw signature, or None unless ``value`` is its one canonical base64url form."""
+    if not _B64URL_RE.fullmatch(value):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if len(raw) != _SIG_LEN[algorithm] or b64url(raw) != value:
+        return None
+    return raw
+
+
+def _short(text: str) -> str:
+    """A message-supplied string made safe to show in an error (bounded, repr-quoted)."""
+    return repr(text[:64] + ("..." if len(text) > 64 else ""))
+
+
+def _bytes_input(block: SignatureBlock, context: str, payload: bytes) -> bytes:
+    head = {
+        "algorithm": block.algorithm,
+        "key_id": block.key_id,
+        "issued_at_ms": block.issued_at_ms,
+        "nonce": block.nonce,
+        "context": context,
+    }
+    return _BYTES_MAGIC + codec.dumps(head) + b"\n" + payload
+
+
+def _block_from_dict(block: Any) -> SignatureBlock:
+    if block is None:
+        raise SignatureError("signature-missing", "the payload is not signed")
+    if (
+        not isinstance(block, Mapping)
+        or set(block) != _BLOCK_FIELDS
+        or type(block["issued_at_ms"]) is not int
+        or not all(isinstance(block[k], str) for k in ("algorithm", "key_id", "nonce", "value"))
+    ):
+        raise SignatureError("signature-invalid", "the signature block is malformed")
+    return SignatureBlock(**block)
+
+
+@dataclass(frozen=True, slots=True, eq=False, repr=False)
+class Keyring:
+    """The keys one process signs and verifies with. Immutable: rotation builds a new one.
+
+    ``verifiers`` maps every accepted key id to its verifier (HMAC secrets, or Ed25519 public
+    keys); ``signer`` signs as ``active_key_id`` (None on a verify-only keyring). ``required``
+    says whether unsigned messages are refused. ``results_required`` says whether unsigned
+    result records are refused (default: ``required`` for HMAC, where every worker holds a
+    secret and can sign; False for Ed25519, where workers usually hold only public keys).
+    """
+
+    algorithm: str
+    verifiers: Mapping[str, Verifier]
+    signer: Signer | None = None
+    active_key_id: str | None = None
+    required: bool = True
+    replay_window_s: float = DEFAULT_REPLAY_WINDOW_S
+    clock_skew_s: float = DEFAULT_CLOCK_SKEW_S
+    results_required: bool = False
+
+    def __post_init__(self) -> None:
+        check_algorithm(self.algorithm, "signing")
+        if (self.signer is None) != (self.active_key_id is None):
+            raise ConfigError("a keyring needs both a signer and its active key id, or neither")
+        if self.active_key_id is not None and self.active_key_id not in self.verifiers:
+            raise ConfigError(f"active key {self.active_key_id!r} is not among the keyring's keys")
+        for name in ("replay_window_s", "clock_skew_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"signing {name} must be a positive number of seconds")
+        object.__setattr__(self, "verifiers", MappingProxyType(dict(self.verifiers)))
+
+    def __repr__(self) -> str:
+        return (
+            f"Keyring(algorithm={self.algorithm!r}, key_ids={list(self.key_ids)!r}, "
+            f"active_key_id={self.active_key_id!r}, required={self.required}, "
+            f"replay_window_s={self.replay_window_s})"
+        )
+
+    # -- construction --------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        algorithm: str,
+        keys: Mapping[str, bytes],
+        *,
+        public_keys: Mapping[str, bytes] | None = None,
+        active_key: str | None = None,
+        required: bool = True,
+        replay_window_s: float = DEFAULT_REPLAY_WINDOW_S,
+        clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
+        results_required: bool | None = None,
+    ) -> Keyring:
+        """A keyring from raw key bytes: ``keys`` are HMAC secrets or 32-byte Ed25519 private
+        seeds by key id, ``public_keys`` raw Ed25519 public keys (verify only)."""
+        check_algorithm(algorithm, "signing")
+        kind: Kind = "secret" if algorithm == HMAC_SHA256 else "private"
+        materials = [KeyMaterial(k, algorithm, kind, v, "build") for k, v in keys.items()]
+        materials += [
+            KeyMaterial(k, algorithm, "public", v, "build") for k, v in (public_keys or {}).items()
+        ]
+        return cls._from_materials(
+            algorithm,
+            materials,
+            active_key=active_key,
+            required=required,
+            replay_window_s=replay_window_s,
+            clock_skew_s=clock_skew_s,
+            results_required=results_required,
+            names=_SETTING_NAMES,
+        )
+
+    @classmethod
+    def from_settings(
+        cls,
+        algorithm: str | None = None,
+        keys: Sequence[str] = (),
+        active_key: str | None = None,
+        public_keys: Sequence[str] = (),
+        required: bool | None = None,
+        replay_window_s: float | None = None,
+        *,
+        results_required: bool | None = None,
+        clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
+        names: Mapping[str, str] | None = None,
+    ) -> Keyring | None:
+        """A keyring from configuration values, or None when no keys are configured.
+
+        ``keys`` / ``public_keys`` are key entries (``kid:base64``, key files, directories:
+        see :mod:`stem.security.keys`). ``required`` defaults to True once keys are set.
+        ``names`` maps these parameter names to the setting names used in error messages
+        (default ``signing.<name>``)."""
+        where = {**_SETTING_NAMES, **(names or {})}
+        alg = check_algorithm((algorithm or HMAC_SHA256).strip().lower(), where["algorithm"])
+        entries = [e for e in keys if e.strip()]
+        pub_entries = [e for e in public_keys if e.strip()]
+        if not entries and not pub_entries:
+            if required:
+                raise ConfigError(
+                    f"{where['required']} is true but no keys are configured: set "
+                    f"{where['keys']} (or {where['public_keys']} on verify-only Ed25519 workers)"
+                )
+            if active_key:
+                raise ConfigError(f"{where['active_key']} is set but {where['keys']} is empty")
+            return None
+        materials = parse_key_entries(entries, algorithm=alg, public=False, where=where["keys"])
+        if pub_entries:
+            if alg != ED25519:
+                raise ConfigError(
+                    f"{where['public_keys']} is for ed25519 keys; the algorithm is {alg} "
+                    f"(HMAC secrets all go in {where['keys']})"
+                )
+            materials += parse_key_entries(
+                pub_entries, algorithm=alg, public=True, where=where["public_keys"]
+            )
+        return cls._from_materials(
+            alg,
+            materials,
+            active_key=active_key.strip() if active_key else None,
+            required=True if required is None else required,
+            replay_window_s=DEFAULT_REPLAY_WINDOW_S if replay_window_s is None else replay_window_s,
+            clock_skew_s=clock_skew_s,
+            results_required=results_required,
+            names=where,
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Keyring | None:
+        """A keyring from ``STEM_SIGNING_*`` variables (see :data:`ENV_NAMES`), or None."""
+
+        def get(name: str) -> str | None:
+            value = environ.get(ENV_NAMES[name], "").strip()
+            return value or None
+
+        def split(name: str) -> list[str]:
+            return [p.strip() for p in re.split(r"[,\n]", get(name) or "") if p.strip()]
+
+        window = get("replay_window_s")
+        window_s: float | None = None
+        if window is not None:
+            try:
+                window_s = float(window)
+            except ValueError:
+                raise ConfigError(
+                    f"{ENV_NAMES['replay_window_s']} must be a number of seconds, got {window!r}"
+                ) from None
+        return cls.from_settings(
+            algorithm=get("algorithm"),
+            keys=split("keys"),
+            active_key=get("active_key"),
+            public_keys=split("public_keys"),
+            required=_env_bool(get("required"), ENV_NAMES["required"]),
+            replay_window_s=window_s,
+            results_required=_env_bool(get("results_required"), ENV_NAMES["results_required"]),
+            names=ENV_NAMES,
+        )
+
+    @classmethod
+    def _from_materials(
+        cls,
+        algorithm: str,
+        materials: Sequence[KeyMaterial],
+        *,
+        active_key: str | None,
+        required: bool,
+        replay_window_s: float,
+        clock_skew_s: float,
+        results_required: bool | None,
+        names: Mapping[str, str],
+    ) -> Keyring:
+        verifiers: dict[str, Verifier] = {}
+        public_raw: dict[str, bytes] = {}
+        signing: dict[str, KeyMaterial] = {}
+        for m in materials:
+            check_kid(m.kid, names["keys"])
+            if algorithm == HMAC_SHA256:
+                if m.kid in signing:
+                    raise ConfigError(f"{names['keys']}: key id {m.kid!r} is given twice")
+                signing[m.kid] = m
+                verifiers[m.kid] = _HmacKey(m.raw)
+                continue
+            pub = m.public_raw()
+            if m.kind == "private":
+                if m.kid in signing:
+                    raise ConfigError(f"{names['keys']}: key id {m.kid!r} is given twice")
+                signing[m.kid] = m
+            if m.kid in public_raw and not hmac.compare_digest(public_raw[m.kid], pub):
+                raise ConfigError(f"key id {m.kid!r} is given twice with different keys")
+            public_raw[m.kid] = pub
+        for kid, raw in public_raw.items():
+            try:
+                verifiers[kid] = _Ed25519Verifier(raw)
+            except ValueError:
+                raise ConfigError(f"key {kid!r} is not a valid Ed25519 public key") from None
+        if active_key is None and len(signing) == 1:
+            active_key = next(iter(signing))
+        signer: Signer | None = None
+        if active_key is not None:
+            if active_key not in signing:
+                known = ", ".join(sorted(signing)) or "none"
+                raise ConfigError(
+                    f"{names['active_key']} {active_key[:64]!r} is not among the signing keys "
+                    f"in {names['keys']} ({known})"
+                )
+            m = signing[active_key]
+            signer = _HmacKey(m.raw) if algorithm == HMAC_SHA256 else _Ed25519Signer(m.raw)
+        elif signing:
+            raise ConfigError(
+                f"{names['keys']} holds {len(signing)} signing keys "
+                f"({', '.join(sorted(signing))}): set {names['active_key']} to the one to sign with"
+            )
+        if results_required is None:
+            results_required = required and algorithm == HMAC_SHA256
+        return cls(
+            algorithm=algorithm,
+            verifiers=verifiers,
+            signer=signer,
+            active_key_id=active_key if signer is not None else None,
+            required=required,
+            replay_window_s=replay_window_s,
+            clock_skew_s=clock_skew_s,
+            results_required=results_required,
+        )
+
+    def retire(self, *kids: str) -> Keyring:
+        """A copy that no longer accepts ``kids`` (the active key cannot be retired)."""
+        if self.active_key_id in kids:
+            raise ConfigError(f"cannot retire the active key {self.active_key_id!r}")
+        kept = {k: v for k, v in self.verifiers.items() if k not in kids}
+        return dataclasses.replace(self, verifiers=kept)
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def can_sign(self) -> bool:
+        return self.signer is not None
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return tuple(sorted(self.verifiers))
+
+    def _signer(self) -> tuple[Signer, str]:
+        if self.signer is None or self.active_key_id is None:
+            raise ConfigError(
+                "this keyring holds no signing key (verify-only): set STEM_SIGNING_KEYS and "
+                "STEM_SIGNING_ACTIVE_KEY where messages must be signed"
+            )
+        return self.signer, self.active_key_id
+
+    def _new_block(self, now_ms: int | None) -> SignatureBlock:
+        _, kid = self._signer()
+        issued = codec.now_ms() if now_ms is None else now_ms
+        return SignatureBlock(self.algorithm, kid, issued, secrets.token_urlsafe(NONCE_BYTES), "")
+
+    # -- envelopes -----------------------------------------------------------------------
+
+    def sign(self, env: Envelope, *, now_ms: int | None = None) -> Envelope:
+        """The envelope with a fresh signature block (new nonce, issued now)."""
+        signer, _ = self._signer()
+        unsigned = env.replace(signature=self._new_block(now_ms))
+        assert unsigned.signature is not None
+        value = b64url(signer.sign(codec.signing_bytes(unsigned)))
+        return unsigned.replace(signature=dataclasses.replace(unsigned.signature, value=value))
+
+    def verify(self, env: Envelope, *, now_ms: int | None = None) -> None:
+        """Return if the envelope is signed by a key of this keyring and fresh; otherwise
+        raise :class:`SignatureError` with reason ``signature-missing``, ``-invalid``,
+        ``-unknown-key`` or ``-expired``. Replays are :class:`ReplayGuard`'s job."""
+        sig = env.signature
+        if sig is None:
+            raise SignatureError("signature-missing", "the message is not signed")
+        try:
+            data = codec.signing_bytes(env)
+        except (EncodeError, DecodeError):
+            raise SignatureError("signature-invalid", "the message cannot be re-encoded") from None
+        self._check(
+            sig,
+            data,
+            now_ms=now_ms,
+            max_age_s=self.replay_window_s,
+            not_before_ms=env.not_before_ms,
+        )
+
+    def _check(
+        self,
+        sig: SignatureBlock,
+        data: bytes,
+        *,
+        now_ms: int | None,
+        max_age_s: float | None,
+        not_before_ms: int | None = None,
+    ) -> None:
+        if sig.algorithm != self.algorithm:
+            raise SignatureError(
+                "signature-invalid",
+                f"signed with {_short(sig.algorithm)}; this keyring accepts {self.algorithm}",
+            )
+        verifier = self.verifiers.get(sig.key_id)
+        if verifier is None:
+            raise SignatureError(
+                "signature-unknown-key",
+                f"key id {_short(sig.key_id)} is not in this keyring "
+                f"(known: {', '.join(self.key_ids)})",
+            )
+        if not 0 < len(sig.nonce) <= _NONCE_MAX:
+            raise SignatureError("signature-invalid", "the signature nonce is malformed")
+        raw = _decode_value(sig.value, self.algorithm)
+        if raw is None or not verifier.verify(data, raw):
+            raise SignatureError(
+                "signature-invalid", f"signature by key {sig.key_id!r} does not match"
+            )
+        now = codec.now_ms() if now_ms is None else now_ms
+        skew_ms = self.clock_skew_s * 1000
+        if sig.issued_at_ms - now > skew_ms:
+            raise SignatureError(
+                "signature-expired",
+                f"signed {(sig.issued_at_ms - now) / 1000:.0f}s in the future "
+                f"(clock skew allowance {self.clock_skew_s:g}s)",
+            )
+        if max_age_s is not None:
+            age_ms = now - max(sig.issued_at_ms, not_before_ms or 0)
+            if age_ms > max_age_s * 1000:
+                raise SignatureError(
+                    "signature-expired",
+                    f"signed {age_ms / 1000:.0f}s ago, outside the {max_age_s:g}s replay window",
+                )
+
+    # -- byte payloads (results, control messages) ----------------------------------------
+
+    def sign_bytes(
+        self, payload: bytes, *, context: str = "", now_ms: int | None = None
+    ) -> dict[str, Any]:
+        """A signature block (as a JSON-ready dict) over ``payload`` for ``context``."""
+        signer, _ = self._signer()
+        block = self._new_block(now_ms)
+        value = b64url(signer.sign(_bytes_input(block, context, payload)))
+        return dataclasses.asdict(dataclasses.replace(block, value=value))
+
+    def verify_bytes(
+        self,
+        payload: bytes,
+        block: Mapping[str, Any] | None,
+        *,
+        context: str = "",
+        max_age_s: float | None = None,
+        now_ms: int | None = None,
+    ) -> None:
+        """Check a :meth:`sign_bytes` block. Age is only checked when ``max_age_s`` is given
+        (results outlive the replay window; control messages should pass it)."""
+        sig = _block_from_dict(block)
+        self._check(sig, _bytes_input(sig, context, payload), now_ms=now_ms, max_age_s=max_age_s)
+
+    def seal(self, payload: bytes, *, context: str = "", now_ms: int | None = None) -> bytes:
+        """``payload`` with its signature block in front (see the module docstring)."""
+        block = self.sign_bytes(payload, context=context, now_ms=now_ms)
+        return _SEALED_MAGIC + codec.dumps(block) + b"\n" + payload
+
+    def unseal(
+        self,
+        data: bytes,
+        *,
+        context: str = "",
+        required: bool = True,
+        max_age_s: float | None = None,
+        now_ms: int | None = None,
+    ) -> bytes:
+        """The payload of a sealed message after verifying it. Data that is not sealed is
+        returned as is unless ``required`` (then ``signature-missing``)."""
+        if not data.startswith(_SEALED_MAGIC):
+            if required:
+                raise SignatureError("signature-missing", "the record is not signed")
+            return data
+        head, sep, payload = data[len(_SEALED_MAGIC) :].partition(b"\n")
+        if not sep:
+            raise SignatureError("signature-invalid", "the sealed record is truncated")
+        try:
+            block = codec.loads(head)
+        except DecodeError:
+            raise SignatureError("signature-invalid", "the signature block is malformed") from None
+        self.verify_bytes(payload, block, context=context, max_age_s=max_age_s, now_ms=now_ms)
+        return payload
+
+    def record_sealers(
+        self,
+    ) -> tuple[Callable[[bytes], bytes] | None, Callable[[bytes], bytes]]:
+        """(seal, unseal) for result records (context ``"result"``). ``seal`` is None on a
+        verify-only keyring (its records are written unsigned); ``unseal`` refuses unsigned
+        records when ``results_required``."""
+
+        def seal(data: bytes) -> bytes:
+            return self.seal(data, context="result")
+
+        def unseal(data: bytes) -> bytes:
+            return self.unseal(data, context="result", required=self.results_required)
+
+        return (seal if self.can_sign else None), unseal
+
+
+def _env_bool(value: str | None, name: str) -> bool | None:
+    if value is None:
+        return None
+    lowered = value.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value[:20]!r}")
