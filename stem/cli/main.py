@@ -7,8 +7,18 @@ from typing import Annotated
 
 import typer
 
-from stem.cli import control_cmd, db_cmd, dlq_cmd, task_cmds, worker_cmd
+from stem.cli import (
+    config_cmd,
+    control_cmd,
+    db_cmd,
+    dlq_cmd,
+    observe_cmd,
+    security_cmd,
+    task_cmds,
+    worker_cmd,
+)
 from stem.cli.context import CLIState, exit_code_for
+from stem.cli.settings_bridge import typed_flags
 from stem.errors import StemError
 from stem.observability.logs import setup_logging
 from stem.observability.redact import redact_text
@@ -61,8 +71,22 @@ def _global(
     ] = "text",
 ) -> None:
     setup_logging(log_level, log_format)
+    typed = typed_flags(
+        ctx,
+        {
+            "broker": "broker.url",
+            "backend": "backend.url",
+            "log_level": "logging.level",
+            "log_format": "logging.format",
+        },
+    )
     ctx.obj = CLIState(
-        app_spec=app_spec, profile=profile, config_file=config_file, broker=broker, backend=backend
+        app_spec=app_spec,
+        profile=profile,
+        config_file=config_file,
+        broker=broker,
+        backend=backend,
+        overrides=typed,
     )
 
 
@@ -70,8 +94,13 @@ app.command("worker")(worker_cmd.worker)
 app.command("enqueue")(task_cmds.enqueue)
 app.command("result")(task_cmds.result)
 app.command("queues")(task_cmds.queues)
+app.command("events")(observe_cmd.events)
+app.command("workers")(observe_cmd.workers)
 app.add_typer(dlq_cmd.app, name="dlq")
 app.add_typer(control_cmd.app, name="control")
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(security_cmd.keys_app, name="keys")
+app.add_typer(security_cmd.certs_app, name="certs")
 app.add_typer(db_cmd.app, name="db")
 # -- sub-apps of other roles register below ----------------------------------------------
 

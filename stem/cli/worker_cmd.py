@@ -101,28 +101,89 @@ def worker(
             "--heartbeat", envvar="STEM_WORKER_HEARTBEAT_S", help="Heartbeat interval seconds."
         ),
     ] = 5.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            envvar="STEM_METRICS_PORT",
+            help="Serve Prometheus metrics on this port (off by default).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            "--metrics-host", envvar="STEM_METRICS_HOST", help="Address for the metrics port."
+        ),
+    ] = "127.0.0.1",
+    events: Annotated[
+        bool,
+        typer.Option(
+            "--events/--no-events",
+            envvar="STEM_WORKER_EVENTS",
+            help="Publish task and worker events for `stem events`.",
+        ),
+    ] = False,
 ) -> None:
-    """Run a worker until SIGTERM/SIGINT (a second signal stops at once)."""
+    """Run a worker until SIGTERM/SIGINT (a second signal stops at once).
+
+    Options given here override the configuration files and STEM_WORKER_* variables."""
     import os
 
+    from stem.cli.context import state
+    from stem.cli.settings_bridge import typed_flags
     from stem.worker.consumer import Worker, WorkerConfig
 
+    state(ctx).overrides.update(typed_flags(ctx, _FLAGS))
+    if metrics_port is not None:
+        state(ctx).overrides["metrics.enabled"] = True
     app = load_app(ctx, need_spec=True, gates=True)
+    settings = state(ctx).settings
+    w = settings.worker
+    if settings.provenance("worker.concurrency").layer == "default":
+        slots = os.cpu_count() or 2
+    else:
+        slots = w.concurrency
     cfg = WorkerConfig(
-        queues=_split(queues),
-        pool=pool,
-        concurrency=concurrency or os.cpu_count() or 2,
-        lease_s=lease_s,
-        max_deliveries=max_deliveries,
-        shutdown_budget_s=shutdown_budget_s,
-        time_limit_s=time_limit_s,
-        soft_time_limit_s=soft_time_limit_s,
-        node_name=node_name,
-        heartbeat_s=heartbeat_s,
-        autoscale=_autoscale(autoscale),
+        queues=tuple(w.queues),
+        pool=w.pool,
+        concurrency=slots,
+        lease_s=w.lease_s,
+        max_deliveries=w.max_deliveries,
+        shutdown_budget_s=w.shutdown_budget_s,
+        time_limit_s=w.time_limit_s,
+        soft_time_limit_s=w.soft_time_limit_s,
+        node_name=w.node_name,
+        heartbeat_s=w.heartbeat_s,
+        autoscale=_autoscale(w.autoscale),
     )
-    w = Worker(app, cfg)
+    worker_ = Worker(app, cfg)
+    if events:
+        from stem.observability.events import enable_events
+
+        enable_events(worker_)
+    metrics = settings.metrics
+    if metrics.enabled:
+        from stem.observability.metrics import attach_metrics
+
+        attach_metrics(worker_, metrics.port, metrics.host)
     try:
-        w.run()
+        worker_.run()
     finally:
         app.close()
+
+
+_FLAGS = {
+    "queues": "worker.queues",
+    "concurrency": "worker.concurrency",
+    "pool": "worker.pool",
+    "lease_s": "worker.lease_s",
+    "max_deliveries": "worker.max_deliveries",
+    "shutdown_budget_s": "worker.shutdown_budget_s",
+    "time_limit_s": "worker.time_limit_s",
+    "soft_time_limit_s": "worker.soft_time_limit_s",
+    "node_name": "worker.node_name",
+    "autoscale": "worker.autoscale",
+    "heartbeat_s": "worker.heartbeat_s",
+    "metrics_port": "metrics.port",
+    "metrics_host": "metrics.host",
+}

@@ -1,0 +1,239 @@
+"""``stem config show|check|gates``: redaction, provenance output, JSON and exit codes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from stem.cli import config_cmd
+from stem.cli.exitcodes import ExitCode
+from stem.config import gates as gates_mod
+
+KEY32 = base64.b64encode(b"S" * 32).decode()
+FILE_KEY = base64.b64encode(b"F" * 32).decode()
+SECRETS = {
+    "broker_pw": "brokerPW-1f3a",
+    "backend_pw": "backendPW-9c2d",
+    "query_pw": "queryPW-77aa",
+    "inline_key": KEY32,
+    "file_key": FILE_KEY,
+    "kwarg_pw": "kwargPW-5e5e",
+    "token": "tokenVAL-0b0b",
+}
+
+
+def make_root(obj: Any = None) -> typer.Typer:
+    root = typer.Typer()
+
+    @root.callback()
+    def _main(ctx: typer.Context) -> None:
+        ctx.obj = obj
+
+    root.add_typer(config_cmd.app, name="config")
+    return root
+
+
+@pytest.fixture
+def etc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in list(os.environ):
+        if name.startswith("STEM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("STEM_CONFIG_DIR", str(tmp_path / "etc"))
+    monkeypatch.setattr(gates_mod, "current_euid", lambda: 1000)
+    (tmp_path / "etc").mkdir()
+    return tmp_path / "etc"
+
+
+def run(args: list[str], obj: Any = None, env: dict[str, str] | None = None) -> Any:
+    return CliRunner().invoke(make_root(obj), ["config", *args], env=env)
+
+
+@pytest.fixture
+def secret_config(etc: Path) -> dict[str, str]:
+    """A production configuration holding every kind of secret Stem knows."""
+    url_file = etc / "broker-url"
+    url_file.write_text(f"rediss://:{SECRETS['broker_pw']}@redis.internal:6380/0\n")
+    keys_file = etc / "signing-keys"
+    keys_file.write_text(f"# rotation\nk2:{FILE_KEY}\n")
+    for p in (url_file, keys_file):
+        p.chmod(0o600)
+    (etc / "stem.production.yaml").write_text(
+        textwrap.dedent(f"""\
+        broker:
+          url_file: {url_file}
+        backend:
+          url: "postgresql://stem:{SECRETS["backend_pw"]}@db/stem?sslmode=verify-full&password={SECRETS["query_pw"]}"
+        signing:
+          keys_file: {keys_file}
+          active_key: k1
+        beat:
+          schedules:
+            sync:
+              task: crm.sync
+              every: 60
+              kwargs: {{password: {SECRETS["kwarg_pw"]}, api_token: {SECRETS["token"]}, n: 1}}
+        """)
+    )
+    return {"STEM_PROFILE": "production", "STEM_SIGNING_KEYS": f"k1:{KEY32}"}
+
+
+def assert_no_secrets(text: str) -> None:
+    for name, value in SECRETS.items():
+        assert value not in text, f"{name} leaked"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["show"],
+        ["show", "--explain"],
+        ["show", "--json"],
+        ["show", "--json", "--explain"],
+        ["check"],
+        ["check", "--json"],
+    ],
+)
+def test_no_secret_reaches_the_output(args: list[str], secret_config: dict[str, str]) -> None:
+    result = run(args, env=secret_config)
+    assert result.exit_code == 0, result.output
+    assert_no_secrets(result.output)
+    if args[0] == "show":
+        assert "k1:***" in result.output
+        assert "redis.internal" in result.output  # the rest of the URL is still shown
+
+
+def test_show_json_is_redacted_structured_data(secret_config: dict[str, str]) -> None:
+    result = run(["show", "--json", "--explain"], env=secret_config)
+    data = json.loads(result.output)
+    assert data["profile"] == "production"
+    settings = data["settings"]
+    assert settings["broker"]["url"] == "rediss://:***@redis.internal:6380/0"
+    assert settings["backend"]["url"].startswith("postgresql://stem:***@db/stem")
+    assert "password=***" in settings["backend"]["url"]
+    assert settings["signing"]["keys"] == ["k1:***"]
+    kwargs = settings["beat"]["schedules"]["sync"]["kwargs"]
+    assert kwargs == {"password": "***", "api_token": "***", "n": 1}
+    prov = data["provenance"]
+    assert prov["broker.url"]["layer"] == "profile"
+    assert prov["broker.url"]["line"] == 2
+    assert prov["broker.url"]["note"].startswith("read from ")
+    assert prov["signing.keys"] == {
+        "layer": "env",
+        "source": "STEM_SIGNING_KEYS",
+        "line": None,
+        "note": None,
+    }
+    assert prov["worker.pool"]["layer"] == "default"
+
+
+def test_show_explain_names_layer_and_line(secret_config: dict[str, str], etc: Path) -> None:
+    result = run(["show", "--explain"], env=secret_config)
+    lines = {line.split(" = ")[0]: line for line in result.output.splitlines()}
+    assert lines["signing.active_key"].endswith(f'"k1"  # profile {etc / "stem.production.yaml"}:7')
+    assert lines["signing.keys"].endswith("# environment variable STEM_SIGNING_KEYS")
+    assert lines["worker.lease_s"].endswith("# built-in default")
+    assert lines["beat.schedules.sync"].endswith("stem.production.yaml:10")
+
+
+def test_show_plain_is_yaml(etc: Path) -> None:
+    result = run(["show"])
+    assert result.exit_code == 0
+    assert "# profile: development" in result.output
+    assert "broker:\n  url: sqlite:///stem.db" in result.output
+
+
+def test_check_exit_codes(etc: Path, secret_config: dict[str, str]) -> None:
+    ok = run(["check"], env=secret_config)
+    assert ok.exit_code == 0, ok.output
+    assert "configuration accepted" in ok.output
+    bad = run(["check"], env={**secret_config, "STEM_BACKEND_RESULT_TTL_S": "null"})
+    assert bad.exit_code == int(ExitCode.CONFIG) == 78
+    assert "FAIL G008-result-expiry" in bad.output
+    assert "fix: set backend.result_ttl_s" in bad.output
+    # development: failing gates are warnings, unless --strict
+    dev = run(["check"])
+    assert dev.exit_code == 0
+    assert "warn G001-signing-off" in dev.output
+    assert run(["check", "--strict"]).exit_code == 78
+
+
+def test_check_json(etc: Path, secret_config: dict[str, str]) -> None:
+    result = run(["check", "--json"], env={**secret_config, "STEM_BROKER_URL": "memory://"})
+    assert result.exit_code == 78
+    data = json.loads(result.output)
+    assert data["ok"] is False
+    assert data["profile"] == "production"
+    by_id = {g["id"]: g for g in data["gates"]}
+    assert by_id["G005-memory-transport"]["ok"] is False
+    assert by_id["G005-memory-transport"]["severity"] == "error"
+    assert by_id["G001-signing-off"]["ok"] is True
+    passing = run(["check", "--json"], env=secret_config)
+    assert passing.exit_code == 0
+    assert json.loads(passing.output)["ok"] is True
+
+
+def test_invalid_configuration_exits_78_with_location(etc: Path) -> None:
+    (etc / "stem.yaml").write_text("worker:\n  concurency: 4\n")
+    for args in (["check"], ["show"]):
+        result = run(args)
+        assert result.exit_code == 78
+        assert "stem.yaml:2: worker.concurency: unknown key" in result.output
+        assert "did you mean 'concurrency'?" in result.output
+    result = run(["check", "--json"])
+    assert result.exit_code == 78
+    data = json.loads(result.output)
+    assert data["ok"] is False
+    assert data["errors"][0]["key"] == "worker.concurency"
+    assert data["errors"][0]["line"] == 2
+    assert data["errors"][0]["layer"] == "system"
+
+
+def test_gates_lists_ids_messages_and_hints(etc: Path) -> None:
+    result = run(["gates"])
+    assert result.exit_code == 0
+    for gate in gates_mod.list_gates():
+        assert gate.id in result.output and gate.hint in result.output
+    data = json.loads(run(["gates", "--json"]).output)
+    assert [g["id"] for g in data] == [g.id for g in gates_mod.list_gates()]
+
+
+def test_profile_and_config_options(etc: Path, tmp_path: Path) -> None:
+    (etc / "stem.production.yaml").write_text("metrics:\n  port: 9100\n")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("metrics:\n  host: 0.0.0.0\n")
+    data = json.loads(run(["show", "--json", "--profile", "production"]).output)
+    assert data["settings"]["metrics"]["port"] == 9100
+    data = json.loads(run(["show", "--json"], env={"STEM_PROFILE": "production"}).output)
+    assert data["settings"]["metrics"]["port"] == 9100
+    data = json.loads(run(["show", "--json", "--config", str(extra)]).output)
+    assert data["settings"]["metrics"]["host"] == "0.0.0.0"
+    data = json.loads(run(["show", "--json"], env={"STEM_CONFIG": str(extra)}).output)
+    assert data["files"] == [str(extra)]
+
+
+def test_options_from_the_main_cli_context(etc: Path, tmp_path: Path) -> None:
+    (etc / "stem.production.yaml").write_text("metrics:\n  port: 9100\n")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("metrics:\n  host: 0.0.0.0\n")
+    obj = {"profile": "production", "config_file": str(extra)}
+    data = json.loads(run(["show", "--json"], obj=obj).output)
+    assert (data["profile"], data["settings"]["metrics"]["port"]) == ("production", 9100)
+    assert data["settings"]["metrics"]["host"] == "0.0.0.0"
+    # the lead's CLIState: global --broker/--backend become command-line overrides
+    state = SimpleNamespace(
+        profile=None, config_file=None, broker="redis://:pw-cli@h/0", backend=None, overrides={}
+    )
+    result = run(["show", "--json", "--explain"], obj=state)
+    data = json.loads(result.output)
+    assert data["settings"]["broker"]["url"] == "redis://:***@h/0"
+    assert data["provenance"]["broker.url"]["source"] == "--broker"
+    assert "pw-cli" not in result.output
