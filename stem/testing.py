@@ -20,15 +20,16 @@ Fixtures:
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import pytest
 
 from stem.app import Stem
-from stem.worker.consumer import Worker, WorkerConfig, drain
+from stem.worker.consumer import drain
+from stem.worker.embedded import running_worker
+
+__all__ = ["EmbeddedWorker", "memory_app", "running_worker", "stem_app", "stem_worker"]
 
 
 class EmbeddedWorker:
@@ -48,25 +49,6 @@ class EmbeddedWorker:
     def drain(self, max_tasks: int = 10_000) -> int:
         """Run ready tasks until none is left; return how many ran."""
         return drain(self.app, self._queues(), max_tasks=max_tasks)
-
-
-@contextlib.contextmanager
-def running_worker(app: Stem, **config: Any) -> Iterator[Worker]:
-    """A real worker (thread pool by default) running in background threads of this
-    process for the duration of the ``with`` block; it drains and stops on exit."""
-    config.setdefault("pool", "thread")
-    config.setdefault("concurrency", 2)
-    config.setdefault("lease_s", 5.0)
-    config.setdefault("poll_wait_s", 0.1)
-    config.setdefault("shutdown_budget_s", 5.0)
-    config.setdefault("heartbeat_s", 0.5)
-    worker = Worker(app, WorkerConfig(**config))
-    worker.start()
-    try:
-        yield worker
-    finally:
-        worker.request_stop()
-        worker.shutdown()
 
 
 def memory_app(name: str = "test") -> Stem:

@@ -6,11 +6,36 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stem.observability.redact import redact_mapping, redact_text
 
+if TYPE_CHECKING:
+    from stem.envelope import Envelope
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def task_log_fields(
+    env: Envelope, *, worker: str | None = None, log_args: bool = False
+) -> dict[str, Any]:
+    """The standard ``extra`` of a log line about one task: ``task``, ``task_id``,
+    ``attempt``, ``queue`` and ``worker``. Argument values are left out (they may hold
+    personal data or secrets) unless the task opted in with ``log_args=True``; even then,
+    values under secret-looking keyword names are redacted. ``task_args``/``task_kwargs``,
+    since ``args`` is taken by :class:`logging.LogRecord`."""
+    fields: dict[str, Any] = {
+        "task": env.task,
+        "task_id": env.id,
+        "attempt": env.attempt,
+        "queue": env.queue,
+    }
+    if worker is not None:
+        fields["worker"] = worker
+    if log_args:
+        fields["task_args"] = redact_mapping(list(env.args))
+        fields["task_kwargs"] = redact_mapping(dict(env.kwargs))
+    return fields
 
 
 class JsonFormatter(logging.Formatter):

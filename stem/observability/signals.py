@@ -31,7 +31,8 @@ class Signal:
 
     def disconnect(self, receiver: Receiver) -> None:
         with self._lock:
-            self._receivers = tuple(r for r in self._receivers if r is not receiver)
+            # `!=`, not `is not`: a bound method is a new object at every attribute access.
+            self._receivers = tuple(r for r in self._receivers if r != receiver)
 
     @property
     def has_receivers(self) -> bool:
@@ -62,6 +63,9 @@ task_retry = Signal("task_retry")
 task_revoked = Signal("task_revoked")
 task_rejected = Signal("task_rejected")
 task_unknown = Signal("task_unknown")
+task_expired = Signal("task_expired")
+lease_renewed = Signal("lease_renewed")
+lease_lost = Signal("lease_lost")
 worker_init = Signal("worker_init")
 worker_ready = Signal("worker_ready")
 worker_shutting_down = Signal("worker_shutting_down")

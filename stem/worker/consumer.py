@@ -32,6 +32,7 @@ from stem.worker.settle import Admission, Settler
 
 if TYPE_CHECKING:
     from stem.app import Stem
+    from stem.observability.heartbeats import HeartbeatWriter
 
 log = logging.getLogger("stem.worker")
 
@@ -91,6 +92,7 @@ class Worker:
             self.config = replace(self.config, concurrency=self.config.autoscale[1])
         self.pool: Pool = self._make_pool()
         self._control: ControlServer | None = None
+        self._heartbeats: HeartbeatWriter | None = None
         self._idle_since = time.monotonic()
         self.last_consume_ms = 0  # last successful reserve (the broker answered)
         self.last_loop_ms = 0  # last turn of the consumer loop (also while slots are full)
@@ -121,8 +123,11 @@ class Worker:
 
     def start(self) -> None:
         """Start the pool and the worker's threads, and return."""
+        from stem.observability.heartbeats import attach_heartbeats
+
         signals.worker_init.send(worker=self)
         self.app.broker.ping()
+        self._heartbeats = attach_heartbeats(self)
         self._load_revoked()
         self.pool.start()
         if self.config.control:
@@ -244,7 +249,11 @@ class Worker:
         if self._control is not None:
             self._control.join(timeout=5)
         signals.worker_shutdown.send(worker=self)
-        log.info("worker %s stopped", self.name, extra={"event": "worker-stopped"})
+        if self._heartbeats is not None:
+            self._heartbeats.detach()
+        log.info(
+            "worker %s stopped", self.name, extra={"event": "worker-stopped", "worker": self.name}
+        )
 
     def free_slots(self) -> int:
         return max(0, self.pool.size - len(self.inflight))
