@@ -16,8 +16,9 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
-@app.task(name="demo.flaky", bind=True, max_retries=3, retry_backoff=0.2,
-          autoretry_for=(ConnectionError,))
+@app.task(
+    name="demo.flaky", bind=True, max_retries=3, retry_backoff=0.2, autoretry_for=(ConnectionError,)
+)
 def flaky(ctx, succeed_on_attempt: int) -> str:  # type: ignore[no-untyped-def]
     """Fails with ConnectionError until its attempt number reaches ``succeed_on_attempt``;
     the worker retries it from the broker with backoff."""

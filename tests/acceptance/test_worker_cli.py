@@ -158,10 +158,10 @@ def test_delayed_task_survives_a_worker_restart(cli: StemCLI) -> None:
     [
         (["enqueue", "acc.square", "--args", "{bad"], 2, "--args is not valid JSON"),
         (["enqueue", "acc.square", "--args", "{}"], 2, "--args must be a JSON array"),
-        (["--broker", "ftp://x", "queues"], 78, "unsupported broker URL scheme 'ftp'"),
+        (["--broker", "ftp://x", "queues"], 78, "--broker: broker.url: expected a URL starting"),
         (["--app", "no_such_module:app", "worker"], 78, "module 'no_such_module' not found"),
         (["--app", "acc_tasks:nothing", "worker"], 78, "has no attribute 'nothing'"),
-        (["worker", "--pool", "gevent"], 1, "unknown pool 'gevent'"),
+        (["worker", "--pool", "gevent"], 78, "--pool: worker.pool: expected one of process"),
         (["dlq", "show", "nope"], 66, "no dead letter 'nope'"),
         (["--broker", "sqlite:////proc/forbidden/x.db", "queues"], 69, "/proc/forbidden"),
     ],
