@@ -97,7 +97,8 @@ class Broker(Protocol):
         at 0. Returns False if the lease had already lapsed."""
 
     def extend(self, deliveries: Sequence[Delivery], lease_s: float) -> list[bool]:
-        """Renew leases to ``lease_s`` from now; False where a lease had already lapsed."""
+        """Renew leases to ``lease_s`` from now; False where the message was delivered again
+        (a lapsed lease whose message nobody took yet may be renewed, or may report False)."""
 
     def dead_letter(self, delivery: Delivery, reason: str, detail: str = "") -> bool:
         """Atomically move a leased message to the dead-letter queue."""

@@ -1,0 +1,144 @@
+"""The Redis result backend.
+
+``redis://host:port/db?prefix=stem:`` (``rediss://`` for TLS; options in
+:mod:`stem.redis_conn`). One hash per task id holds the state and the record, expiring with
+its ttl; ``redis_results.lua`` (whose header documents the key layout) writes it and, for a
+ready state, publishes on the task's channel in the same atomic call.
+
+``wait`` reads the record first (a finished task costs one round trip). Otherwise it
+subscribes, waits for the subscription to be confirmed, and only then reads again, so a
+record stored at any moment is either seen by that read or announced on the channel: no
+polling and no lost wake-up. Redis expires records itself, so ``cleanup`` has nothing to do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from stem.errors import BackendConnectionError, BackendError
+from stem.observability.redact import redact_url
+from stem.redis_conn import RedisConn
+from stem.security.tls import TLSSettings
+from stem.states import READY_STATES
+
+__all__ = ["RedisBackend"]
+
+_HERE = Path(__file__).parent
+_READY = frozenset(s.encode() for s in READY_STATES)
+
+
+def _ttl_ms(ttl_s: float | None) -> str:
+    return "" if ttl_s is None else str(max(1, round(ttl_s * 1000)))
+
+
+class RedisBackend:
+    """A :class:`~stem.backends.base.ResultBackend` on Redis (see the module docstring)."""
+
+    def __init__(self, url: str, *, tls: TLSSettings | None = None) -> None:
+        self.url = url
+        self._conn = RedisConn(url, tls, error=BackendError, conn_error=BackendConnectionError)
+        self._prefix = self._conn.prefix
+        self._script = self._conn.load_script(_HERE / "redis_results.lua")
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {redact_url(self.url)}>"
+
+    def _key(self, task_id: str) -> str:
+        return f"{self._prefix}result:{task_id}"
+
+    def store(self, task_id: str, state: str, body: bytes, ttl_s: float | None) -> None:
+        key = self._key(task_id)
+        ready = "1" if state in READY_STATES else "0"
+        args: list[Any] = ["store", state, bytes(body), _ttl_ms(ttl_s), ready]
+        self._conn.run("storing a result", lambda c: self._script(keys=[key], args=[*args, key]))
+
+    def fetch(self, task_id: str) -> bytes | None:
+        key = self._key(task_id)
+        value: Any = self._conn.run("fetching a result", lambda c: c.hget(key, "b"))
+        return None if value is None else bytes(value)
+
+    def fetch_many(self, task_ids: Sequence[str]) -> list[bytes | None]:
+        if not task_ids:
+            return []
+
+        def go(c: redis.Redis) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            for task_id in task_ids:
+                pipe.hget(self._key(task_id), "b")
+            return list(pipe.execute())
+
+        values = self._conn.run("fetching results", go)
+        return [None if v is None else bytes(v) for v in values]
+
+    def _read(self, key: str) -> tuple[bytes | None, bytes | None]:
+        found: Any = self._conn.client.hmget(key, ["s", "b"])
+        return found[0], found[1]
+
+    def wait(self, task_id: str, timeout_s: float) -> bytes | None:
+        key = self._key(task_id)
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        state: bytes | None = None
+        body: bytes | None = None
+        checked = False
+        backoff_s = 0.05
+        while True:
+            try:
+                if not checked:  # a finished task costs one round trip, no subscription
+                    state, body = self._read(key)
+                    checked = True
+                if state in _READY or time.monotonic() >= deadline:
+                    return None if body is None else bytes(body)
+                state, body = self._wait_subscribed(key, deadline)
+                backoff_s = 0.05
+            except (redis.RedisError, OSError) as exc:
+                remaining_s = deadline - time.monotonic()
+                if not self._conn.is_connection_error(exc) or remaining_s <= 0:
+                    raise self._conn.fail(exc, "waiting for a result") from None
+                time.sleep(min(backoff_s, remaining_s))  # Redis restarting: try again
+                backoff_s = min(backoff_s * 2, 1.0)
+
+    def _wait_subscribed(self, key: str, deadline: float) -> tuple[bytes | None, bytes | None]:
+        with self._conn.client.pubsub() as ps:  # type: ignore[no-untyped-call]
+            ps.subscribe(key)
+            while True:  # the confirmation means the server will tell us of any later store
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    return self._read(key)
+                msg = ps.get_message(timeout=min(remaining_s, self._conn.max_block_s))
+                if msg is not None and msg["type"] == "subscribe":
+                    break
+            while True:
+                state, body = self._read(key)
+                remaining_s = deadline - time.monotonic()
+                if state in _READY or remaining_s <= 0:
+                    return state, body
+                ps.get_message(
+                    ignore_subscribe_messages=True,
+                    timeout=min(remaining_s, self._conn.max_block_s),
+                )
+
+    def add_member(self, key: str, member: str, ttl_s: float | None) -> int:
+        full = f"{self._prefix}members:{key}"
+        args: list[Any] = ["member", member, _ttl_ms(ttl_s)]
+        size = self._conn.run(
+            "counting a group member", lambda c: self._script(keys=[full], args=args)
+        )
+        return int(size)
+
+    def delete(self, task_id: str) -> None:
+        key = self._key(task_id)
+        self._conn.run("deleting a result", lambda c: c.delete(key))
+
+    def cleanup(self) -> int:
+        return 0  # Redis drops expired records by itself
+
+    def ping(self) -> None:
+        self._conn.ping()
+
+    def close(self) -> None:
+        self._conn.close()

@@ -1,0 +1,374 @@
+--[[
+Stem Redis broker: every queue operation as one atomic script call (stem/brokers/redis.py).
+
+Called as  EVALSHA sha 0 COMMAND PREFIX ARG...  The keys are built here from the prefix and
+queue names, because one call may touch many queues; so this script needs a standalone (or
+Sentinel-managed) Redis, not Redis Cluster.
+
+Key layout (P = prefix, default "stem:"; Q = queue name; p = priority 0..9). Suffixes hold
+no ":" so two queue names never share a key.
+
+  P.."queues"           set     every queue name ever published to
+  P.."q:"..Q..":"..p    stream  the ready and leased messages of priority p, oldest first.
+                                Consumer group "stem" (one consumer, also "stem"): entries
+                                not yet read by the group are ready, read (pending) ones are
+                                leased. Fields: m = message id, b = body, n = deliveries so
+                                far, not counting the one the entry is read for.
+                                A message that becomes available again (nack, lapsed lease,
+                                replay, due delay) is added again under a new entry id, so an
+                                entry id names exactly one delivery.
+  P.."q:"..Q..":lease"  zset    receipt -> lease expiry (ms). Written in the same call that
+                                reads the entry: no entry is ever read without a lease.
+                                receipt = p.."/"..entry id.."/"..token (token drawn per
+                                reserve call). A receipt holds its lease while it is a member;
+                                a lapsed member is moved back to its stream by the next
+                                reserve, after which the old receipt settles nothing.
+  P.."q:"..Q..":delayed" zset   packed message -> due time (ms). Packed form:
+                                p..":"..n..":"..nonce..":"..#m..":"..m..b
+  P.."q:"..Q..":notify" stream  wake-up marks, capped at about 64 (+ one node): every change
+                                that may make a message available adds one. A waiter blocks
+                                with XREAD from the last id it saw, so a mark added between
+                                its check and its block still wakes it.
+  P.."dead"             stream  dead letters of every queue; the entry id is the dead id.
+                                Fields: q p m b r(eason) d(etail) t(ime, ms) n(delivery count)
+  P.."dead:count"       hash    Q -> number of its dead letters
+
+Times are the Redis server's clock (TIME), so a lease means the same on every host; only a
+publisher's not-before time comes from the publisher's clock.
+
+Commands and their ARGV after COMMAND and PREFIX:
+  publish  nonce, then (queue, priority, not_before_ms or "", message id, body) per message
+  reserve  lease_ms, max_n, token, queue...   -> {expires, flat deliveries[, due_in_ms, marks]}
+  ack      (queue, receipt)...                -> number of leases that were held
+  extend   lease_ms, (queue, receipt)...      -> {expires, 1|0 per receipt}
+  nack     queue, receipt, delay_ms, has_body ("1"/"0"), body -> 1|0
+  dead     queue, receipt, reason, detail     -> 1|0
+  replay / dlq_purge  queue filter or "", dead id...  -> number moved / deleted
+  stats    queue...                           -> {ready, delayed, reserved, dead} per queue
+  purge    queue                              -> number of ready and delayed messages deleted
+]]
+
+local cmd = ARGV[1]
+local P = ARGV[2]
+local GROUP = 'stem'
+
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function qkey(q, suffix)
+    return P .. 'q:' .. q .. ':' .. suffix
+end
+
+local function fields(flat)
+    local t = {}
+    for i = 1, #flat, 2 do
+        t[flat[i]] = flat[i + 1]
+    end
+    return t
+end
+
+local ensured = {}
+local function add_ready(q, p, mid, body, n)
+    local key = qkey(q, p)
+    if not ensured[key] then
+        if redis.call('EXISTS', key) == 0 then
+            -- id 0: the group must see every entry, including the one added next
+            redis.call('XGROUP', 'CREATE', key, GROUP, '0', 'MKSTREAM')
+        end
+        ensured[key] = true
+    end
+    redis.call('XADD', key, '*', 'm', mid, 'b', body, 'n', n)
+end
+
+local function pack(p, n, nonce, mid, body)
+    return p .. ':' .. n .. ':' .. nonce .. ':' .. #mid .. ':' .. mid .. body
+end
+
+local function unpack_message(s)
+    local p, n, _, len, pos = string.match(s, '^(%d+):(%d+):([^:]*):(%d+):()')
+    len = tonumber(len)
+    return p, n, string.sub(s, pos, pos + len - 1), string.sub(s, pos + len)
+end
+
+local notified = {}
+local function notify(q)
+    if not notified[q] then
+        redis.call('XADD', qkey(q, 'notify'), 'MAXLEN', '~', 64, '*', 'x', '1')
+        notified[q] = true
+    end
+end
+
+local known = {}
+local function remember(q)
+    if not known[q] then
+        redis.call('SADD', P .. 'queues', q)
+        known[q] = true
+    end
+end
+
+-- End the lease a receipt names and take its entry out of the stream.
+-- Returns held (boolean), priority, entry fields (only when asked for and not gone).
+local function take_leased(q, receipt, want_fields)
+    if redis.call('ZREM', qkey(q, 'lease'), receipt) == 0 then
+        return false
+    end
+    local p, id = string.match(receipt, '^(%d)/(%d+%-%d+)/')
+    if not p then
+        return true
+    end
+    local key = qkey(q, p)
+    local found = want_fields and redis.call('XRANGE', key, id, id) or {}
+    redis.call('XACK', key, GROUP, id)
+    redis.call('XDEL', key, id)
+    if #found == 0 then
+        return true
+    end
+    return true, p, fields(found[1][2])
+end
+
+-- Move due delayed messages into their streams, in due order.
+local function promote(q, now)
+    local key = qkey(q, 'delayed')
+    local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 1000)
+    for _, packed in ipairs(due) do
+        local p, n, mid, body = unpack_message(packed)
+        add_ready(q, p, mid, body, n)
+    end
+    if #due > 0 then
+        redis.call('ZREM', key, unpack(due))
+    end
+end
+
+-- Put messages whose lease lapsed back at the end of their streams, counting that delivery.
+local function reclaim(q, now, limit)
+    local lapsed = redis.call('ZRANGEBYSCORE', qkey(q, 'lease'), '-inf', now, 'LIMIT', 0, limit)
+    for _, receipt in ipairs(lapsed) do
+        local _, p, f = take_leased(q, receipt, true)
+        if f then
+            add_ready(q, p, f.m, f.b, tonumber(f.n) + 1)
+        end
+    end
+    return #lapsed
+end
+
+local function queue_args(from)
+    local queues = {}
+    for i = from, #ARGV do
+        queues[#queues + 1] = ARGV[i]
+    end
+    return queues
+end
+
+if cmd == 'publish' then
+    local now = now_ms()
+    local nonce = ARGV[3]
+    for i = 4, #ARGV, 5 do
+        local q, p, not_before = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+        if not_before ~= '' and tonumber(not_before) > now then
+            local packed = pack(p, 0, nonce .. '.' .. i, ARGV[i + 3], ARGV[i + 4])
+            redis.call('ZADD', qkey(q, 'delayed'), not_before, packed)
+        else
+            add_ready(q, p, ARGV[i + 3], ARGV[i + 4], 0)
+        end
+        remember(q)
+        notify(q)
+    end
+    return (#ARGV - 3) / 5
+end
+
+if cmd == 'reserve' then
+    local lease_ms, max_n, token = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+    local queues = queue_args(6)
+    local now = now_ms()
+    local expires = now + lease_ms
+    for _, q in ipairs(queues) do
+        promote(q, now)
+        reclaim(q, now, 1000)
+    end
+    local out, got = {}, 0
+    for p = 9, 0, -1 do
+        for _, q in ipairs(queues) do
+            local key = qkey(q, p)
+            if got < max_n and redis.call('EXISTS', key) == 1 then
+                local res = redis.call(
+                    'XREADGROUP', 'GROUP', GROUP, GROUP, 'COUNT', max_n - got, 'STREAMS', key, '>'
+                )
+                if res then
+                    local lkey = qkey(q, 'lease')
+                    for _, e in ipairs(res[1][2]) do
+                        local f = fields(e[2])
+                        local receipt = p .. '/' .. e[1] .. '/' .. token
+                        redis.call('ZADD', lkey, expires, receipt)
+                        out[#out + 1] = q
+                        out[#out + 1] = receipt
+                        out[#out + 1] = f.m
+                        out[#out + 1] = f.b
+                        out[#out + 1] = tonumber(f.n) + 1
+                        got = got + 1
+                    end
+                end
+            end
+        end
+    end
+    if got > 0 then
+        return {expires, out}
+    end
+    -- Nothing ready: tell the caller when something may become available by itself (a due
+    -- delay or a lapsing lease) and where to wait for anything else.
+    local due_in, marks = -1, {}
+    for _, q in ipairs(queues) do
+        for _, suffix in ipairs({'delayed', 'lease'}) do
+            local first = redis.call('ZRANGE', qkey(q, suffix), 0, 0, 'WITHSCORES')
+            if #first > 0 then
+                local wait = math.max(1, tonumber(first[2]) - now)
+                if due_in < 0 or wait < due_in then
+                    due_in = wait
+                end
+            end
+        end
+        local last = redis.call('XREVRANGE', qkey(q, 'notify'), '+', '-', 'COUNT', 1)
+        marks[#marks + 1] = (#last > 0) and last[1][1] or '0-0'
+    end
+    return {expires, out, due_in, marks}
+end
+
+if cmd == 'ack' then
+    local n = 0
+    for i = 3, #ARGV, 2 do
+        if take_leased(ARGV[i], ARGV[i + 1]) then
+            n = n + 1
+        end
+    end
+    return n
+end
+
+if cmd == 'extend' then
+    local expires = now_ms() + tonumber(ARGV[3])
+    local out = {expires}
+    for i = 4, #ARGV, 2 do
+        local lkey = qkey(ARGV[i], 'lease')
+        if redis.call('ZSCORE', lkey, ARGV[i + 1]) then
+            redis.call('ZADD', lkey, expires, ARGV[i + 1])
+            out[#out + 1] = 1
+        else
+            out[#out + 1] = 0
+        end
+    end
+    return out
+end
+
+if cmd == 'nack' then
+    local q, receipt, delay_ms = ARGV[3], ARGV[4], tonumber(ARGV[5])
+    local held, p, f = take_leased(q, receipt, true)
+    if not held then
+        return 0
+    end
+    if f then
+        local n, body = f.n, f.b
+        if ARGV[6] == '1' then
+            n, body = 0, ARGV[7]
+        end
+        if delay_ms > 0 then
+            local nonce = string.match(receipt, '^%d/([^/]+)/')
+            redis.call('ZADD', qkey(q, 'delayed'), now_ms() + delay_ms, pack(p, n, nonce, f.m, body))
+        else
+            add_ready(q, p, f.m, body, n)
+        end
+        notify(q)
+    end
+    return 1
+end
+
+if cmd == 'dead' then
+    local q, receipt = ARGV[3], ARGV[4]
+    local held, p, f = take_leased(q, receipt, true)
+    if not held then
+        return 0
+    end
+    if f then
+        redis.call(
+            'XADD', P .. 'dead', '*', 'q', q, 'p', p, 'm', f.m, 'b', f.b,
+            'r', ARGV[5], 'd', ARGV[6], 't', now_ms(), 'n', tonumber(f.n) + 1
+        )
+        redis.call('HINCRBY', P .. 'dead:count', q, 1)
+    end
+    return 1
+end
+
+if cmd == 'replay' or cmd == 'dlq_purge' then
+    local dkey, ckey, only = P .. 'dead', P .. 'dead:count', ARGV[3]
+    local n = 0
+    for i = 4, #ARGV do
+        local found = redis.call('XRANGE', dkey, ARGV[i], ARGV[i])
+        if #found > 0 then
+            local f = fields(found[1][2])
+            if only == '' or f.q == only then
+                if cmd == 'replay' then
+                    add_ready(f.q, f.p, f.m, f.b, 0)
+                    remember(f.q)
+                    notify(f.q)
+                end
+                redis.call('XDEL', dkey, ARGV[i])
+                if redis.call('HINCRBY', ckey, f.q, -1) <= 0 then
+                    redis.call('HDEL', ckey, f.q)
+                end
+                n = n + 1
+            end
+        end
+    end
+    return n
+end
+
+if cmd == 'stats' then
+    local now = now_ms()
+    local out = {}
+    for _, q in ipairs(queue_args(3)) do
+        local total = 0
+        for p = 0, 9 do
+            total = total + redis.call('XLEN', qkey(q, p))
+        end
+        -- A lapsed lease not yet reclaimed counts as ready, like a due delay not yet promoted.
+        local reserved = redis.call('ZCOUNT', qkey(q, 'lease'), '(' .. now, '+inf')
+        local due = redis.call('ZCOUNT', qkey(q, 'delayed'), '-inf', now)
+        local delayed = redis.call('ZCARD', qkey(q, 'delayed')) - due
+        local dead = tonumber(redis.call('HGET', P .. 'dead:count', q) or 0)
+        out[#out + 1] = {total - reserved + due, delayed, reserved, dead}
+    end
+    return out
+end
+
+if cmd == 'purge' then
+    local q = ARGV[3]
+    local now = now_ms()
+    while reclaim(q, now, 1000) > 0 do
+    end
+    local n = 0
+    for p = 0, 9 do
+        local key = qkey(q, p)
+        if redis.call('EXISTS', key) == 1 then
+            while true do
+                local res = redis.call(
+                    'XREADGROUP', 'GROUP', GROUP, GROUP, 'COUNT', 500, 'STREAMS', key, '>'
+                )
+                if not res or #res[1][2] == 0 then
+                    break
+                end
+                local ids = {}
+                for _, e in ipairs(res[1][2]) do
+                    ids[#ids + 1] = e[1]
+                end
+                redis.call('XACK', key, GROUP, unpack(ids))
+                redis.call('XDEL', key, unpack(ids))
+                n = n + #ids
+            end
+        end
+    end
+    local dkey = qkey(q, 'delayed')
+    n = n + redis.call('ZCARD', dkey)
+    redis.call('DEL', dkey)
+    return n
+end
+
+return redis.error_reply('unknown Stem broker command ' .. tostring(cmd))

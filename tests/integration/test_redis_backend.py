@@ -1,0 +1,121 @@
+"""The Redis result backend against real servers: waking waiters across connections and
+restarts, expiry across restarts, and errors while the server is down."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stem.backends.redis import RedisBackend
+from stem.errors import BackendConnectionError
+from stem.states import STARTED, SUCCESS
+from tests.fixtures.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def pair(redis_url: str) -> Iterator[tuple[RedisBackend, RedisBackend]]:
+    a, b = RedisBackend(redis_url), RedisBackend(redis_url)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _wait_in_thread(
+    backend: RedisBackend, task_id: str, timeout_s: float
+) -> tuple[threading.Thread, list[bytes | None], list[BaseException]]:
+    out: list[bytes | None] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(backend.wait(task_id, timeout_s))
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out, errors
+
+
+def test_wait_wakes_on_a_store_from_another_connection(
+    pair: tuple[RedisBackend, RedisBackend],
+) -> None:
+    waiter, writer = pair
+    threads = [_wait_in_thread(waiter, "t1", 20.0) for _ in range(5)]
+    time.sleep(0.3)
+    writer.store("t1", STARTED, b"started", 60)  # not ready: nobody wakes for good
+    time.sleep(0.2)
+    assert all(not out for _, out, _ in threads)
+    started = time.monotonic()
+    writer.store("t1", SUCCESS, b"done", 60)
+    for t, out, errors in threads:
+        t.join(10)
+        assert not errors, errors
+        assert out == [b"done"]
+    assert time.monotonic() - started < 5.0
+
+
+def test_wait_times_out_with_a_not_ready_record(pair: tuple[RedisBackend, RedisBackend]) -> None:
+    waiter, writer = pair
+    writer.store("t2", STARTED, b"started", 60)
+    started = time.monotonic()
+    assert waiter.wait("t2", 0.4) == b"started"
+    assert 0.35 <= time.monotonic() - started < 5.0
+    assert waiter.wait("missing", 0.0) is None
+
+
+def test_wait_survives_a_restart(fresh_redis_server: RedisServer) -> None:
+    server = fresh_redis_server
+    waiter = RedisBackend(server.url)
+    try:
+        t, out, errors = _wait_in_thread(waiter, "t3", 20.0)
+        time.sleep(0.3)
+        server.restart()
+        writer = RedisBackend(server.url)
+        try:
+            writer.store("t3", SUCCESS, b"after restart", 60)
+        finally:
+            writer.close()
+        t.join(20)
+        assert not errors, errors
+        assert out == [b"after restart"]
+    finally:
+        waiter.close()
+
+
+def test_records_and_member_sets_survive_a_kill(fresh_redis_server: RedisServer) -> None:
+    server = fresh_redis_server
+    b = RedisBackend(server.url)
+    try:
+        b.store("t4", SUCCESS, b"kept", 600)
+        b.store("t5", SUCCESS, b"short", 0.3)
+        assert b.add_member("g", "0", 600) == 1
+        server.kill()
+        server.start()
+        assert b.fetch("t4") == b"kept"
+        assert b.add_member("g", "0", 600) == 1
+        assert b.add_member("g", "1", 600) == 2
+        time.sleep(0.4)
+        assert b.fetch("t5") is None
+    finally:
+        b.close()
+
+
+def test_errors_name_the_server_while_it_is_down(fresh_redis_server: RedisServer) -> None:
+    server = fresh_redis_server
+    b = RedisBackend(server.url)
+    try:
+        server.stop()
+        with pytest.raises(BackendConnectionError, match=f"127.0.0.1:{server.port}/0"):
+            b.fetch("t")
+        with pytest.raises(BackendConnectionError):
+            b.wait("t", 0.2)
+        server.start()
+        assert b.fetch("t") is None
+    finally:
+        b.close()

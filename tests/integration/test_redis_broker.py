@@ -1,0 +1,307 @@
+"""The Redis broker against real servers: restarts, kills, competing consumers, lapsed
+leases, scripts lost from the cache, prefixes, and the errors an operator sees."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stem.brokers.base import Delivery, Message
+from stem.brokers.redis import RedisBroker
+from stem.envelope import now_ms
+from stem.errors import BrokerConnectionError, ConfigError
+from tests.fixtures.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+LONG_S = 30.0
+
+
+def msg(queue: str, mid: str, **kw: int) -> Message:
+    return Message(mid, queue, f"body-{mid}".encode(), **kw)
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[RedisBroker]:
+    b = RedisBroker(redis_url)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def private(fresh_redis_server: RedisServer) -> Iterator[tuple[RedisServer, RedisBroker]]:
+    b = RedisBroker(fresh_redis_server.url)
+    yield fresh_redis_server, b
+    b.close()
+
+
+def drain(b: RedisBroker, queue: str, *, until_n: int, timeout_s: float = 10.0) -> list[Delivery]:
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < until_n and time.monotonic() < deadline:
+        got += b.reserve([queue], until_n - len(got), LONG_S, wait_s=0.2)
+    return got
+
+
+# -- restarts ------------------------------------------------------------------------------
+
+
+def test_messages_survive_a_restart(private: tuple[RedisServer, RedisBroker]) -> None:
+    server, b = private
+    b.publish([msg("q", f"m{i}", priority=i % 3) for i in range(20)])
+    b.publish([msg("q", "later", not_before_ms=now_ms() + 700)])
+    [leased] = b.reserve(["q"], 1, 0.5)
+    server.restart()
+    # the same broker object reconnects by itself; everything is still there
+    got = drain(b, "q", until_n=21)
+    ids = sorted(d.message_id for d in got)
+    assert ids == sorted([f"m{i}" for i in range(20)] + ["later"])
+    again = next(d for d in got if d.message_id == leased.message_id)
+    assert again.delivery_count == 2  # the lease taken before the restart lapsed
+    assert b.ack(got) == 21
+    assert b.stats(["q"])[0].ready == 0
+
+
+def test_nothing_acknowledged_is_lost_on_sigkill(private: tuple[RedisServer, RedisBroker]) -> None:
+    server, b = private
+    b.publish([msg("q", f"m{i}") for i in range(50)])
+    done = b.reserve(["q"], 10, LONG_S)
+    assert b.ack(done) == 10
+    b.dead_letter(b.reserve(["q"], 1, LONG_S)[0], "poison", "detail")
+    server.kill()
+    server.start()
+    got = drain(b, "q", until_n=39)
+    assert len(got) == 39
+    assert {d.message_id for d in got}.isdisjoint(d.message_id for d in done)
+    assert b.reserve(["q"], 10, LONG_S) == []
+    [dead] = b.dlq_list(queue="q")
+    assert (dead.reason, dead.detail) == ("poison", "detail")
+
+
+def test_a_blocked_reserve_recovers_after_a_restart(
+    private: tuple[RedisServer, RedisBroker],
+) -> None:
+    server, b = private
+    result: list[list[Delivery]] = []
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            result.append(b.reserve(["q"], 5, LONG_S, wait_s=20.0))
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)  # let it block in XREAD
+    server.stop()
+    time.sleep(0.5)  # down for longer than one round of redis-py retries
+    server.start()
+    other = RedisBroker(server.url)
+    try:
+        other.publish([msg("q", "after-restart")])
+    finally:
+        other.close()
+    waiter.join(20)
+    assert not errors, errors
+    assert [d.message_id for d in result[0]] == ["after-restart"]
+
+
+def test_calls_fail_clearly_while_down_and_work_again_after(
+    fresh_redis_server: RedisServer,
+) -> None:
+    server = fresh_redis_server
+    url = server.url.replace("redis://", "redis://stem:sekrit-pw@")
+    b = RedisBroker(server.url)
+    try:
+        server.stop()
+        with pytest.raises(BrokerConnectionError) as info:
+            b.publish([msg("q", "m")])
+        text = str(info.value)
+        assert f"127.0.0.1:{server.port}/0" in text and "publishing" in text
+        with pytest.raises(BrokerConnectionError):
+            b.reserve(["q"], 1, LONG_S, wait_s=0.3)  # waits out wait_s, then reports
+        server.start()
+        b.publish([msg("q", "m")])
+        assert [d.message_id for d in b.reserve(["q"], 1, LONG_S)] == ["m"]
+        with_pw = RedisBroker(url)  # this server has no such user
+        try:
+            with pytest.raises(BrokerConnectionError) as info:
+                with_pw.ping()
+            assert "sekrit-pw" not in str(info.value)
+            assert "password was refused" in str(info.value)
+        finally:
+            with_pw.close()
+    finally:
+        b.close()
+
+
+# -- competing consumers and leases --------------------------------------------------------
+
+
+def test_two_brokers_never_share_a_live_lease(redis_url: str) -> None:
+    a, b = RedisBroker(redis_url), RedisBroker(redis_url)
+    try:
+        a.publish([msg("q", f"m{i}") for i in range(40)])
+        held_a = a.reserve(["q"], 20, 0.4)
+        held_b = b.reserve(["q"], 100, 0.4)
+        assert len(held_a) == 20 and len(held_b) == 20
+        assert not {d.message_id for d in held_a} & {d.message_id for d in held_b}
+        # a keeps renewing well past its first lease; b lets its leases lapse
+        for _ in range(4):
+            time.sleep(0.2)
+            assert a.extend(held_a, 0.4) == [True] * 20
+        redelivered = drain(a, "q", until_n=20)
+        assert sorted(d.message_id for d in redelivered) == sorted(d.message_id for d in held_b)
+        assert all(d.delivery_count == 2 for d in redelivered)
+        assert b.ack(held_b) == 0  # those receipts are void now
+        assert a.ack(held_a + redelivered) == 40
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_lapsed_lease_goes_to_a_waiting_consumer(redis_url: str) -> None:
+    a, b = RedisBroker(redis_url), RedisBroker(redis_url)
+    try:
+        a.publish([msg("q", "m")])
+        [first] = a.reserve(["q"], 1, 0.3)
+        started = time.monotonic()
+        # b waits; nothing is published: it must wake by itself when the lease lapses
+        [second] = b.reserve(["q"], 1, LONG_S, wait_s=5.0)
+        assert 0.15 < time.monotonic() - started < 3.0
+        assert (second.message_id, second.delivery_count) == ("m", 2)
+        assert a.extend([first], LONG_S) == [False]
+        assert b.ack([second]) == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_priorities_across_several_queues(broker: RedisBroker) -> None:
+    broker.publish([msg("a", "a0"), msg("b", "b9", priority=9), msg("a", "a5", priority=5)])
+    got = broker.reserve(["a", "b"], 3, LONG_S)
+    assert [d.message_id for d in got] == ["b9", "a5", "a0"]
+    assert broker.ack(got) == 3
+
+
+def test_out_of_range_priority_is_clamped_not_lost(broker: RedisBroker) -> None:
+    broker.publish([msg("q", "low", priority=-3), msg("q", "high", priority=42)])
+    got = broker.reserve(["q"], 2, LONG_S)
+    assert [d.message_id for d in got] == ["high", "low"]
+
+
+# -- scripts and keys ----------------------------------------------------------------------
+
+
+def test_scripts_flushed_from_the_server_are_loaded_again(
+    broker: RedisBroker, redis_server: RedisServer
+) -> None:
+    broker.publish([msg("q", "first")])
+    for batch in (1, 1200):  # a single call and a pipelined batch
+        with redis_server.admin() as admin:
+            admin.script_flush()
+        broker.publish([msg("q", f"{batch}-{i}") for i in range(batch)])
+    with redis_server.admin() as admin:
+        admin.script_flush()
+    assert len(drain(broker, "q", until_n=1202)) == 1202
+
+
+def test_prefixes_keep_apps_apart(redis_url: str) -> None:
+    one = RedisBroker(redis_url + "?prefix=one:")
+    two = RedisBroker(redis_url + "?prefix=two:")
+    try:
+        one.publish([msg("q", "for-one")])
+        one.claim("k", "v1", LONG_S)
+        assert two.reserve(["q"], 10, LONG_S) == []
+        assert two.peek("k") is None
+        assert two.stats() == []
+        assert [d.message_id for d in one.reserve(["q"], 10, LONG_S)] == ["for-one"]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_scan_treats_glob_characters_literally(broker: RedisBroker) -> None:
+    broker.claim("a*[x]?\\:1", "1", LONG_S)
+    broker.claim("ab[x]?\\:1", "no", LONG_S)
+    assert broker.scan("a*[x]?\\:") == {"a*[x]?\\:1": "1"}
+
+
+def test_unknown_url_options_are_refused() -> None:
+    with pytest.raises(ConfigError, match="prefx"):
+        RedisBroker("redis://127.0.0.1:6379/0?prefx=typo:")
+    with pytest.raises(ConfigError, match="number"):
+        RedisBroker("redis://127.0.0.1:6379/0?socket_timeout=soon")
+
+
+def test_ping_warns_when_the_server_may_evict_queue_keys(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with fresh_redis_server.admin() as admin:
+        admin.config_set("maxmemory-policy", "allkeys-lru")
+    b = RedisBroker(fresh_redis_server.url)
+    try:
+        b.ping()
+        b.ping()
+    finally:
+        b.close()
+    warned = [r for r in caplog.records if "allkeys-lru" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].name == "stem.redis"
+
+
+def test_no_published_message_is_lost_when_redis_is_killed_mid_flow(
+    private: tuple[RedisServer, RedisBroker],
+) -> None:
+    server, consumer = private
+    producer = RedisBroker(server.url)
+    published: list[str] = []
+    seen: set[str] = set()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        for i in range(300):
+            batch = [msg("q", f"m{i}-{j}") for j in range(5)]
+            try:
+                producer.publish(batch)
+            except BrokerConnectionError:
+                continue  # refused while down: not published, nothing promised
+            published.extend(m.id for m in batch)
+            time.sleep(0.002)
+
+    def consume() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    got = consumer.reserve(["q"], 50, 1.0, wait_s=0.2)
+                    seen.update(d.message_id for d in got)
+                    consumer.ack(got)
+                except BrokerConnectionError:
+                    time.sleep(0.05)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        server.kill()
+        time.sleep(0.3)
+        server.start()
+        threads[0].join(30)
+        deadline = time.monotonic() + 15
+        while not set(published) <= seen and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        producer.close()
+    assert not errors, errors
+    assert 0 < len(published)
+    assert set(published) <= seen  # at least once: duplicates allowed, losses not
