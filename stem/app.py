@@ -234,6 +234,14 @@ class Stem:
             return register(fn)
         return register
 
+    def schedule(self, name: str, task: Any, **spec: Any) -> None:
+        """Run ``task`` (a task or its name) periodically under ``stem beat``: ``every=``
+        seconds or timedelta, ``cron="*/5 * * * *"`` (with ``tz=``), ``solar=``,
+        ``calendar=``, or ``at=`` (one-off); see :func:`stem.beat.add_schedule`."""
+        from stem.beat import add_schedule
+
+        add_schedule(self, name, task, **spec)
+
     def get_task(self, name: str) -> Task[Any, Any]:
         try:
             return self.tasks[name]

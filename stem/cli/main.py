@@ -8,10 +8,12 @@ from typing import Annotated
 import typer
 
 from stem.cli import (
+    beat_cmd,
     config_cmd,
     control_cmd,
     db_cmd,
     dlq_cmd,
+    health_cmd,
     observe_cmd,
     security_cmd,
     task_cmds,
@@ -94,6 +96,9 @@ app.command("worker")(worker_cmd.worker)
 app.command("enqueue")(task_cmds.enqueue)
 app.command("result")(task_cmds.result)
 app.command("queues")(task_cmds.queues)
+app.command("beat")(beat_cmd.beat)
+app.add_typer(beat_cmd.app, name="schedule")
+app.command("health")(health_cmd.health)
 app.command("events")(observe_cmd.events)
 app.command("workers")(observe_cmd.workers)
 app.add_typer(dlq_cmd.app, name="dlq")

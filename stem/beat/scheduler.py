@@ -1,0 +1,286 @@
+"""The beat loop: enqueue each due tick of each enabled entry exactly once.
+
+Several ``stem beat`` processes may run against one broker (for availability); there is no
+leader. Every process computes the same tick times, and a tick is enqueued only by the
+process that claims ``beat:tick:<name>:<tick_ms>`` in the broker. The winner publishes with
+the task id ``beat-<name>-<tick_ms>`` and then moves ``beat:last:<name>`` forward, so the
+others skip the tick; if publishing fails it releases the claim and another process (or its
+own next pass) tries again.
+
+After downtime an entry fires its latest missed tick once, not a burst of them, unless it
+asks to ``catch_up`` (then every missed tick fires, oldest first, at most
+``max_catch_up``). An entry beat has never handled fires only a tick that is recent (within
+a couple of loop intervals): starting beat never fires a stale tick. A one-off entry is the
+exception: it fires once even when late, and is disabled after it fires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from stem.beat.entry import ScheduleEntry, parse_entry
+from stem.beat.schedules import jitter_ms
+from stem.beat.store import TICK_PREFIX, ScheduleStore
+from stem.envelope import now_ms
+from stem.errors import BrokerError, ConfigError, StemError
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+
+__all__ = ["Beat", "TickReport", "task_id_for"]
+
+log = logging.getLogger("stem.beat")
+
+_MIN_CLAIM_TTL_S = 600.0
+_MAX_CLAIM_TTL_S = 90 * 86400.0
+_MIN_SLEEP_S = 0.005
+_ERROR_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+
+
+def task_id_for(name: str, tick_ms: int) -> str:
+    """The task id of an entry's tick: the same in every beat process."""
+    return f"beat-{name}-{tick_ms}"
+
+
+@dataclass
+class TickReport:
+    """What one pass did: ticks enqueued by this process, and the earliest next tick."""
+
+    fired: list[tuple[str, int]] = field(default_factory=list)
+    next_ms: int | None = None
+
+
+class Beat:
+    """The scheduler loop (see module docstring).
+
+    ``specs`` adds entries (name -> dict spec, e.g. from config ``beat.schedules``) to the
+    app's own ``app.schedules``; a name in both takes the ``specs`` version. They are
+    written to the store by :meth:`sync`, which :meth:`run` calls first.
+    """
+
+    def __init__(
+        self,
+        app: Stem,
+        *,
+        tick_s: float = 0.5,
+        beat_id: str | None = None,
+        specs: Mapping[str, Mapping[str, Any]] | None = None,
+        store: ScheduleStore | None = None,
+        max_catch_up: int = 100,
+        prune: bool = False,
+    ) -> None:
+        if tick_s <= 0:
+            raise ConfigError(f"beat tick must be above 0 seconds, got {tick_s}")
+        self.app = app
+        self.tick_s = tick_s
+        self.beat_id = beat_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.specs = dict(specs or {})
+        self.store = store or ScheduleStore(app.broker)
+        self.max_catch_up = max_catch_up
+        self.prune = prune
+        self.recent_ms = max(int(2 * tick_s * 1000), 1000)
+        self._stop = threading.Event()
+        self._warned: set[tuple[str, str]] = set()
+
+    # -- entries defined in code and config --------------------------------------------------
+
+    def defined_entries(self) -> list[ScheduleEntry]:
+        """Entries from ``app.schedules`` (origin code) and ``specs`` (origin config)."""
+        entries: dict[str, ScheduleEntry] = {}
+        for origin, source in (("code", self.app.schedules), ("config", self.specs)):
+            for name, spec in source.items():
+                entries[name] = parse_entry(name, spec, origin=origin)
+        return list(entries.values())
+
+    def sync(self) -> None:
+        """Write the code and config entries to the store (see :meth:`ScheduleStore.sync`;
+        ``prune`` is off by default because a beat started without the app would otherwise
+        remove every entry the app defines)."""
+        entries = self.defined_entries()
+        self.store.sync(entries, prune=self.prune)
+        log.info(
+            "beat %s: %d schedule(s) from code and config",
+            self.beat_id,
+            len(entries),
+            extra={"event": "beat-sync", "entries": [e.name for e in entries]},
+        )
+
+    # -- one pass ----------------------------------------------------------------------------
+
+    def tick(self, now: int | None = None) -> TickReport:
+        """One pass over the stored entries at time ``now`` (epoch ms; default: the clock)."""
+        now = now_ms() if now is None else now
+        report = TickReport()
+        stored = self.store.load()
+        for name, problem in stored.broken.items():
+            self._warn_once(name, problem)
+        lasts = self.store.lasts()
+        for entry in stored.entries.values():
+            if not entry.enabled:
+                continue
+            try:
+                for tick in self._due(entry, lasts.get(entry.name), now):
+                    if self._fire(entry, tick):
+                        report.fired.append((entry.name, tick))
+                nxt = entry.schedule.next_after(now)
+            except BrokerError:
+                raise  # the broker is down: end the pass, run() backs off
+            except Exception:  # one bad entry must not stop the others
+                log.exception(
+                    "schedule %r failed", entry.name, extra={"event": "beat-entry-failed"}
+                )
+                continue
+            if nxt is not None and (report.next_ms is None or nxt < report.next_ms):
+                report.next_ms = nxt
+        return report
+
+    def _due(self, entry: ScheduleEntry, last: int | None, now: int) -> list[int]:
+        schedule = entry.schedule
+        latest = schedule.prev_at_or_before(now)
+        if latest is None or (last is not None and latest <= last):
+            return []
+        if last is None:
+            if entry.one_off or now - latest <= self.recent_ms:
+                return [latest]
+            # First sight of an entry whose latest tick is stale: mark it handled so the
+            # next tick fires even if this process is late for it.
+            self.store.advance_last(entry.name, latest)
+            return []
+        if not entry.catch_up:
+            return [latest]
+        ticks = [latest]
+        while True:
+            prev = schedule.prev_at_or_before(ticks[-1] - 1)
+            if prev is None or prev <= last:
+                break
+            if len(ticks) >= self.max_catch_up:
+                log.warning(
+                    "schedule %r missed more than %d ticks; firing the latest %d",
+                    entry.name,
+                    self.max_catch_up,
+                    self.max_catch_up,
+                    extra={"event": "beat-catch-up-capped", "entry": entry.name},
+                )
+                break
+            ticks.append(prev)
+        ticks.reverse()
+        return ticks
+
+    def _claim_ttl_s(self, entry: ScheduleEntry, tick: int) -> float:
+        # A claim must outlive every chance of another process still seeing the tick as
+        # due: until the last tick moves past it, and through the catch-up window.
+        nxt = entry.schedule.next_after(tick)
+        period_s = _MAX_CLAIM_TTL_S if nxt is None else (nxt - tick) / 1000
+        return min(_MAX_CLAIM_TTL_S, max(_MIN_CLAIM_TTL_S, period_s * (self.max_catch_up + 2)))
+
+    def _fire(self, entry: ScheduleEntry, tick: int) -> bool:
+        broker = self.app.broker
+        key = f"{TICK_PREFIX}{entry.name}:{tick}"
+        # A fresh token per attempt: this process must not mistake its own earlier claim
+        # (whose outcome it does not know) for a go-ahead.
+        token = f"{self.beat_id}/{secrets.token_hex(4)}"
+        if broker.claim(key, token, self._claim_ttl_s(entry, tick)) != token:
+            return False
+        delay_ms = jitter_ms(entry.name, tick, entry.jitter_s)
+        # Relative to publishing, like the countdown: a run is dropped if it has not
+        # started expires_s after it became due.
+        expires = None if entry.expires_s is None else delay_ms / 1000 + entry.expires_s
+        task_id = task_id_for(entry.name, tick)
+        try:
+            self.app.send_task(
+                entry.task,
+                entry.args,
+                entry.kwargs,
+                task_id=task_id,
+                queue=entry.queue,
+                priority=entry.priority,
+                expires=expires,
+                countdown=delay_ms / 1000 if delay_ms else None,
+                headers={"beat_entry": entry.name, "beat_tick_ms": tick},
+            )
+        except Exception as exc:
+            log.error(
+                "schedule %r: could not enqueue %s: %s",
+                entry.name,
+                entry.task,
+                exc,
+                exc_info=not isinstance(exc, StemError),
+                extra={"event": "beat-publish-failed", "entry": entry.name, "tick_ms": tick},
+            )
+            try:
+                broker.release(key, token)
+            except BrokerError:
+                log.warning("could not release %s; it expires by itself", key)
+            return False
+        log.info(
+            "schedule %r: enqueued %s as %s",
+            entry.name,
+            entry.task,
+            task_id,
+            extra={"event": "beat-fire", "entry": entry.name, "tick_ms": tick, "task_id": task_id},
+        )
+        self.store.advance_last(entry.name, tick)
+        if entry.one_off:
+            self.store.set_enabled(entry.name, False)
+        return True
+
+    def _warn_once(self, name: str, problem: str) -> None:
+        if (name, problem) not in self._warned:
+            self._warned.add((name, problem))
+            log.error(
+                "skipping schedule %r: %s",
+                name,
+                problem,
+                extra={"event": "beat-entry-broken", "entry": name},
+            )
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("stop signal: beat stopping", extra={"event": "beat-stopping"})
+        self._stop.set()
+
+    def run(self) -> None:
+        """Sync the defined entries, then run passes until SIGTERM/SIGINT or :meth:`stop`.
+        Broker errors are logged and retried with backoff; beat keeps running."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        failures = 0
+        synced = False
+        log.info("beat %s starting", self.beat_id, extra={"event": "beat-start"})
+        while not self._stop.is_set():
+            try:
+                if not synced:
+                    self.sync()
+                    synced = True
+                report = self.tick()
+            except BrokerError as exc:
+                wait_s = _ERROR_BACKOFF_S[min(failures, len(_ERROR_BACKOFF_S) - 1)]
+                failures += 1
+                log.warning(
+                    "beat pass failed, retrying in %.1fs: %s",
+                    wait_s,
+                    exc,
+                    extra={"event": "beat-pass-failed", "failures": failures},
+                )
+                self._stop.wait(wait_s)
+                continue
+            failures = 0
+            wait_s = self.tick_s
+            if report.next_ms is not None:
+                wait_s = min(wait_s, (report.next_ms - now_ms()) / 1000)
+            self._stop.wait(max(_MIN_SLEEP_S, wait_s))
+        log.info("beat %s stopped", self.beat_id, extra={"event": "beat-stop"})

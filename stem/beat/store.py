@@ -1,0 +1,202 @@
+"""Schedule entries kept in the broker's key-value store, editable while beat runs.
+
+Key layout (no expiry unless noted):
+
+* ``beat:entry:<name>``: the entry's canonical spec as JSON (see :mod:`stem.beat.entry`);
+* ``beat:last:<name>``: the latest tick (epoch ms) handled for the entry: fired, or passed
+  over when beat first saw the entry or when the entry was enabled again;
+* ``beat:tick:<name>:<tick_ms>``: the claim of one tick by one beat (expires).
+
+Every write is a compare-and-set (``swap``) in a short retry loop, so two processes editing
+the same entry never lose an update silently, and the last tick only moves forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from stem.beat.entry import ScheduleEntry, parse_entry
+from stem.brokers.base import Broker
+from stem.errors import BrokerError, ConfigError
+
+__all__ = ["ENTRY_PREFIX", "LAST_PREFIX", "TICK_PREFIX", "ScheduleStore", "StoredEntries"]
+
+log = logging.getLogger("stem.beat")
+
+ENTRY_PREFIX = "beat:entry:"
+LAST_PREFIX = "beat:last:"
+TICK_PREFIX = "beat:tick:"
+_CAS_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class StoredEntries:
+    """What the store holds: parsed entries, and entries that no longer parse (name ->
+    problem), for instance ones written by a newer Stem."""
+
+    entries: dict[str, ScheduleEntry] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+
+
+def encode_entry(entry: ScheduleEntry) -> str:
+    return json.dumps(entry.to_spec(), sort_keys=True, separators=(",", ":"))
+
+
+class ScheduleStore:
+    """Schedule entries and their last ticks in a broker (see module docstring)."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._parsed: dict[str, tuple[str, ScheduleEntry]] = {}  # name -> (raw, entry)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _parse(self, name: str, raw: str) -> ScheduleEntry:
+        cached = self._parsed.get(name)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        try:
+            spec = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"schedule {name!r}: stored value is not JSON: {exc}") from None
+        entry = parse_entry(name, spec)
+        self._parsed[name] = (raw, entry)
+        return entry
+
+    def load(self) -> StoredEntries:
+        out = StoredEntries()
+        for key, raw in sorted(self.broker.scan(ENTRY_PREFIX).items()):
+            name = key[len(ENTRY_PREFIX) :]
+            try:
+                out.entries[name] = self._parse(name, raw)
+            except ConfigError as exc:
+                out.broken[name] = str(exc)
+        return out
+
+    def get(self, name: str) -> ScheduleEntry | None:
+        raw = self.broker.peek(ENTRY_PREFIX + name)
+        return None if raw is None else self._parse(name, raw)
+
+    def lasts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for key, raw in self.broker.scan(LAST_PREFIX).items():
+            try:
+                out[key[len(LAST_PREFIX) :]] = int(raw)
+            except ValueError:
+                log.warning("ignoring a bad last tick %r under %s", raw, key)
+        return out
+
+    def last(self, name: str) -> int | None:
+        raw = self.broker.peek(LAST_PREFIX + name)
+        try:
+            return None if raw is None else int(raw)
+        except ValueError:
+            return None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _update(self, key: str, change: Callable[[str | None], str | None]) -> str | None:
+        """Apply ``change`` to the value of ``key`` with compare-and-set; returns the value
+        written (or kept)."""
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.broker.peek(key)
+            new = change(current)
+            if new == current or self.broker.swap(key, current, new, None):
+                return new
+        raise BrokerError(f"could not update {key!r}: it kept changing under us")
+
+    def put(self, entry: ScheduleEntry, *, replace: bool = True) -> bool:
+        """Write an entry. With ``replace=False`` an existing entry is left alone and this
+        returns False."""
+        raw = encode_entry(entry)
+        wrote = True
+
+        def change(current: str | None) -> str | None:
+            nonlocal wrote
+            wrote = current is None or replace
+            return raw if wrote else current
+
+        self._update(ENTRY_PREFIX + entry.name, change)
+        return wrote
+
+    def remove(self, name: str) -> bool:
+        """Delete an entry and its last tick. False if there was no such entry."""
+        existed = self.broker.peek(ENTRY_PREFIX + name) is not None
+        self._update(ENTRY_PREFIX + name, lambda _: None)
+        self._update(LAST_PREFIX + name, lambda _: None)
+        self._parsed.pop(name, None)
+        return existed
+
+    def set_enabled(self, name: str, enabled: bool, *, now_ms: int | None = None) -> bool:
+        """Enable or disable an entry; False if there is no such entry. Enabling a disabled
+        entry with ``now_ms`` marks every tick up to then as handled, so ticks missed while
+        it was disabled do not fire."""
+        found = flipped = False
+
+        def change(current: str | None) -> str | None:
+            nonlocal found, flipped
+            found = current is not None
+            if current is None:
+                return None
+            entry = self._parse(name, current)
+            flipped = entry.enabled != enabled
+            return encode_entry(entry.with_enabled(enabled)) if flipped else current
+
+        self._update(ENTRY_PREFIX + name, change)
+        if flipped and enabled and now_ms is not None:
+            entry = self.get(name)
+            tick = None if entry is None else entry.schedule.prev_at_or_before(now_ms)
+            if tick is not None:
+                self.advance_last(name, tick)
+        return found
+
+    def advance_last(self, name: str, tick_ms: int) -> bool:
+        """Move the last tick forward to ``tick_ms``; False if it was already there or past."""
+        moved = False
+
+        def change(current: str | None) -> str | None:
+            nonlocal moved
+            try:
+                moved = current is None or int(current) < tick_ms
+            except ValueError:
+                moved = True
+            return str(tick_ms) if moved else current
+
+        self._update(LAST_PREFIX + name, change)
+        return moved
+
+    def sync(self, entries: Iterable[ScheduleEntry], *, prune: bool = True) -> list[str]:
+        """Upsert entries defined in code or config, keeping the stored ``enabled`` flag of
+        an entry that already exists (an operator may have disabled it). With ``prune``,
+        stored code/config entries no longer defined anywhere are removed (entries added
+        with ``stem schedule add`` are kept). Returns the names removed."""
+        wanted = {e.name: e for e in entries}
+        for entry in wanted.values():
+
+            def change(current: str | None, entry: ScheduleEntry = entry) -> str | None:
+                if current is not None:
+                    # A broken stored entry is simply replaced by the defined one.
+                    with contextlib.suppress(ConfigError):
+                        entry = entry.with_enabled(self._parse(entry.name, current).enabled)
+                return encode_entry(entry)
+
+            self._update(ENTRY_PREFIX + entry.name, change)
+        removed: list[str] = []
+        if prune:
+            stored = self.load()
+            for name, entry in stored.entries.items():
+                if name not in wanted and entry.origin in ("code", "config"):
+                    self.remove(name)
+                    removed.append(name)
+            if removed:
+                log.info(
+                    "removed %d schedule(s) no longer defined in code or config: %s",
+                    len(removed),
+                    ", ".join(removed),
+                    extra={"event": "beat-prune", "entries": removed},
+                )
+        return removed

@@ -1,0 +1,314 @@
+"""The beat loop with a fake clock: exactly-once ticks, downtime, catch-up, run-time edits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stem import Stem
+from stem.beat import Beat, ScheduleStore, add_schedule, parse_entry, task_id_for
+from stem.beat.schedules import jitter_ms
+from stem.beat.store import ENTRY_PREFIX, LAST_PREFIX
+from stem.cli.beat_cmd import config_specs
+from stem.envelope import Envelope, now_ms
+from stem.errors import BrokerConnectionError, ConfigError
+
+S = 1000
+T0 = 1_700_000_000_000  # a round tick for every interval used here
+
+
+class Recorder:
+    """An app whose successful publishes are recorded."""
+
+    def __init__(self, url: str) -> None:
+        self.app = Stem("beat-test", broker=url, backend="memory://")
+        self.sent: list[Envelope] = []
+        self.fail_next = 0
+        original = self.app.publish
+
+        def publish(envelopes: Any) -> None:
+            envs = list(envelopes)
+            if self.fail_next:
+                self.fail_next -= 1
+                raise BrokerConnectionError("broker down (test)")
+            original(envs)
+            self.sent.extend(envs)
+
+        self.app.publish = publish  # type: ignore[method-assign]
+
+    def beat(self, **kwargs: Any) -> Beat:
+        kwargs.setdefault("tick_s", 0.5)
+        return Beat(self.app, **kwargs)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return f"memory://beat-{uuid.uuid4().hex}"
+    return f"sqlite:///{tmp_path / 'beat.db'}"
+
+
+@pytest.fixture
+def rec(url: str) -> Iterator[Recorder]:
+    r = Recorder(url)
+    yield r
+    r.app.close()
+
+
+@pytest.fixture
+def twin(url: str) -> Iterator[Recorder]:
+    r = Recorder(url)
+    yield r
+    r.app.close()
+
+
+def put(rec: Recorder, name: str, **spec: Any) -> None:
+    spec.setdefault("task", "job")
+    ScheduleStore(rec.app.broker).put(parse_entry(name, spec, origin="cli"))
+
+
+def ids(*recs: Recorder) -> list[str]:
+    return sorted(e.id for r in recs for e in r.sent)
+
+
+# -- exactly once -------------------------------------------------------------------------------
+
+
+def test_two_beats_enqueue_each_tick_exactly_once(rec: Recorder, twin: Recorder) -> None:
+    put(rec, "sec", every=1)
+    a, b = rec.beat(beat_id="a"), twin.beat(beat_id="b")
+    rng = random.Random(7)
+    a.tick(T0)  # first sight: the tick at T0 is recent, so it fires
+    for k in range(1, 60):
+        # Each beat passes twice per second at its own moments, in a random order.
+        moments = [(a, T0 + k * S + rng.randrange(0, 500)) for _ in range(2)]
+        moments += [(b, T0 + k * S + rng.randrange(0, 500)) for _ in range(2)]
+        for beat, t in sorted(moments, key=lambda m: m[1]):
+            beat.tick(t)
+    assert ids(rec, twin) == sorted(task_id_for("sec", T0 + k * S) for k in range(60))
+    assert rec.sent and twin.sent, "both beats should have won some ticks"
+    assert ScheduleStore(rec.app.broker).last("sec") == T0 + 59 * S
+
+
+def test_concurrent_passes_at_the_same_instant_fire_once(rec: Recorder, twin: Recorder) -> None:
+    put(rec, "fast", every=1)
+    beats = [rec.beat(beat_id="a"), twin.beat(beat_id="b"), rec.beat(beat_id="c")]
+    for k in range(15):
+        barrier = threading.Barrier(len(beats))
+
+        def run(beat: Beat, t: int = T0 + k * S) -> None:
+            barrier.wait()
+            beat.tick(t)
+
+        threads = [threading.Thread(target=run, args=(b,)) for b in beats]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert ids(rec, twin) == sorted(task_id_for("fast", T0 + k * S) for k in range(15))
+
+
+# -- downtime, catch-up, first sight ------------------------------------------------------------
+
+
+def test_no_burst_after_downtime(rec: Recorder) -> None:
+    put(rec, "ten", every=10)
+    beat = rec.beat()
+    assert beat.tick(T0).fired == [("ten", T0)]
+    # Down for 100 s: ten ticks missed; only the latest fires.
+    assert beat.tick(T0 + 100 * S + 300).fired == [("ten", T0 + 100 * S)]
+    assert beat.tick(T0 + 101 * S).fired == []
+    assert ids(rec) == sorted([task_id_for("ten", T0), task_id_for("ten", T0 + 100 * S)])
+
+
+def test_catch_up_fires_every_missed_tick_oldest_first(rec: Recorder) -> None:
+    put(rec, "ten", every=10, catch_up=True)
+    beat = rec.beat()
+    beat.tick(T0)
+    fired = beat.tick(T0 + 100 * S).fired
+    assert fired == [("ten", T0 + k * 10 * S) for k in range(1, 11)]
+    assert [e.id for e in rec.sent] == [task_id_for("ten", T0 + k * 10 * S) for k in range(11)]
+
+
+def test_catch_up_is_bounded(rec: Recorder, caplog: pytest.LogCaptureFixture) -> None:
+    put(rec, "sec", every=1, catch_up=True)
+    beat = rec.beat(max_catch_up=5)
+    beat.tick(T0)
+    with caplog.at_level(logging.WARNING, logger="stem.beat"):
+        fired = beat.tick(T0 + 3600 * S).fired
+    assert fired == [("sec", T0 + (3600 - k) * S) for k in range(4, -1, -1)]
+    assert "missed more than 5 ticks" in caplog.text
+
+
+def test_first_sight_never_fires_a_stale_tick(rec: Recorder) -> None:
+    put(rec, "ten", every=10)
+    beat = rec.beat()
+    assert beat.tick(T0 + 7 * S).fired == []  # T0 passed 7 s ago: stale
+    # Late for the next tick (beyond the recent window): it still fires, once.
+    assert beat.tick(T0 + 15 * S).fired == [("ten", T0 + 10 * S)]
+
+
+def test_one_off_fires_once_even_late_then_is_disabled(rec: Recorder, twin: Recorder) -> None:
+    put(rec, "launch", at="2023-11-14T22:13:20+00:00")  # == T0
+    a, b = rec.beat(), twin.beat()
+    assert a.tick(T0 - S).fired == []
+    assert b.tick(T0 + 3600 * S).fired == [("launch", T0)]  # late, fires anyway
+    assert a.tick(T0 + 3601 * S).fired == []
+    stored = ScheduleStore(rec.app.broker).get("launch")
+    assert stored is not None and not stored.enabled
+    assert ids(rec, twin) == [task_id_for("launch", T0)]
+
+
+# -- run-time edits -----------------------------------------------------------------------------
+
+
+def test_disable_and_enable_at_run_time(rec: Recorder, twin: Recorder) -> None:
+    put(rec, "sec", every=1)
+    beat = rec.beat()
+    beat.tick(T0)
+    store = ScheduleStore(twin.app.broker)  # another process edits the store
+    assert store.set_enabled("sec", False)
+    assert beat.tick(T0 + S).fired == []
+    assert beat.tick(T0 + 5 * S).fired == []
+    assert store.set_enabled("sec", True, now_ms=T0 + 5 * S + 200)
+    assert beat.tick(T0 + 5 * S + 300).fired == []  # ticks missed while disabled: none
+    assert beat.tick(T0 + 6 * S).fired == [("sec", T0 + 6 * S)]
+    assert not store.set_enabled("nope", True)
+
+
+def test_entries_added_and_removed_at_run_time(rec: Recorder) -> None:
+    beat = rec.beat()
+    assert beat.tick(T0).fired == []
+    put(rec, "late", every=1, args=[1], kwargs={"k": "v"})
+    assert beat.tick(T0 + S).fired == [("late", T0 + S)]
+    assert (rec.sent[0].args, rec.sent[0].kwargs) == ((1,), {"k": "v"})
+    assert ScheduleStore(rec.app.broker).remove("late")
+    assert beat.tick(T0 + 2 * S).fired == []
+    assert rec.app.broker.peek(LAST_PREFIX + "late") is None
+
+
+def test_publish_failure_releases_the_tick_for_another_beat(rec: Recorder, twin: Recorder) -> None:
+    put(rec, "sec", every=1)
+    a, b = rec.beat(beat_id="a"), twin.beat(beat_id="b")
+    a.tick(T0)
+    rec.app.publish_retries = 0
+    rec.fail_next = 1
+    assert a.tick(T0 + S).fired == []  # claimed, publish failed, released
+    assert b.tick(T0 + S + 100).fired == [("sec", T0 + S)]
+    assert a.tick(T0 + S + 200).fired == []
+    assert ids(rec, twin) == sorted([task_id_for("sec", T0), task_id_for("sec", T0 + S)])
+
+
+def test_entry_options_reach_the_envelope(rec: Recorder) -> None:
+    put(rec, "opts", every=20, queue="low", priority=7, expires=30, jitter=20)
+    before = now_ms()
+    rec.beat().tick(T0)
+    [env] = rec.sent
+    delay = jitter_ms("opts", T0, 20)
+    assert (env.task, env.queue, env.priority) == ("job", "low", 7)
+    assert env.headers["beat_entry"] == "opts" and env.headers["beat_tick_ms"] == T0
+    if delay:
+        assert env.not_before_ms is not None
+        assert before + delay <= env.not_before_ms <= now_ms() + delay
+    assert env.expires_ms is not None
+    assert before + delay + 30 * S <= env.expires_ms <= now_ms() + delay + 30 * S
+
+
+def test_a_broken_stored_entry_is_skipped_and_logged(
+    rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec.app.broker.swap(
+        ENTRY_PREFIX + "bad", None, json.dumps({"task": "x", "every": "often"}), None
+    )
+    rec.app.broker.swap(ENTRY_PREFIX + "junk", None, "{not json", None)
+    put(rec, "good", every=1)
+    beat = rec.beat()
+    with caplog.at_level(logging.ERROR, logger="stem.beat"):
+        assert beat.tick(T0).fired == [("good", T0)]
+        beat.tick(T0 + S)
+    assert caplog.text.count("skipping schedule 'bad'") == 1
+    assert "skipping schedule 'junk'" in caplog.text
+    assert set(ScheduleStore(rec.app.broker).load().broken) == {"bad", "junk"}
+
+
+# -- code and config entries --------------------------------------------------------------------
+
+
+def test_sync_keeps_an_operator_disabled_flag_and_prunes_only_on_request(rec: Recorder) -> None:
+    add_schedule(rec.app, "code-job", "job", every=1)
+    put(rec, "cli-job", every=1)
+    beat = rec.beat(specs={"cfg-job": {"task": "job", "every_s": 2}})
+    beat.sync()
+    store = ScheduleStore(rec.app.broker)
+    assert {n: e.origin for n, e in store.load().entries.items()} == {
+        "cfg-job": "config",
+        "cli-job": "cli",
+        "code-job": "code",
+    }
+    store.set_enabled("code-job", False)
+    add_schedule(rec.app, "code-job", "job", every=5)  # redeployed with a new interval
+    beat.sync()
+    entry = store.get("code-job")
+    assert entry is not None and not entry.enabled and entry.to_spec()["every_s"] == 5.0
+    del rec.app.schedules["code-job"]
+    beat.sync()
+    assert store.get("code-job") is not None  # no pruning by default
+    rec.beat(specs={}, prune=True).sync()
+    assert sorted(store.load().entries) == ["cli-job"]
+
+
+def test_config_settings_become_specs() -> None:
+    from stem.config import ScheduleSettings
+
+    settings = type("S", (), {})()
+    settings.beat = type("B", (), {})()  # type: ignore[attr-defined]
+    settings.beat.schedules = {  # type: ignore[attr-defined]
+        "nightly": ScheduleSettings(
+            name="nightly", task="job", cron="0 3 * * *", args=(1,), expires_s=60.0
+        ),
+        "often": ScheduleSettings(name="often", task="job", every_s=5.0, queue="q"),
+    }
+    specs = config_specs(settings)
+    assert specs["nightly"] == {
+        "task": "job",
+        "cron": "0 3 * * *",
+        "args": [1],
+        "kwargs": {},
+        "expires_s": 60.0,
+    }
+    assert parse_entry("often", specs["often"]).queue == "q"
+    assert config_specs(None) == {}
+
+
+def test_a_bad_code_spec_stops_sync_with_a_config_error(rec: Recorder) -> None:
+    rec.app.schedules["broken"] = {"task": "job", "every": "sometimes"}
+    with pytest.raises(ConfigError, match="schedule 'broken'"):
+        rec.beat().sync()
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def test_run_fires_on_the_real_clock_and_stops(rec: Recorder) -> None:
+    add_schedule(rec.app, "quick", "job", every=0.1)
+    beat = rec.beat(tick_s=0.05)
+    thread = threading.Thread(target=beat.run)
+    thread.start()
+    deadline = now_ms() + 5000
+    while len(rec.sent) < 3 and now_ms() < deadline:
+        threading.Event().wait(0.05)
+    beat.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    ticks = [e.headers["beat_tick_ms"] for e in rec.sent]
+    assert len(ticks) >= 3
+    assert all(t % 100 == 0 for t in ticks)
+    assert len(set(ticks)) == len(ticks)
