@@ -115,6 +115,14 @@ def worker(
             "--metrics-host", envvar="STEM_METRICS_HOST", help="Address for the metrics port."
         ),
     ] = "127.0.0.1",
+    state_file: Annotated[
+        str | None,
+        typer.Option(
+            "--state-file",
+            envvar="STEM_WORKER_STATE_FILE",
+            help="Keep a JSON health snapshot here (read by `stem health`).",
+        ),
+    ] = None,
     events: Annotated[
         bool,
         typer.Option(
@@ -132,6 +140,7 @@ def worker(
     from stem.cli.context import state
     from stem.cli.settings_bridge import typed_flags
     from stem.worker.consumer import Worker, WorkerConfig
+    from stem.worker.service import attach, watchdog_interval_s
 
     state(ctx).overrides.update(typed_flags(ctx, _FLAGS))
     if metrics_port is not None:
@@ -153,10 +162,12 @@ def worker(
         time_limit_s=w.time_limit_s,
         soft_time_limit_s=w.soft_time_limit_s,
         node_name=w.node_name,
-        heartbeat_s=w.heartbeat_s,
+        # systemd's watchdog wants pings at least twice per WatchdogSec.
+        heartbeat_s=min(w.heartbeat_s, watchdog_interval_s() or w.heartbeat_s),
         autoscale=_autoscale(w.autoscale),
     )
     worker_ = Worker(app, cfg)
+    attach(worker_, state_file=w.state_file, notify=True)
     if events:
         from stem.observability.events import enable_events
 
@@ -184,6 +195,7 @@ _FLAGS = {
     "node_name": "worker.node_name",
     "autoscale": "worker.autoscale",
     "heartbeat_s": "worker.heartbeat_s",
+    "state_file": "worker.state_file",
     "metrics_port": "metrics.port",
     "metrics_host": "metrics.host",
 }

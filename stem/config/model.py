@@ -101,6 +101,7 @@ class WorkerSettings:
     autoscale: str | None = None  # "MAX,MIN"
     node_name: str | None = None
     heartbeat_s: float = 5.0
+    state_file: str | None = None
 
     @property
     def autoscale_bounds(self) -> tuple[int, int] | None:

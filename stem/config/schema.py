@@ -221,6 +221,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "autoscale": Field("str", None, optional=True, check=_autoscale),
         "node_name": Field("str", None, optional=True, check=_name),
         "heartbeat_s": Field("float", 5.0, above=0),
+        "state_file": Field("str", None, optional=True, path=True),
     },
     "signing": {
         "algorithm": Field("choice", "hmac-sha256", choices=("hmac-sha256", "ed25519")),

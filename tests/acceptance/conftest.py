@@ -29,23 +29,35 @@ class StemCLI:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs = tmp
 
-    def run(self, *args: str, check: bool = False, timeout: float = 60,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *args: str,
+        check: bool = False,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [sys.executable, "-m", "stem.cli.main", *args], env={**self.env, **(env or {})},
-            capture_output=True, text=True, timeout=timeout,
+            [sys.executable, "-m", "stem.cli.main", *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"stem {' '.join(args)} exited {proc.returncode}:\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"stem {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
-    def start_worker(self, *args: str, env: dict[str, str] | None = None,
-                     name: str = "worker") -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
+    def start_worker(
+        self, *args: str, env: dict[str, str] | None = None, name: str = "worker"
+    ) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "stem.cli.main", "worker", *args],
-            env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         self.procs.append(proc)

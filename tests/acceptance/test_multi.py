@@ -1,0 +1,412 @@
+"""`stem-multi` for real: detached nodes with pidfiles, logs and state files, on SQLite."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stem import Stem, states
+from stem.cli import multi
+from stem.cli.health_cmd import check
+from stem.cli.multi_daemon import _started_for
+from stem.worker.service import pid_alive, read_state
+
+from .conftest import ROOT, StemCLI
+
+HERE = Path(__file__).parent
+SHIM = HERE / "service_shim.py"
+HOST = socket.gethostname()
+
+
+def _cli_wired() -> bool:
+    """Whether `stem worker` calls stem.worker.service.attach itself (--state-file)."""
+    return "state_file" in (ROOT / "stem/cli/worker_cmd.py").read_text()
+
+
+# Until the CLI is wired, nodes run the CLI through a shim that attaches the service hooks
+# exactly as `stem worker` will.
+STEM_CMD = None if _cli_wired() else f"{sys.executable} {SHIM}"
+
+
+class Multi:
+    """Runs `python -m stem.cli.multi` with per-test pidfile, log and state directories."""
+
+    def __init__(self, cli: StemCLI, base: Path) -> None:
+        self.cli = cli
+        self.base = base
+        self.env = {**cli.env, "STEM_STATE_DIR": str(base / "state")}
+
+    def paths(self) -> list[str]:
+        return [
+            "--pidfile",
+            f"{self.base}/run/%n.pid",
+            "--logfile",
+            f"{self.base}/log/%n.log",
+            "--workdir",
+            str(self.base),
+        ]
+
+    def __call__(
+        self, *args: str, stem: str | None = STEM_CMD, timeout: float = 120, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        command = args[0]
+        extra = ["--stem", stem] if stem and command in ("start", "restart", "show") else []
+        return subprocess.run(
+            [sys.executable, "-m", "stem.cli.multi", *args, *self.paths(), *extra],
+            env={**self.env, **kw.pop("env", {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
+
+    def pid(self, node: str) -> int:
+        return int((self.base / "run" / f"{node}.pid").read_text())
+
+    def state(self, node: str) -> dict[str, Any]:
+        return read_state(self.base / "state" / f"{node}.json")
+
+    def cleanup(self) -> None:
+        """SIGKILL whatever a failed test left running (only processes started for these
+        pidfiles: a test forges one naming the test process itself)."""
+        for pidfile in (self.base / "run").glob("*.pid"):
+            try:
+                pid = int(pidfile.read_text())
+            except (OSError, ValueError):
+                continue
+            if pid != os.getpid() and _started_for(pid, pidfile):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def mt(cli: StemCLI, tmp_path: Path) -> Iterator[Multi]:
+    m = Multi(cli, tmp_path)
+    yield m
+    m.cleanup()
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _ok(proc: subprocess.CompletedProcess[str], code: int = 0) -> str:
+    assert proc.returncode == code, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+FAST = ("-P", "thread", "-c", "2", "--heartbeat", "0.3")
+
+
+# -- the parser and the plan (no processes) ---------------------------------------------------
+
+
+def test_nodes_templates_and_per_node_options() -> None:
+    parsed = multi.parse(
+        [
+            "start",
+            "alpha",
+            "beta",
+            "--app",
+            "pkg.tasks:app",
+            "-Q",
+            "default",
+            "-c:alpha",
+            "8",
+            "-Q:beta=mail",
+            "--config:beta",
+            "/etc/stem/%n.yaml",
+            "--pidfile",
+            "/x/%n-%i.pid",
+            "--hostname",
+            "h1",
+            "--stem",
+            "stem",
+            "--",
+            "--raw",
+        ]
+    )
+    plan = multi.plan(parsed)
+    alpha, beta = plan.nodes
+    assert alpha.argv == (
+        "stem",
+        "--app",
+        "pkg.tasks:app",
+        "worker",
+        "--name",
+        "alpha@h1",
+        "-Q",
+        "default",
+        "-c",
+        "8",
+        "--raw",
+    )
+    assert beta.argv == (
+        "stem",
+        "--app",
+        "pkg.tasks:app",
+        "--config",
+        "/etc/stem/beta.yaml",
+        "worker",
+        "--name",
+        "beta@h1",
+        "-Q",
+        "default",
+        "-Q",
+        "mail",
+        "--raw",
+    )
+    assert (str(alpha.pidfile), str(beta.pidfile)) == ("/x/alpha-1.pid", "/x/beta-2.pid")
+    assert str(alpha.logfile) == "/var/log/stem/alpha.log"
+    assert alpha.stop_timeout_s == multi.DEFAULT_BUDGET_S + multi.STOP_MARGIN_S
+
+
+def test_count_ranges_and_budget_derived_stop_timeout() -> None:
+    plan = multi.plan(
+        multi.parse(["stopwait", "3", "-c:1-2", "4", "--shutdown-budget:3", "5", "-c8"])
+    )
+    assert [n.name for n in plan.nodes] == ["1", "2", "3"]
+    assert [n.argv[-1] for n in plan.nodes] == ["4", "4", "5"]
+    assert plan.nodes[0].argv[-4:] == ("-c", "8", "-c", "4")  # the override comes last
+    assert [n.stop_timeout_s for n in plan.nodes] == [60.0, 60.0, 35.0]
+    assert multi.expand("%n@%h/%i/%%n/%x", name="a", host="h", index=2) == "a@h/2/%n/%x"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "^$"),
+        (["launch", "a"], "unknown command"),
+        (["start"], "name the nodes"),
+        (["start", "a", "--frobnicate"], "unknown option --frobnicate"),
+        (["start", "a", "-c"], "-c needs a value"),
+        (["start", "a", "-c:b", "2"], "selects none of the nodes"),
+        (["start", "a", "--pidfile:a", "x"], "takes no :NODE"),
+        (["start", "a/b"], "bad node name"),
+        (["start", "a", "a"], "named twice"),
+        (["start", "0"], "between 1 and 1000"),
+        (["start", "a", "--timeout", "soon"], "number of seconds"),
+    ],
+)
+def test_usage_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(multi.UsageError, match=message):
+        multi.plan(multi.parse(argv))
+
+
+def test_cli_usage_and_config_exit_codes() -> None:
+    assert multi.run(["start", "a", "--bogus"]) == multi.MultiExit.USAGE
+    assert multi.run([]) == multi.MultiExit.USAGE
+    assert multi.run(["--help"]) == multi.MultiExit.OK
+    assert multi.run(["names", "2"]) == multi.MultiExit.OK
+    user = "no-such-user-stem"
+    assert multi.run(["start", "a", "--user", user]) == multi.MultiExit.CONFIG
+    assert multi.run(["start", "a", "--group", "nogroup"]) == multi.MultiExit.USAGE
+    assert len({int(c) for c in multi.MultiExit}) == len(multi.MultiExit)  # all distinct
+
+
+# -- nodes for real -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_three_nodes_consume_and_stopwait_drains_without_loss(mt: Multi) -> None:
+    out = _ok(mt("start", "3", *FAST))
+    assert sorted(line.split(":")[0] for line in out.splitlines()) == ["1", "2", "3"]
+    assert out.count("started (pid") == 3
+    pids = [mt.pid(n) for n in ("1", "2", "3")]
+    assert len(set(pids)) == 3 and all(pid_alive(p) for p in pids)
+    for node, pid in zip(("1", "2", "3"), pids, strict=True):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"worker" in cmdline and f"{node}@{HOST}".encode() in cmdline
+        assert "ready" in (mt.base / "log" / f"{node}.log").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "Umask:\t0027" in status
+
+    # Each node consumes: every one of them runs some of the work.
+    app = Stem("producer", broker=mt.cli.url, backend=mt.cli.url)
+    results = [app.send_task("acc.sleep", [0.2]) for _ in range(30)]
+    assert [r.get(timeout=60) for r in results] == [0.2] * 30
+    for node in ("1", "2", "3"):
+        _wait(lambda n=node: mt.state(n)["processed"]["succeeded"] > 0, 10, f"node {node}")
+        assert check(mt.base / "state" / f"{node}.json", max_age_s=5).healthy
+    status = mt("status", "3")
+    assert _ok(status).count(", healthy") == 3
+    if "health_cmd" in (ROOT / "stem/cli/main.py").read_text():  # `stem health` registered
+        probe = mt.cli.run("health", "--json", env={"STEM_STATE_DIR": str(mt.base / "state")})
+        assert probe.returncode == 0, probe.stdout + probe.stderr
+        assert [n["node"] for n in json.loads(probe.stdout)["nodes"]] == ["1", "2", "3"]
+
+    # Stop while tasks run: stopwait returns once they are done, and nothing is lost.
+    slow = [app.send_task("acc.sleep", [1.5]) for _ in range(6)]
+    _wait(lambda: app.broker.stats(["default"])[0].reserved >= 3, 20, "tasks to start")
+    stopped = _ok(mt("stopwait", "3"))
+    assert stopped.count("stopped") == 3
+    assert all(not pid_alive(p) for p in pids)
+    assert not list((mt.base / "run").iterdir())  # the nodes removed their pidfiles
+    assert {mt.state(n)["phase"] for n in ("1", "2", "3")} == {"stopped"}
+    done = [r.state for r in slow]
+    [stats] = app.broker.stats(["default"])
+    assert done.count(states.SUCCESS) + stats.ready == 6, (done, stats)
+    assert stats.reserved == 0
+    assert _ok(mt("status", "3"), multi.MultiExit.NOT_RUNNING).count("stopped") == 3
+    app.close()
+
+
+@pytest.mark.slow
+def test_kill9_node_is_replaced_by_start_and_twins_are_refused(mt: Multi) -> None:
+    _ok(mt("start", "alpha", "beta", *FAST))
+    alpha, beta = mt.pid("alpha"), mt.pid("beta")
+    again = _ok(mt("start", "alpha", "beta", *FAST))
+    assert f"alpha: already running (pid {alpha})" in again
+    assert f"beta: already running (pid {beta})" in again
+
+    os.kill(beta, signal.SIGKILL)
+    _wait(lambda: not pid_alive(beta), 10, "beta to die")
+    status = _ok(mt("status", "alpha", "beta"), multi.MultiExit.STALE)
+    assert "alpha: running" in status and "beta: dead, pidfile remains" in status
+
+    out = _ok(mt("start", "alpha", "beta", *FAST))
+    assert f"alpha: already running (pid {alpha})" in out
+    assert "beta: removed a stale pidfile" in out and "beta: started" in out
+    assert mt.pid("alpha") == alpha and mt.pid("beta") != beta
+    _ok(mt("status", "alpha", "beta"))
+
+    killed = _ok(mt("kill", "alpha", "beta"))
+    assert killed.count("sent SIGKILL") == 2 and killed.count("stopped") == 2
+    assert not list((mt.base / "run").iterdir())
+
+
+@pytest.mark.slow
+def test_stale_and_forged_pidfiles(mt: Multi) -> None:
+    run = mt.base / "run"
+    run.mkdir()
+    (run / "a.pid").write_text("garbage\n")
+    (run / "b.pid").write_text(f"{os.getpid()}\n")  # alive, but not a node: this test
+    status = _ok(mt("status", "a", "b"), multi.MultiExit.STALE)
+    assert "does not hold a pid" in status and "is another program" in status
+    stop = _ok(mt("stop", "a", "b"))  # must not signal the test process
+    assert stop.count("removed a stale pidfile") == 2
+    assert not list(run.iterdir())
+    assert _ok(mt("stop", "a")).strip() == "a: not running"
+
+    (run / "a.pid").write_text("4194400\n")  # above the kernel's largest pid
+    out = _ok(mt("start", "a", *FAST))
+    assert "a: removed a stale pidfile (pid 4194400 is not running)" in out
+    assert "a: started" in out
+    _ok(mt("stop", "a"))
+    _wait(lambda: not (run / "a.pid").exists(), 30, "the node to remove its pidfile")
+
+
+@pytest.mark.slow
+def test_stopwait_timeout_is_reported(mt: Multi) -> None:
+    _ok(mt("start", "a", *FAST, "--shutdown-budget", "60"))
+    app = Stem("producer", broker=mt.cli.url, backend=mt.cli.url)
+    app.send_task("acc.sleep", [30])
+    _wait(lambda: app.broker.stats(["default"])[0].reserved == 1, 20, "the task to start")
+    late = mt("stopwait", "a", "--timeout", "0.5")
+    assert late.returncode == multi.MultiExit.STOP_TIMEOUT
+    assert "a: still running" in late.stderr
+    _ok(mt("kill", "a"))
+    app.close()
+
+
+@pytest.mark.slow
+def test_a_node_that_cannot_start_is_reported_with_its_log(mt: Multi) -> None:
+    proc = mt("start", "a", "--app", "no_such_module:app", *FAST)
+    assert proc.returncode == multi.MultiExit.START_FAILED
+    assert "a: exited during startup" in proc.stderr
+    assert "no_such_module" in proc.stderr  # the end of the node's log
+    assert not (mt.base / "run" / "a.pid").exists()
+
+
+@pytest.mark.slow
+def test_show_and_names(mt: Multi) -> None:
+    shown = _ok(mt("show", "2", "-Q", "mail", "-c:2", "4", stem="stem"))
+    lines = shown.splitlines()
+    state = mt.base / "state"
+    assert lines[0] == f"STEM_WORKER_STATE_FILE={state}/1.json " + shlex.join(
+        ["stem", "worker", "--name", f"1@{HOST}", "-Q", "mail"]
+    )
+    assert lines[1].endswith("-Q mail -c 4")
+    assert _ok(mt("names", "3")).split() == ["1", "2", "3"]
+
+
+# -- privileges -----------------------------------------------------------------------------
+
+FAKE_NODE = """#!/bin/sh
+echo "fake node $$ as $(id -u):$(id -g) args: $*"
+trap 'echo "fake node $$ stopping"; exit 0' TERM
+while :; do sleep 0.1; done
+"""
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory an unprivileged user can reach (pytest's tmp_path is root-only)."""
+    base = Path(tempfile.mkdtemp(prefix="stem-multi-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_privileges_are_dropped_completely(open_dir: Path, mt: Multi) -> None:
+    # The node is a shell script: this machine's Python lives under /root, which an
+    # unprivileged user cannot enter, and the point here is stem-multi's privilege drop.
+    fake = open_dir / "fake-node.sh"
+    fake.write_text(FAKE_NODE)
+    fake.chmod(0o755)
+    mt.base = open_dir
+    user = pwd.getpwnam("nobody")
+    group = grp.getgrgid(user.pw_gid)
+    args = ("start", "a", "--user", "nobody", "--group", group.gr_name, "--ready-timeout", "0")
+    # stem-multi runs with an extra supplementary group: the node must not keep it.
+    out = _ok(mt(*args, stem=f"/bin/sh {fake}", extra_groups=[4]))
+    assert "a: started" in out
+    pid = mt.pid("a")
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    assert status["Uid"].split() == [str(user.pw_uid)] * 4  # real, effective, saved, fs
+    assert status["Gid"].split() == [str(group.gr_gid)] * 4
+    expected_groups = sorted(os.getgrouplist("nobody", group.gr_gid))
+    assert sorted(int(g) for g in status["Groups"].split()) == expected_groups
+    assert status["Umask"].strip() == "0027"
+    pidfile, log = open_dir / "run" / "a.pid", open_dir / "log" / "a.log"
+    for path in (pidfile, log, pidfile.parent, log.parent):
+        assert path.stat().st_uid == user.pw_uid, path
+    assert oct(log.stat().st_mode & 0o777) == "0o640"
+    _wait(lambda: f"as {user.pw_uid}:{group.gr_gid}" in log.read_text(), 10, "the node log")
+    assert pwd.getpwuid(os.getuid()).pw_name == "root"  # stem-multi itself was root
+    _ok(mt("stopwait", "a"))
+    assert "stopping" in log.read_text()
+    assert _ok(mt("status", "a"), multi.MultiExit.NOT_RUNNING) == "a: stopped\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_a_user_that_cannot_write_the_pidfile_is_reported(open_dir: Path, mt: Multi) -> None:
+    run = open_dir / "run"
+    run.mkdir(mode=0o755)  # exists, owned by root: stem-multi does not chown what it found
+    mt.base = open_dir
+    proc = mt("start", "a", "--user", "nobody", "--ready-timeout", "0", stem="/bin/true")
+    assert proc.returncode == multi.MultiExit.NOPERM, proc.stderr
+    assert f"cannot create the pidfile {run}/a.pid as user nobody" in proc.stderr
