@@ -247,15 +247,18 @@ class PostgresBroker:
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         names = None if queues is None else list(dict.fromkeys(queues))
 
-        def query(c: Conn) -> tuple[list[Any], list[Any]]:
+        def query(c: Conn) -> tuple[list[Any], list[Any], list[Any]]:
             params = {"queues": names}
             return (
                 c.execute(_Q["stats_messages"], params).fetchall(),
                 c.execute(_Q["stats_dead"], params).fetchall(),
+                [] if names is not None else c.execute(_Q["stats_known"]).fetchall(),
             )
 
-        counts, dead = self._client.run("reading queue stats", query)
+        counts, dead, known = self._client.run("reading queue stats", query)
         table: dict[str, list[int]] = {q: [0, 0, 0, 0] for q in names or ()}
+        for (q,) in known:
+            table.setdefault(q, [0, 0, 0, 0])
         for q, ready, delayed, reserved in counts:
             table.setdefault(q, [0, 0, 0, 0])[:3] = [int(ready), int(delayed), int(reserved)]
         for q, n in dead:

@@ -76,3 +76,8 @@ CREATE TABLE stem_set_members (
     member text NOT NULL,
     PRIMARY KEY (key, member)
 );
+
+-- Every queue ever published to (0002), so drained queues keep showing in stats.
+CREATE TABLE stem_queues (
+    name text PRIMARY KEY
+);

@@ -13,6 +13,10 @@ WITH ins AS (
          WITH ORDINALITY AS m(message_id, queue, priority, not_before, body, ord)
     ORDER BY m.ord
     RETURNING queue
+), known AS (
+    INSERT INTO stem_queues (name)
+    SELECT DISTINCT q FROM unnest(%(queues)s::text[]) AS q
+    ON CONFLICT DO NOTHING
 )
 SELECT pg_notify(%(channel)s, q.queue) FROM (SELECT DISTINCT queue FROM ins) AS q;
 
@@ -130,6 +134,9 @@ SELECT queue,
 FROM stem_messages
 WHERE %(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[])
 GROUP BY queue;
+
+-- name: stats_known
+SELECT name FROM stem_queues;
 
 -- name: stats_dead
 SELECT queue, count(*)
