@@ -1,0 +1,183 @@
+"""Several processes on one SQLite file: every message is acked exactly once, waits see
+other processes' publishes, and the file's failure modes are reported by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stem.backends.sqlite import SQLiteBackend
+from stem.brokers.base import Message
+from stem.brokers.sqlite import SQLiteBroker
+from stem.errors import BackendConnectionError, BrokerConnectionError, BrokerError
+
+ROOT = Path(__file__).resolve().parents[2]
+TOTAL = 1500
+PROCESSES = 3
+
+# A consumer: opens the file at once (schema creation races with the others), waits for the
+# start flag so all consumers compete, then reserves, acks and records what it saw. It reads
+# the "done" flag before reserving, so an empty reserve after the flag means the queue is
+# drained.
+CONSUMER = """
+import json, os, sys, time
+from stem.brokers.sqlite import SQLiteBroker
+url, out, start_flag, done_flag = sys.argv[1:5]
+broker = SQLiteBroker(url)
+broker.ping()
+open(out + ".ready", "w").close()
+while not os.path.exists(start_flag):
+    time.sleep(0.01)
+ids, counts, held = [], [], 0
+while True:
+    finished = os.path.exists(done_flag)
+    got = broker.reserve(["work"], 10, 60.0, wait_s=0.1)
+    if not got:
+        if finished:
+            break
+        continue
+    held += broker.ack(got)
+    ids.extend(d.message_id for d in got)
+    counts.extend(d.delivery_count for d in got)
+broker.close()
+with open(out, "w") as f:
+    json.dump({"ids": ids, "counts": counts, "held": held}, f)
+"""
+
+
+def test_processes_share_one_file_without_losing_or_doubling(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db' / 'stem.db'}"  # a fresh file: schema creation races too
+    start_flag, done_flag = tmp_path / "start", tmp_path / "done"
+    outs = [tmp_path / f"out-{i}.json" for i in range(PROCESSES)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONSUMER, url, str(out), str(start_flag), str(done_flag)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for out in outs
+    ]
+    try:
+        producer = SQLiteBroker(url)
+        try:
+            producer.publish([Message(f"m{i:05}", "work", b"x") for i in range(TOTAL // 2)])
+            deadline = time.monotonic() + 60
+            while not all(Path(f"{out}.ready").exists() for out in outs):
+                assert time.monotonic() < deadline, "consumers did not start"
+                assert all(p.poll() is None for p in procs), "a consumer died"
+                time.sleep(0.01)
+            start_flag.touch()
+            sent = TOTAL // 2
+            size = 1
+            while sent < TOTAL:  # then batches of 1, 2, 4 ... 64 while the consumers run
+                n = min(size, TOTAL - sent)
+                producer.publish([Message(f"m{i:05}", "work", b"x") for i in range(sent, sent + n)])
+                sent += n
+                size = 1 if size >= 64 else size * 2
+                if sent % 100 < n:
+                    time.sleep(0.01)
+        finally:
+            producer.close()
+        done_flag.touch()
+        logs = [p.communicate(timeout=90)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in procs] == [0] * PROCESSES, "\n".join(logs)
+
+    results = [json.loads(out.read_text()) for out in outs]
+    ids = [m for r in results for m in r["ids"]]
+    assert len(ids) == TOTAL  # nothing delivered twice
+    assert sorted(ids) == [f"m{i:05}" for i in range(TOTAL)]  # nothing lost
+    assert sum(r["held"] for r in results) == TOTAL  # every ack found its lease
+    assert {c for r in results for c in r["counts"]} == {1}  # never leased twice
+    check = SQLiteBroker(url)
+    try:
+        [stats] = check.stats(["work"])
+        assert (stats.ready, stats.delayed, stats.reserved, stats.dead) == (0, 0, 0, 0)
+    finally:
+        check.close()
+
+
+def test_waiting_reserve_sees_a_publish_from_another_process(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    broker = SQLiteBroker(url)
+    try:
+        broker.ping()  # the schema exists before the publisher starts
+        publisher = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys, time\n"
+                "from stem.brokers.base import Message\n"
+                "from stem.brokers.sqlite import SQLiteBroker\n"
+                "time.sleep(0.3)\n"
+                "b = SQLiteBroker(sys.argv[1])\n"
+                "b.publish([Message('from-afar', 'q', b'x')])\n"
+                "b.close()\n",
+                url,
+            ],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        try:
+            got = broker.reserve(["q"], 1, 30.0, wait_s=30.0)
+        finally:
+            publisher.wait(60)
+        assert publisher.returncode == 0
+        assert [d.message_id for d in got] == ["from-afar"]
+    finally:
+        broker.close()
+
+
+def test_broker_and_backend_share_one_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    broker, backend = SQLiteBroker(url), SQLiteBackend(url)
+    try:
+        broker.publish([Message("m", "q", b"x")])
+        backend.store("t", "SUCCESS", b"result", None)
+        assert [d.message_id for d in broker.reserve(["q"], 1, 30.0)] == ["m"]
+        assert backend.fetch("t") == b"result"
+    finally:
+        broker.close()
+        backend.close()
+
+
+def test_an_unusable_path_is_named_in_the_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    url = f"sqlite:///{blocker / 'sub' / 'stem.db'}"
+    with pytest.raises(BrokerConnectionError, match=re.escape(str(blocker))):
+        SQLiteBroker(url).ping()
+    with pytest.raises(BackendConnectionError, match=re.escape(str(blocker))):
+        SQLiteBackend(url).ping()
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not an SQLite database, not at all" * 10)
+    with pytest.raises(BrokerConnectionError, match=re.escape(str(garbage))):
+        SQLiteBroker(f"sqlite:///{garbage}").ping()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    first = SQLiteBroker(url)
+    first.ping()
+    first.close()
+    with sqlite3.connect(tmp_path / "stem.db") as conn:
+        conn.execute("UPDATE stem_schema SET version = 99 WHERE component = 'broker'")
+    conn.close()
+    with pytest.raises(BrokerError, match="schema version 99"):
+        SQLiteBroker(url).ping()
