@@ -106,11 +106,29 @@ def to_dict(env: Envelope, *, with_signature: bool = True) -> dict[str, Any]:
 
 
 def dumps(value: Any) -> bytes:
-    """Canonical JSON bytes (sorted keys, compact) for any JSON-able value."""
+    """Canonical JSON bytes (sorted keys, compact) for any JSON-able value. NaN and
+    infinities are refused (orjson would silently write them as null)."""
     try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise EncodeError(f"value cannot be encoded as JSON: {exc}") from None
+    if b"null" in data and not _finite(value):
+        raise EncodeError("value cannot be encoded as JSON: NaN or infinity is not JSON")
+    return data
+
+
+def _finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return True
 
 
 def loads(data: bytes | str) -> Any:

@@ -123,3 +123,10 @@ def test_expiry() -> None:
     assert make(expires_ms=100).is_expired(at_ms=100)
     assert not make(expires_ms=100).is_expired(at_ms=99)
     assert not make().is_expired(at_ms=10**15)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_floats_are_refused_not_turned_into_null(bad: float) -> None:
+    with pytest.raises(EncodeError, match="NaN or infinity"):
+        codec.encode(make(args=(1, {"x": [bad]})))
+    assert codec.decode(codec.encode(make(args=(None, 1.5)))).args == (None, 1.5)
