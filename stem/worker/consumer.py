@@ -127,6 +127,9 @@ class Worker:
 
         signals.worker_init.send(worker=self)
         self.app.broker.ping()
+        # The broker just answered: count that as contact, so the first heartbeat (sent
+        # before the consumer's first reserve returns) reports a consuming worker.
+        self.last_consume_ms = self.last_loop_ms = _now_ms()
         self._heartbeats = attach_heartbeats(self)
         self._load_revoked()
         self.pool.start()

@@ -28,7 +28,7 @@ def _stem_lines() -> list[str]:
     for block in _blocks("sh"):
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
-            if line.startswith("stem "):
+            if line.startswith(("stem ", "stem-multi ")):
                 lines.append(line)
     return lines
 
@@ -47,24 +47,30 @@ def test_quick_start_and_cli_examples_run(tmp_path: Path) -> None:
     (tmp_path / "shop" / "tasks.py").write_text(tasks_src)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     stem = [sys.executable, "-m", "stem.cli.main"]
+    multi = [sys.executable, "-m", "stem.cli.multi"]
     lines = _stem_lines()
     [worker_line] = [ln for ln in lines if " worker " in ln and "-Q default,mail" not in ln]
     worker = subprocess.Popen(stem + shlex.split(worker_line)[1:], cwd=tmp_path, env=env)
     try:
         producers = [b for b in _blocks("python") if b.startswith("from shop.tasks import")]
         assert producers, "the README lost its producer example"
-        for src in producers:
-            subprocess.run([sys.executable, "-c", src], cwd=tmp_path, env=env, check=True,
-                           timeout=60)
+        canvas = [b for b in _blocks("python") if b.startswith("from stem import chain")]
+        assert canvas, "the README lost its canvas example"
+        for src in producers + canvas:
+            subprocess.run(
+                [sys.executable, "-c", src], cwd=tmp_path, env=env, check=True, timeout=60
+            )
         enq = [ln for ln in lines if " enqueue " in ln]
         assert enq
         task_id = ""
         for line in lines:
-            if " worker " in line:
+            if " worker " in line and not line.startswith("stem-multi"):
                 continue
-            args = shlex.split(line.replace("TASK_ID", task_id or "missing"))[1:]
-            proc = subprocess.run(stem + args, cwd=tmp_path, env=env, capture_output=True,
-                                  text=True, timeout=60)
+            words = shlex.split(line.replace("TASK_ID", task_id or "missing"))
+            cmd = (multi if words[0] == "stem-multi" else stem) + words[1:]
+            proc = subprocess.run(
+                cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90
+            )
             assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"
             if " enqueue " in line:
                 task_id = proc.stdout.strip().splitlines()[0]
