@@ -43,6 +43,7 @@ from redis.retry import Retry
 from stem.errors import ConfigError, StemError
 from stem.observability.redact import redact_text, redact_url
 from stem.security.tls import TLSSettings
+from stem.urls import number_option
 
 log = logging.getLogger("stem.redis")
 
@@ -77,16 +78,7 @@ class RedisOptions:
 
 def _number(name: str, value: str, url: str) -> float:
     kind, low, high = _NUMBERS[name]
-    try:
-        number = kind(value)
-    except ValueError:
-        number = float("nan")
-    if not low <= number <= high:
-        raise ConfigError(
-            f"URL option {name}={value!r} in {redact_url(url)} must be a number "
-            f"from {low:g} to {high:g}"
-        )
-    return float(number)
+    return number_option(name, value, url, low=low, high=high, kind=kind)
 
 
 def _existing_file(what: str, path: str | None) -> str | None:

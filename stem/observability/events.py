@@ -100,7 +100,6 @@ class EventPublisher:
         self._closed = False
         self._next_backlog_check = 0.0
         self._warned_at = 0.0
-        self._receivers: list[tuple[signals.Signal, Callable[..., Any]]] = []
         pairs: list[tuple[signals.Signal, Callable[..., Any]]] = [
             (signals.after_publish, self._on_sent)
         ]
@@ -117,9 +116,7 @@ class EventPublisher:
                 (signals.heartbeat, self._on_heartbeat),
                 (signals.worker_shutdown, self._on_offline),
             ]
-        for sig, receiver in pairs:
-            sig.connect(receiver)
-            self._receivers.append((sig, receiver))
+        self._receivers = signals.Receivers(pairs)
         self._thread = threading.Thread(target=self._run, name="stem-events", daemon=True)
         self._thread.start()
 
@@ -186,9 +183,7 @@ class EventPublisher:
 
     def close(self) -> None:
         """Disconnect, publish what is buffered, and stop the background thread."""
-        for sig, receiver in self._receivers:
-            sig.disconnect(receiver)
-        self._receivers.clear()
+        self._receivers.disconnect_all()
         with self._cond:
             if self._closed:
                 return

@@ -14,7 +14,7 @@ make remote control and this listing ambiguous.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from stem.envelope import dumps, loads, now_ms
@@ -46,22 +46,16 @@ class HeartbeatWriter:
         self.offline_ttl_s = offline_ttl_s
         self._last_written: str | None = None
         self._warned_duplicate = False
-        # Kept so disconnect gets the very objects connected (bound methods are new objects
-        # on every attribute access, and Signal.disconnect compares by identity).
-        self._receivers: list[tuple[signals.Signal, Callable[..., Any]]] = [
-            (signals.heartbeat, self._on_heartbeat),
-            (signals.worker_shutdown, self._on_shutdown),
-        ]
-        for sig, receiver in self._receivers:
-            sig.connect(receiver)
+        self._receivers = signals.Receivers(
+            [(signals.heartbeat, self._on_heartbeat), (signals.worker_shutdown, self._on_shutdown)]
+        )
 
     @property
     def key(self) -> str:
         return worker_key(self.worker.name)
 
     def detach(self) -> None:
-        for sig, receiver in self._receivers:
-            sig.disconnect(receiver)
+        self._receivers.disconnect_all()
 
     def _record(self, health: Mapping[str, Any], *, offline: bool) -> str:
         record = dict(health)

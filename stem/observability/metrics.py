@@ -120,7 +120,7 @@ class Metrics:
         ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds
         self._started: dict[_Key, tuple[str, float]] = {}
         self._lock = threading.Lock()
-        self._receivers: list[tuple[signals.Signal, Callable[..., Any]]] = []
+        self._receivers = signals.Receivers()
 
     # -- wiring --------------------------------------------------------------------------
 
@@ -141,13 +141,10 @@ class Metrics:
         ]
         for sig, receiver in pairs:
             if sig is not None:
-                sig.connect(receiver)
-                self._receivers.append((sig, receiver))
+                self._receivers.connect(sig, receiver)
 
     def disconnect(self) -> None:
-        for sig, receiver in self._receivers:
-            sig.disconnect(receiver)
-        self._receivers.clear()
+        self._receivers.disconnect_all()
 
     def bind_worker(self, worker: Worker) -> None:
         """Read pool size and running tasks from the worker at scrape time (always exact,
@@ -258,13 +255,9 @@ class MetricsEndpoint:
             target=self._refresh_loop, name="stem-metrics-refresh", daemon=True
         )
         self._refresher.start()
-        # The very objects connected, for disconnect (which compares by identity).
-        self._receivers: list[tuple[signals.Signal, Callable[..., Any]]] = [
-            (signals.heartbeat, self._on_heartbeat),
-            (signals.worker_shutdown, self._on_shutdown),
-        ]
-        for sig, receiver in self._receivers:
-            sig.connect(receiver)
+        self._receivers = signals.Receivers(
+            [(signals.heartbeat, self._on_heartbeat), (signals.worker_shutdown, self._on_shutdown)]
+        )
 
     @property
     def url(self) -> str:
@@ -304,8 +297,7 @@ class MetricsEndpoint:
         if self._closed:
             return
         self._closed = True
-        for sig, receiver in self._receivers:
-            sig.disconnect(receiver)
+        self._receivers.disconnect_all()
         self.metrics.disconnect()
         self._stop.set()
         self._wake.set()

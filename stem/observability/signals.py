@@ -52,6 +52,27 @@ class Signal:
         return f"<Signal {self.name}>"
 
 
+class Receivers:
+    """Connections made together and undone together (one object's receivers)."""
+
+    def __init__(self, pairs: list[tuple[Signal, Receiver]] | None = None) -> None:
+        self._pairs: list[tuple[Signal, Receiver]] = []
+        for sig, receiver in pairs or []:
+            self.connect(sig, receiver)
+
+    def connect(self, sig: Signal, receiver: Receiver) -> None:
+        sig.connect(receiver)
+        self._pairs.append((sig, receiver))
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def disconnect_all(self) -> None:
+        for sig, receiver in self._pairs:
+            sig.disconnect(receiver)
+        self._pairs.clear()
+
+
 before_publish = Signal("before_publish")
 after_publish = Signal("after_publish")
 task_received = Signal("task_received")

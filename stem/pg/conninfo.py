@@ -34,11 +34,10 @@ from psycopg.conninfo import conninfo_to_dict
 from stem.errors import ConfigError
 from stem.observability.redact import redact_url
 from stem.security.tls import TLSSettings
+from stem.urls import bool_option, number_option
 
 log = logging.getLogger("stem.postgres")
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 _STEM_OPTIONS = frozenset({"migrate", "listen", "poll_interval_s", "pool_size", "prepare"})
 _DEFAULT_CONNECT_TIMEOUT_S = "10"
 _UNVERIFIED_MODES = frozenset({"disable", "allow", "prefer", "require"})
@@ -57,28 +56,6 @@ class PgOptions:
     pool_size: int = 4
     prepare: bool = True
     sslmode: str = "prefer"
-
-
-def _bool(name: str, value: str, url: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ConfigError(f"URL option {name}={value!r} in {redact_url(url)} must be true or false")
-
-
-def _number(name: str, value: str, url: str, *, low: float, high: float) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not low <= number <= high:
-        raise ConfigError(
-            f"URL option {name}={value!r} in {redact_url(url)} must be a number "
-            f"from {low:g} to {high:g}"
-        )
-    return number
 
 
 def split_stem_options(url: str) -> tuple[str, dict[str, str]]:
@@ -142,19 +119,19 @@ def parse(url: str, tls: TLSSettings | None = None) -> PgOptions:
         conninfo=stripped,
         params=params,
         target=target,
-        migrate=_bool("migrate", ours["migrate"], url) if "migrate" in ours else True,
-        listen=_bool("listen", ours["listen"], url) if "listen" in ours else True,
+        migrate=bool_option("migrate", ours["migrate"], url) if "migrate" in ours else True,
+        listen=bool_option("listen", ours["listen"], url) if "listen" in ours else True,
         poll_interval_s=(
-            _number("poll_interval_s", ours["poll_interval_s"], url, low=0.01, high=60.0)
+            number_option("poll_interval_s", ours["poll_interval_s"], url, low=0.01, high=60.0)
             if "poll_interval_s" in ours
             else 0.5
         ),
         pool_size=(
-            int(_number("pool_size", ours["pool_size"], url, low=1, high=64))
+            int(number_option("pool_size", ours["pool_size"], url, low=1, high=64, kind=int))
             if "pool_size" in ours
             else 4
         ),
-        prepare=_bool("prepare", ours["prepare"], url) if "prepare" in ours else True,
+        prepare=bool_option("prepare", ours["prepare"], url) if "prepare" in ours else True,
         sslmode=sslmode,
     )
     if tls is not None and tls.allow_insecure:

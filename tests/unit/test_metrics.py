@@ -243,7 +243,7 @@ def test_endpoint_serves_the_workload(signed_app: Stem) -> None:
     # The worker's shutdown closed the endpoint and disconnected its receivers.
     with pytest.raises(urllib.error.URLError):
         scrape(endpoint.url)
-    assert endpoint.metrics._receivers == []
+    assert len(endpoint.metrics._receivers) == 0
 
 
 def test_heartbeat_refreshes_queue_depths(signed_app: Stem) -> None:
