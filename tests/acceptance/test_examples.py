@@ -14,10 +14,15 @@ pytestmark = pytest.mark.slow
 
 
 def _run(script: str, tmp_path: Path, *, timeout: float = 120) -> str:
-    env = {**os.environ, "STEM_DEMO_DIR": str(tmp_path / "demo"),
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / script)], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=tmp_path)
+    env = {**os.environ, "STEM_DEMO_DIR": str(tmp_path / "demo"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 

@@ -174,15 +174,20 @@ def test_cli_errors_are_clear(cli: StemCLI, args: list[str], code: int, message:
 
 
 def test_cli_never_prints_broker_passwords(cli: StemCLI) -> None:
-    proc = cli.run("--broker", "redis://user:s3cr3t-pw@127.0.0.1:1/0?password=s3cr3t-pw",
-                   "queues", timeout=60)
+    proc = cli.run(
+        "--broker", "redis://user:s3cr3t-pw@127.0.0.1:1/0?password=s3cr3t-pw", "queues", timeout=60
+    )
     assert proc.returncode != 0
     assert "s3cr3t-pw" not in proc.stderr + proc.stdout
 
 
 def test_every_option_reads_an_environment_variable(cli: StemCLI) -> None:
-    out = cli.run("enqueue", "acc.square", env={"STEM_ENQUEUE_ARGS": "[5]",
-                                                "STEM_ENQUEUE_QUEUE": "envq"}, check=True)
+    out = cli.run(
+        "enqueue",
+        "acc.square",
+        env={"STEM_ENQUEUE_ARGS": "[5]", "STEM_ENQUEUE_QUEUE": "envq"},
+        check=True,
+    )
     assert out.stdout.strip()
     queues = json.loads(cli.run("queues", "--json", check=True).stdout)
     assert {q["queue"]: q["ready"] for q in queues} == {"envq": 1}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,13 +22,7 @@ from stem.brokers import broker_from_url
 from stem.brokers.base import Broker
 from stem.errors import StemError, UnsupportedURL
 from tests.fixtures.require import service_missing
-
-KINDS = [
-    "memory",
-    "sqlite",
-    pytest.param("redis", marks=pytest.mark.redis),
-    pytest.param("postgres", marks=pytest.mark.postgres),
-]
+from tests.fixtures.stores import KINDS, store_url
 
 
 class Names:
@@ -58,23 +51,11 @@ def q(names: Names) -> str:
     return names.queue()
 
 
-def _url(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> str:
-    if kind == "memory":
-        return f"memory://contract-{uuid.uuid4().hex}"
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path / 'stem.db'}"
-    try:
-        url: Any = request.getfixturevalue(f"{kind}_url")
-    except pytest.FixtureLookupError:
-        service_missing(f"{kind}: no {kind}_url fixture (tests/fixtures/ not registered yet)")
-    return str(url)
-
-
 @pytest.fixture(params=KINDS)
 def broker(request: pytest.FixtureRequest, tmp_path: Path, names: Names) -> Iterator[Broker]:
     kind: str = request.param
     try:
-        b = broker_from_url(_url(request, kind, tmp_path))
+        b = broker_from_url(store_url(request, kind, tmp_path))
     except UnsupportedURL as exc:
         service_missing(f"{kind} broker: {exc}")
     yield b
@@ -100,7 +81,7 @@ def other_broker(broker: Broker) -> Iterator[Broker]:
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ResultBackend]:
     kind: str = request.param
     try:
-        b = backend_from_url(_url(request, kind, tmp_path))
+        b = backend_from_url(store_url(request, kind, tmp_path))
     except UnsupportedURL as exc:
         service_missing(f"{kind} result backend: {exc}")
     yield b

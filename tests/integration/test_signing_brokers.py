@@ -1,0 +1,77 @@
+"""Signing is enforced the same way on every broker: signed tasks run; unsigned, forged and
+replayed messages are dead-lettered with their reason. Both algorithms."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stem import Stem
+from stem.brokers.base import Message
+from stem.envelope import decode, encode
+from stem.security.signing import Keyring
+from stem.testing import running_worker
+from tests.fixtures.stores import KINDS, store_url
+
+SECRET = b"k" * 32
+
+
+def _keyring(algorithm: str) -> Keyring:
+    if algorithm == "hmac-sha256":
+        return Keyring.build(algorithm, {"v1": SECRET}, active_key="v1")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    seed = Ed25519PrivateKey.generate().private_bytes(
+        Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+    )
+    return Keyring.build(algorithm, {"v1": seed}, active_key="v1")
+
+
+@pytest.fixture(params=KINDS)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return store_url(request, request.param, tmp_path)
+
+
+@pytest.fixture(params=["hmac-sha256", "ed25519"])
+def app(request: pytest.FixtureRequest, url: str) -> Iterator[Stem]:
+    a = Stem("signed", broker=url, backend=url, keyring=_keyring(request.param))
+
+    @a.task(name="sq")
+    def sq(n: int) -> int:
+        return n * n
+
+    yield a
+    a.close()
+
+
+def test_enforcement_on_every_broker(app: Stem) -> None:
+    queue = f"signed-{time.monotonic_ns()}"
+    with running_worker(app, queues=(queue,)):
+        assert app.send_task("sq", [6], queue=queue).get(timeout=20) == 36
+        unsigned = app.build_envelope("sq", [1], queue=queue)
+        signed = decode(app.seal(app.build_envelope("sq", [2], queue=queue)))
+        replay = app.build_envelope("sq", [3], queue=queue)
+        replay_body = app.seal(replay)
+        app.broker.publish(
+            [
+                Message(unsigned.id, queue, encode(unsigned)),
+                Message(signed.id, queue, encode(signed.replace(args=(99,)))),
+                Message(replay.id, queue, replay_body),
+            ]
+        )
+        assert app.AsyncResult(replay.id).get(timeout=20) == 9
+        app.broker.publish([Message(replay.id, queue, replay_body)])
+        deadline = time.monotonic() + 20
+        letters: list[str] = []
+        while len(letters) < 3 and time.monotonic() < deadline:
+            letters = sorted(d.reason for d in app.broker.dlq_list(queue))
+            time.sleep(0.05)
+    assert letters == ["signature-invalid", "signature-missing", "signature-replayed"]
