@@ -16,6 +16,7 @@ from stem.backends import backend_from_url
 from stem.backends.base import ResultBackend
 from stem.brokers import broker_from_url
 from stem.brokers.base import Broker, Message
+from stem.canvas import Signature
 from stem.envelope import Envelope, new_id, now_ms
 from stem.errors import BrokerConnectionError, ConfigError, TaskNotRegistered
 from stem.observability import signals
@@ -233,6 +234,17 @@ class Stem:
         if fn is not None:
             return register(fn)
         return register
+
+    def signature(
+        self,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Signature:
+        """A signature by task name (the task need not be registered in this process)."""
+        sig = Signature(name, tuple(args), dict(kwargs or {}), app=self)
+        return sig.set(**options) if options else sig
 
     def schedule(self, name: str, task: Any, **spec: Any) -> None:
         """Run ``task`` (a task or its name) periodically under ``stem beat``: ``every=``

@@ -30,7 +30,7 @@ if "schedule" not in names:
     m.app.add_typer(beat_cmd.app, name="schedule")
 m.main(sys.argv[1:])
 """
-RUN_S = 20  # the issue asks for a minute; 20 one-second ticks keep the suite fast
+RUN_S = 60  # the issue asks for a minute of one-second ticks
 
 
 def stem(cli: StemCLI, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

@@ -32,3 +32,30 @@ def sleep(seconds: float) -> float:
 @app.task(name="acc.pid")
 def pid() -> int:
     return os.getpid()
+
+
+def _record(line: str) -> None:
+    path = os.environ.get("STEM_TEST_RECORD")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+@app.task(name="acc.slow_square")
+def slow_square(n: int) -> int:
+    time.sleep(0.05)
+    return n * n
+
+
+@app.task(name="acc.collect")
+def collect(values: list[int]) -> int:
+    _record(f"collect {len(values)}")
+    return sum(values)
+
+
+@app.task(name="acc.limited", rate_limit="50/s")
+def limited() -> None:
+    _record(f"{time.time():.6f}")
