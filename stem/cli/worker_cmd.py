@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from stem.cli.context import load_app
+from stem.cli.exitcodes import ExitCode
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -181,6 +182,8 @@ def worker(
         worker_.run()
     finally:
         app.close()
+    if worker_.stalled:
+        raise typer.Exit(int(ExitCode.SOFTWARE))
 
 
 _FLAGS = {

@@ -54,6 +54,7 @@ class WorkerConfig:
     heartbeat_s: float = 5.0
     autoscale: tuple[int, int] | None = None  # (max, min) pool size
     autoscale_idle_s: float = 10.0
+    stall_s: float = 120.0  # exit if the consumer loop has not turned for this long
     control: bool = True
 
     def __post_init__(self) -> None:
@@ -94,6 +95,7 @@ class Worker:
         self._control: ControlServer | None = None
         self._heartbeats: HeartbeatWriter | None = None
         self._idle_since = time.monotonic()
+        self.stalled = False
         self.last_consume_ms = 0  # last successful reserve (the broker answered)
         self.last_loop_ms = 0  # last turn of the consumer loop (also while slots are full)
         self.started_at = time.time()
@@ -247,10 +249,13 @@ class Worker:
             )
         self.pool.stop(kill=bool(leftover) or self._stop_now.is_set())
         self._stopped.set()
+        # Stopping now: do not wait on threads that may be stuck in a broker call (they
+        # are daemon threads and end with the process).
+        grace = 0.5 if self._stop_now.is_set() else self.config.poll_wait_s + 5
         for t in self._threads:
-            t.join(timeout=self.config.poll_wait_s + 5)
+            t.join(timeout=grace)
         if self._control is not None:
-            self._control.join(timeout=5)
+            self._control.join(timeout=grace)
         signals.worker_shutdown.send(worker=self)
         if self._heartbeats is not None:
             self._heartbeats.detach()
@@ -331,6 +336,12 @@ class Worker:
     def _progress(self, job: Job, data: dict[str, Any]) -> None:
         self.settler.progress(job, data)
 
+    def _consumer_stalled(self) -> bool:
+        if self._stop_reserving.is_set() or not self.last_loop_ms:
+            return False
+        limit_ms = int(max(self.config.stall_s, self.config.poll_wait_s * 4) * 1000)
+        return _now_ms() - self.last_loop_ms > limit_ms
+
     def health(self) -> dict[str, Any]:
         """A snapshot for heartbeats, health checks and watchdogs. ``consuming`` is true
         while the consumer loop turns and the broker answered recently (or every slot is
@@ -372,6 +383,16 @@ class Worker:
                 next_beat = now + self.config.heartbeat_s
                 self._load_revoked()
                 signals.heartbeat.send(worker=self, health=self.health())
+            if self._consumer_stalled():
+                # A consumer stuck in a broker call that never returns cannot be freed from
+                # here: exit so the supervisor (systemd Restart=, stem-multi) starts afresh.
+                log.critical(
+                    "consumer loop stalled for %.0fs: exiting for a restart",
+                    (_now_ms() - self.last_loop_ms) / 1000,
+                    extra={"event": "worker-stalled", "worker": self.name},
+                )
+                self.stalled = True
+                self.request_stop(now=True)
             if self.config.autoscale is not None and now >= next_scale:
                 next_scale = now + 1.0
                 self._autoscale(now)

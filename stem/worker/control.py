@@ -68,6 +68,19 @@ class ControlServer:
             return
         if env.task != CONTROL_TASK or env.is_expired():
             return
+        replay = self.worker.settler.replay
+        if replay is not None and env.signature is not None:
+            # A captured control message must not be replayable (e.g. a second shutdown).
+            try:
+                replay.check(env)
+                replay.consume(env)
+            except SignatureError as exc:
+                log.warning(
+                    "control request rejected (%s)",
+                    exc.reason,
+                    extra={"event": "control-rejected", "reason": exc.reason},
+                )
+                return
         kw = env.kwargs
         command, args = str(kw.get("command")), kw.get("args") or {}
         try:

@@ -1,0 +1,110 @@
+"""Producer publish retries, and a worker whose consumer hangs in the broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from stem import Stem
+from stem.brokers.base import Delivery, Message
+from stem.brokers.memory import MemoryBroker
+from stem.errors import BrokerConnectionError
+from stem.worker.consumer import Worker, WorkerConfig
+
+
+class FlakyBroker(MemoryBroker):
+    """Fails the first ``failures`` publishes like a dropped connection."""
+
+    def __init__(self, url: str, failures: int) -> None:
+        super().__init__(url)
+        self.failures = failures
+        self.attempts = 0
+
+    def publish(self, messages: Sequence[Message]) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise BrokerConnectionError("connection reset by peer")
+        super().publish(messages)
+
+
+def test_publish_retries_with_backoff_then_succeeds() -> None:
+    broker = FlakyBroker("memory://flaky-ok", failures=2)
+    app = Stem(
+        "p",
+        broker=broker,
+        backend="memory://flaky-ok",
+        publish_retries=3,
+        publish_retry_backoff_s=0.01,
+    )
+    app.send_task("anything", [1])
+    assert broker.attempts == 3
+    assert broker.stats(["default"])[0].ready == 1
+
+
+def test_publish_gives_up_with_a_clear_error_and_publishes_nothing() -> None:
+    broker = FlakyBroker("memory://flaky-down", failures=99)
+    app = Stem(
+        "p",
+        broker=broker,
+        backend="memory://flaky-down",
+        publish_retries=2,
+        publish_retry_backoff_s=0.01,
+    )
+    with pytest.raises(BrokerConnectionError, match="connection reset"):
+        app.send_task("anything")
+    assert broker.attempts == 3
+    assert broker.stats(["default"]) == [] or broker.stats(["default"])[0].ready == 0
+
+
+class HangingBroker(MemoryBroker):
+    """reserve() never returns once ``hang`` is set (a half-open TCP connection)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def reserve(
+        self, queues: Sequence[str], max_n: int, lease_s: float, wait_s: float = 0.0
+    ) -> list[Delivery]:
+        if self.hang.is_set():
+            self.release.wait(30)
+            return []
+        return super().reserve(queues, max_n, lease_s, wait_s)
+
+
+def test_a_stalled_consumer_is_reported_and_stops_the_worker() -> None:
+    broker = HangingBroker("memory://hanging")
+    app = Stem("w", broker=broker, backend="memory://hanging")
+    worker = Worker(
+        app,
+        WorkerConfig(
+            pool="thread",
+            concurrency=1,
+            poll_wait_s=0.05,
+            stall_s=0.5,
+            heartbeat_s=0.1,
+            shutdown_budget_s=1,
+        ),
+    )
+    done = threading.Thread(target=worker.run)
+    done.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not worker.health()["consuming"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker.health()["consuming"]
+        broker.hang.set()
+        done.join(10)
+        assert not done.is_alive()
+        assert worker.stalled
+        health: dict[str, Any] = worker.health()
+        assert health["draining"]
+    finally:
+        broker.release.set()
+        worker.request_stop(now=True)
+        done.join(5)
