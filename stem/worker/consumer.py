@@ -25,10 +25,11 @@ from stem.brokers.base import Delivery
 from stem.envelope import now_ms as _now_ms
 from stem.errors import BrokerError, StemError
 from stem.observability import signals
+from stem.worker.admission import Admission
 from stem.worker.control import ControlServer
 from stem.worker.job import Job, Outcome, execute
 from stem.worker.pools import AsyncPool, Pool, SoloPool, ThreadPool
-from stem.worker.settle import Admission, Settler
+from stem.worker.settle import Settler
 
 if TYPE_CHECKING:
     from stem.app import Stem

@@ -1,8 +1,7 @@
-"""What happens to a delivery before and after it runs.
+"""What happens to a delivery after it runs (see ``admission`` for before).
 
-:class:`Admission` turns a delivery into a job, or settles it without running it (malformed,
-failed verification, poison, unknown task, expired). :class:`Settler` writes the result
-first and acks second; retries go back to the broker with a delay and a fresh signature.
+:class:`Settler` writes the result first and acks second; retries go back to the broker with
+a delay and a fresh signature; exhausted retries are dead-lettered.
 """
 
 from __future__ import annotations
@@ -12,11 +11,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from stem import envelope as codec
 from stem import states
 from stem.brokers.base import Delivery
 from stem.envelope import Envelope, now_ms
-from stem.errors import BackendError, BrokerError, DecodeError, SignatureError, StemError
+from stem.errors import BackendError, BrokerError, StemError
 from stem.observability import signals
 from stem.observability.logs import task_log_fields
 from stem.result import ErrorInfo
@@ -324,106 +322,3 @@ class Settler:
         self.consume_nonce(env)
         self.nack(job.delivery, delay_s=decision.delay_s, body=body)
         self.finished(job, final=False)
-
-
-class Admission:
-    """Decode, verify and classify a delivery; return a Job to run, or None if settled."""
-
-    def __init__(
-        self,
-        app: Stem,
-        settler: Settler,
-        max_deliveries: int,
-        is_revoked: Callable[[str], bool] | None = None,
-    ) -> None:
-        self.app = app
-        self.settler = settler
-        self.max_deliveries = max_deliveries
-        self.is_revoked = is_revoked or (lambda task_id: False)
-
-    def decode(self, delivery: Delivery) -> Envelope | None:
-        try:
-            env = codec.decode(delivery.body, max_bytes=self.app.max_message_bytes)
-        except DecodeError as exc:
-            self.settler.dead_letter(delivery, "malformed", str(exc))
-            return None
-        keyring = self.app.keyring
-        # With keys configured, a signed message is always verified; an unsigned one passes
-        # only while signing is not required (a rollout).
-        if keyring is not None and (keyring.required or env.signature is not None):
-            try:
-                keyring.verify(env)
-                if self.settler.replay is not None:
-                    self.settler.replay.check(env)
-            except SignatureError as exc:
-                self.settler.dead_letter(delivery, exc.reason, str(exc), env)
-                return None
-            except BrokerError as exc:
-                log.warning(
-                    "replay check unavailable, retrying later: %s",
-                    exc,
-                    extra={"event": "replay-check-failed"},
-                )
-                self.settler.release(delivery, delay_s=1.0)
-                return None
-        return env
-
-    def admit(self, delivery: Delivery, set_limits: Callable[[Job], None]) -> Job | None:
-        env = self.decode(delivery)
-        if env is None:
-            return None
-        if delivery.delivery_count > self.max_deliveries:
-            self.settler.store(
-                env,
-                states.DEAD,
-                error=ErrorInfo(
-                    "PoisonMessage", f"delivered {delivery.delivery_count} times without finishing"
-                ),
-                attempts=1,
-            )
-            self.settler.dead_letter(
-                delivery,
-                "max-deliveries-exceeded",
-                f"delivered {delivery.delivery_count} times (limit {self.max_deliveries})",
-                env,
-            )
-            return None
-        task = self.app.tasks.get(env.task)
-        if task is None:
-            signals.task_unknown.send(envelope=env)
-            self.settler.store(
-                env,
-                states.DEAD,
-                error=ErrorInfo(
-                    "TaskNotRegistered", f"no task registered as {env.task!r} on this worker"
-                ),
-                attempts=1,
-            )
-            self.settler.consume_nonce(env)
-            self.settler.dead_letter(delivery, "unknown-task", env.task, env)
-            return None
-        if self.is_revoked(env.id):
-            self.settler.revoked(env, delivery)
-            return None
-        if env.is_expired():
-            self.settler.counts["expired"] += 1
-            signals.task_expired.send(envelope=env)
-            self.settler.store(
-                env,
-                states.EXPIRED,
-                error=ErrorInfo("TaskExpired", "the task expired before a worker could start it"),
-            )
-            self.settler.ack(delivery)
-            return None
-        if self.settler.canvas.already_done(env):
-            self.settler.ack(delivery)
-            return None
-        if not self.settler.limits.admit(task, env, delivery):
-            return None
-        signals.task_received.send(envelope=env, delivery=delivery)
-        job = Job(delivery=delivery, envelope=env, task=task)
-        set_limits(job)
-        if task.options.track_started:
-            self.settler.store(env, states.STARTED, attempts=1)
-        signals.task_prerun.send(envelope=env)
-        return job

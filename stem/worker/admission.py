@@ -1,0 +1,130 @@
+"""Admission: what happens to a delivery before it runs.
+
+Decode, verify the signature (before anything in the message is acted on), check replay,
+poison, registration, revocation, expiry and limits; return a job to run, or settle the
+delivery without running it (dead letter, EXPIRED, REVOKED, or back to the broker).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from stem import envelope as codec
+from stem import states
+from stem.brokers.base import Delivery
+from stem.envelope import Envelope
+from stem.errors import BrokerError, DecodeError, SignatureError
+from stem.observability import signals
+from stem.result import ErrorInfo
+from stem.worker.job import Job
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+    from stem.worker.settle import Settler
+
+log = logging.getLogger("stem.worker")
+
+
+class Admission:
+    """Decode, verify and classify a delivery; return a Job to run, or None if settled."""
+
+    def __init__(
+        self,
+        app: Stem,
+        settler: Settler,
+        max_deliveries: int,
+        is_revoked: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.app = app
+        self.settler = settler
+        self.max_deliveries = max_deliveries
+        self.is_revoked = is_revoked or (lambda task_id: False)
+
+    def decode(self, delivery: Delivery) -> Envelope | None:
+        try:
+            env = codec.decode(delivery.body, max_bytes=self.app.max_message_bytes)
+        except DecodeError as exc:
+            self.settler.dead_letter(delivery, "malformed", str(exc))
+            return None
+        keyring = self.app.keyring
+        # With keys configured, a signed message is always verified; an unsigned one passes
+        # only while signing is not required (a rollout).
+        if keyring is not None and (keyring.required or env.signature is not None):
+            try:
+                keyring.verify(env)
+                if self.settler.replay is not None:
+                    self.settler.replay.check(env)
+            except SignatureError as exc:
+                self.settler.dead_letter(delivery, exc.reason, str(exc), env)
+                return None
+            except BrokerError as exc:
+                log.warning(
+                    "replay check unavailable, retrying later: %s",
+                    exc,
+                    extra={"event": "replay-check-failed"},
+                )
+                self.settler.release(delivery, delay_s=1.0)
+                return None
+        return env
+
+    def admit(self, delivery: Delivery, set_limits: Callable[[Job], None]) -> Job | None:
+        env = self.decode(delivery)
+        if env is None:
+            return None
+        if delivery.delivery_count > self.max_deliveries:
+            self.settler.store(
+                env,
+                states.DEAD,
+                error=ErrorInfo(
+                    "PoisonMessage", f"delivered {delivery.delivery_count} times without finishing"
+                ),
+                attempts=1,
+            )
+            self.settler.dead_letter(
+                delivery,
+                "max-deliveries-exceeded",
+                f"delivered {delivery.delivery_count} times (limit {self.max_deliveries})",
+                env,
+            )
+            return None
+        task = self.app.tasks.get(env.task)
+        if task is None:
+            signals.task_unknown.send(envelope=env)
+            self.settler.store(
+                env,
+                states.DEAD,
+                error=ErrorInfo(
+                    "TaskNotRegistered", f"no task registered as {env.task!r} on this worker"
+                ),
+                attempts=1,
+            )
+            self.settler.consume_nonce(env)
+            self.settler.dead_letter(delivery, "unknown-task", env.task, env)
+            return None
+        if self.is_revoked(env.id):
+            self.settler.revoked(env, delivery)
+            return None
+        if env.is_expired():
+            self.settler.counts["expired"] += 1
+            signals.task_expired.send(envelope=env)
+            self.settler.store(
+                env,
+                states.EXPIRED,
+                error=ErrorInfo("TaskExpired", "the task expired before a worker could start it"),
+            )
+            self.settler.ack(delivery)
+            return None
+        if self.settler.canvas.already_done(env):
+            self.settler.ack(delivery)
+            return None
+        if not self.settler.limits.admit(task, env, delivery):
+            return None
+        signals.task_received.send(envelope=env, delivery=delivery)
+        job = Job(delivery=delivery, envelope=env, task=task)
+        set_limits(job)
+        if task.options.track_started:
+            self.settler.store(env, states.STARTED, attempts=1)
+        signals.task_prerun.send(envelope=env)
+        return job
