@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from stem.app import Stem
+from stem.brokers.base import Broker, DeadLetter, Message
 from stem.cli.context import emit_json, fail, load_app
 from stem.cli.exitcodes import ExitCode
+from stem.envelope import decode
+from stem.errors import DecodeError
 
 app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 
@@ -79,16 +86,95 @@ def _selection(ids: list[str] | None, queue: str | None, all_: bool) -> list[str
     return ids or None
 
 
+#: Reasons that say the message may not be genuine: never re-signed, only moved back as-is
+#: (so a worker rejects it again).
+_UNTRUSTED = {"signature-missing", "signature-invalid", "signature-unknown-key", "malformed"}
+_BATCH = 500
+
+
+def _batches(
+    broker: Broker, ids: list[str] | None, queue: str | None
+) -> Iterator[list[DeadLetter]]:
+    if ids:
+        found = [d for d in (broker.dlq_get(i) for i in ids) if d is not None]
+        for i in range(0, len(found), _BATCH):
+            yield found[i : i + _BATCH]
+        return
+    while True:  # each batch leaves the DLQ before the next is read
+        letters = broker.dlq_list(queue, _BATCH)
+        if not letters:
+            return
+        yield letters
+
+
+def _replay_batch(app: Stem, letters: list[DeadLetter], resign: bool) -> int:
+    broker = app.broker
+    fresh: list[Message] = []
+    moved: list[str] = []
+    for d in letters:
+        env = None
+        if resign and d.reason not in _UNTRUSTED:
+            try:
+                env = decode(d.body, max_bytes=app.max_message_bytes)
+            except DecodeError:
+                env = None
+        if env is None:
+            moved.append(d.id)
+        else:
+            # A fresh signature, so an old message is not refused as signature-expired.
+            env = env.replace(signature=None, not_before_ms=None)
+            fresh.append(Message(env.id, d.queue, app.seal(env), env.priority))
+    n = broker.dlq_replay(moved) if moved else 0
+    if fresh:
+        app.publish_messages(fresh)
+        done = broker.dlq_purge([d.id for d in letters if d.id not in moved])
+        n += done
+    return n
+
+
+def _progress(what: str) -> Progress:
+    return Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+
+
 @app.command("replay")
 def replay(
     ctx: typer.Context,
     ids: Annotated[list[str] | None, typer.Argument(help="Dead letter ids.")] = None,
     queue: Annotated[str | None, typer.Option("--queue", "-q")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Put dead letters back on their queues (delivery count reset)."""
-    n = load_app(ctx).broker.dlq_replay(_selection(ids, queue, all_), queue)
-    typer.echo(f"replayed {n}")
+    """Put dead letters back on their queues (delivery count reset). With a signing key,
+    genuine messages are re-signed so an old signature does not expire them again;
+    messages that failed verification are moved back untouched."""
+    selection = _selection(ids, queue, all_)
+    stem_app = load_app(ctx)
+    keyring = stem_app.keyring
+    resign = keyring is not None and keyring.can_sign
+    total = (
+        len(selection)
+        if selection
+        else sum(s.dead for s in stem_app.broker.stats([queue] if queue else None))
+    )
+    n = 0
+    with _progress("replaying") as bar:
+        task = bar.add_task("replay", total=total)
+        for letters in _batches(stem_app.broker, selection, queue):
+            done = _replay_batch(stem_app, letters, resign)
+            n += done
+            bar.advance(task, len(letters))
+            if not done:
+                break
+    if as_json:
+        emit_json({"replayed": n})
+    else:
+        typer.echo(f"replayed {n}")
 
 
 @app.command("purge")
@@ -98,10 +184,23 @@ def purge(
     queue: Annotated[str | None, typer.Option("--queue", "-q")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Delete dead letters for good."""
     selection = _selection(ids, queue, all_)
     if not yes and not typer.confirm("Delete these dead letters for good?"):
         raise typer.Exit(int(ExitCode.FAILURE))
-    n = load_app(ctx).broker.dlq_purge(selection, queue)
-    typer.echo(f"purged {n}")
+    broker = load_app(ctx).broker
+    n = 0
+    with _progress("purging") as bar:
+        task = bar.add_task("purge", total=None)
+        for letters in _batches(broker, selection, queue):
+            done = broker.dlq_purge([d.id for d in letters])
+            n += done
+            bar.advance(task, len(letters))
+            if not done:
+                break
+    if as_json:
+        emit_json({"purged": n})
+    else:
+        typer.echo(f"purged {n}")

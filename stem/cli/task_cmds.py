@@ -53,6 +53,7 @@ def enqueue(
             "--wait", envvar="STEM_ENQUEUE_WAIT", help="Wait this many seconds for the result."
         ),
     ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Enqueue a task by name and print its id (and its result with --wait)."""
     app = load_app(ctx)
@@ -66,9 +67,14 @@ def enqueue(
         expires=expires,
         task_id=task_id,
     )
-    typer.echo(res.id)
     if wait is not None:
-        _print_result(app, res.id, wait, as_json=False)
+        if not as_json:
+            typer.echo(res.id)
+        _print_result(app, res.id, wait, as_json=as_json)
+    elif as_json:
+        emit_json({"task_id": res.id, "state": res.state})
+    else:
+        typer.echo(res.id)
 
 
 def _print_result(app: Any, task_id: str, wait: float | None, *, as_json: bool) -> None:

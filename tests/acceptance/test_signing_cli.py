@@ -159,3 +159,31 @@ def test_rotation_loses_no_task_and_retiring_a_key_rejects_it(
     assert [d["reason"] for d in letters] == ["signature-unknown-key"]
     assert stale.state == states.PENDING
     _stop(worker)
+
+
+def test_dlq_replay_resigns_genuine_letters_but_not_forged_ones(
+    cli: StemCLI, tmp_path: Path
+) -> None:
+    key = _keys(tmp_path, "hmac-sha256", "v1", "k") / "v1.hmac-sha256.key"
+    env = {**_producer_env("hmac-sha256", [key], "v1"), "STEM_SIGNING_REPLAY_WINDOW_S": "2"}
+    app = _app(cli, env)
+    genuine = app.send_task("acc.square", [5])
+    [d] = app.broker.reserve(["default"], 1, 30.0)
+    app.broker.dead_letter(d, "retries-exhausted", "upstream down")
+    forged = decode(app.seal(app.build_envelope("acc.square", [6])))
+    app.broker.publish([Message(forged.id, "default", encode(forged.replace(args=(7,))))])
+    worker = cli.start_worker("-P", "thread", "-c", "1", env=env)
+    assert [x["reason"] for x in _letters(cli, 2)] == ["retries-exhausted", "signature-invalid"]
+    time.sleep(2.5)  # the genuine letter's signature is now older than the window
+    out = cli.run("dlq", "replay", "--all", "--json", env=env, check=True)
+    assert json.loads(out.stdout) == {"replayed": 2}
+    assert genuine.get(timeout=30) == 25
+    letters = _letters(cli, 1)
+    assert [
+        (
+            x["reason"],
+            json.loads(cli.run("dlq", "show", str(x["id"]), check=True).stdout)["message_id"],
+        )
+        for x in letters
+    ] == [("signature-invalid", forged.id)]
+    _stop(worker)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from stem import Stem, TaskError, chain, chord, group
+from stem import Stem, TaskError, chain, chord, group, states
 from stem.errors import ConfigError
 from stem.limits import RateLimiter, parse_rate, unique_key
 from stem.testing import memory_app, running_worker
@@ -272,3 +272,78 @@ def test_concurrency_limit_is_cluster_wide(app: Stem) -> None:
         for r in results:
             r.get(timeout=20)
     assert peak == 2
+
+
+def test_per_key_rate_limits_are_independent(app: Stem) -> None:
+    stamps: dict[str, list[float]] = {"a": [], "b": []}
+
+    @app.task(name="tenant_job", rate_limit="5/s", rate_limit_key="{tenant}")
+    def tenant_job(tenant: str) -> None:
+        stamps[tenant].append(time.monotonic())
+
+    for _ in range(6):
+        tenant_job.delay(tenant="a")
+        tenant_job.delay(tenant="b")
+    with running_worker(app, concurrency=4):
+        deadline = time.monotonic() + 10
+        while sum(map(len, stamps.values())) < 12 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    for tenant, times in stamps.items():
+        assert len(times) == 6, tenant
+        span = times[-1] - times[0]
+        assert span >= 5 / 5 * 0.9, f"{tenant} ran faster than 5/s ({span:.2f}s for 6)"
+    # The two tenants ran side by side, not one after the other (each alone takes ~1 s).
+    assert abs(stamps["a"][0] - stamps["b"][0]) < 0.5
+
+
+def test_a_group_of_tasks_shares_one_limit(app: Stem) -> None:
+    stamps: list[float] = []
+
+    @app.task(name="g1", rate_limit="10/s", rate_limit_group="api")
+    def g1() -> None:
+        stamps.append(time.monotonic())
+
+    @app.task(name="g2", rate_limit="10/s", rate_limit_group="api")
+    def g2() -> None:
+        stamps.append(time.monotonic())
+
+    for _ in range(8):
+        g1.delay()
+        g2.delay()
+    with running_worker(app, concurrency=4):
+        deadline = time.monotonic() + 10
+        while len(stamps) < 16 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert len(stamps) == 16
+    stamps.sort()
+    assert 15 / (stamps[-1] - stamps[0]) <= 11.0  # one shared 10/s, not two
+
+
+@pytest.mark.parametrize(("mode", "runs"), [("open", True), ("closed", False)])
+def test_limit_store_failure_fails_open_or_closed_as_declared(
+    app: Stem, mode: str, runs: bool
+) -> None:
+    from stem.errors import BrokerConnectionError
+
+    ran: list[int] = []
+
+    @app.task(name=f"guarded_{mode}", rate_limit="100/s", limit_store_failure=mode)
+    def guarded() -> None:
+        ran.append(1)
+
+    real_peek = app.broker.peek
+
+    def broken_peek(key: str) -> str | None:
+        if key.startswith("rate:"):
+            raise BrokerConnectionError("limit store unreachable")
+        return real_peek(key)
+
+    app.broker.peek = broken_peek  # type: ignore[method-assign]
+    res = guarded.delay()
+    with running_worker(app):
+        time.sleep(1.0)
+        assert (res.state == states.SUCCESS) is runs
+        assert bool(ran) is runs
+        if not runs:
+            stats = app.broker.stats(["default"])[0]
+            assert stats.ready + stats.delayed + stats.reserved == 1  # held, not lost
