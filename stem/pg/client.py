@@ -17,7 +17,11 @@ as ``error``) with the target as ``host:port/db`` and never a password.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
@@ -30,6 +34,8 @@ from stem.errors import StemError
 from stem.observability.redact import redact_text
 from stem.pg import migrate
 from stem.pg.conninfo import PgOptions
+
+log = logging.getLogger("stem.postgres")
 
 T = TypeVar("T")
 Conn = psycopg.Connection[Any]
@@ -155,13 +161,15 @@ class PgClient:
             self._checkin(conn)
 
     def run(self, doing: str, fn: Callable[[Conn], T]) -> T:
-        """Run ``fn`` on a pooled connection, retrying once if a stale one broke."""
+        """Run ``fn`` on a pooled connection, retrying once if a stale one broke. A call
+        that outlives ``call_timeout_s`` has its socket shut down (see _Deadlines)."""
         self.ensure_schema()
         retried = False
         while True:
             conn, pooled = self._checkout()
             try:
-                result = fn(conn)
+                with _DEADLINES.watch(conn, self.options.call_timeout_s):
+                    result = fn(conn)
             except psycopg.Error as exc:
                 broken = conn.closed or conn.broken
                 self._checkin(conn)
@@ -205,3 +213,57 @@ def close_quietly(conn: Conn | None) -> None:
     if conn is not None:
         with suppress(Exception):
             conn.close()
+
+
+class _Deadlines:
+    """One watchdog thread for every client in the process. psycopg has no client-side
+    deadline for a statement; when a connection goes silent (no reset, no reply) a call
+    would wait forever. Shutting the socket down wakes the waiting call with an error, so
+    the caller retries on a fresh connection."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[int, tuple[Conn, float]] = {}
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def watch(self, conn: Conn, timeout_s: float) -> Iterator[None]:
+        key = id(conn)
+        with self._lock:
+            self._calls[key] = (conn, time.monotonic() + timeout_s)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="stem-pg-deadlines", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                overdue = [c for c, deadline in self._calls.values() if deadline < now]
+                for conn in overdue:
+                    self._calls.pop(id(conn), None)
+            for conn in overdue:
+                log.warning(
+                    "PostgreSQL call overdue: shutting its connection down",
+                    extra={"event": "pg-call-timeout"},
+                )
+                try:
+                    fd = conn.fileno()
+                    sock = socket.socket(fileno=os.dup(fd))
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        sock.close()
+                except (OSError, psycopg.Error):
+                    pass  # already closed
+
+
+_DEADLINES = _Deadlines()

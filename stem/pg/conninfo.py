@@ -10,6 +10,10 @@ carry a few Stem options in its query string. Those are removed before the URL r
                      notifications.
 ``poll_interval_s``  longest sleep between two checks while waiting (default 0.5).
 ``pool_size``        idle connections kept per broker or backend (default 4).
+``call_timeout_s``   a statement still waiting for the server after this long (default 15)
+                     has its socket shut down and is retried on a fresh connection: a
+                     connection that went silent (NAT entry dropped, host gone) never
+                     hangs a worker.
 ``prepare``          ``true`` (default): psycopg prepares statements used often; ``false``
                      for poolers that cannot keep prepared statements (PgBouncer < 1.21 in
                      transaction mode). Behind such a pooler use ``listen=false&prepare=false``.
@@ -38,7 +42,9 @@ from stem.urls import bool_option, number_option
 
 log = logging.getLogger("stem.postgres")
 
-_STEM_OPTIONS = frozenset({"migrate", "listen", "poll_interval_s", "pool_size", "prepare"})
+_STEM_OPTIONS = frozenset(
+    {"migrate", "listen", "poll_interval_s", "pool_size", "prepare", "call_timeout_s"}
+)
 _DEFAULT_CONNECT_TIMEOUT_S = "10"
 _UNVERIFIED_MODES = frozenset({"disable", "allow", "prefer", "require"})
 
@@ -55,6 +61,7 @@ class PgOptions:
     poll_interval_s: float = 0.5
     pool_size: int = 4
     prepare: bool = True
+    call_timeout_s: float = 15.0
     sslmode: str = "prefer"
 
 
@@ -132,6 +139,11 @@ def parse(url: str, tls: TLSSettings | None = None) -> PgOptions:
             else 4
         ),
         prepare=bool_option("prepare", ours["prepare"], url) if "prepare" in ours else True,
+        call_timeout_s=(
+            number_option("call_timeout_s", ours["call_timeout_s"], url, low=0.5, high=3600.0)
+            if "call_timeout_s" in ours
+            else 15.0
+        ),
         sslmode=sslmode,
     )
     if tls is not None and tls.allow_insecure:

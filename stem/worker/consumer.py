@@ -139,7 +139,11 @@ class Worker:
         if self.config.control:
             self._control = ControlServer(self)
             self._control.start()
-        for target, name in ((self._consume, "stem-consumer"), (self._maintain, "stem-lease")):
+        for target, name in (
+            (self._consume, "stem-consumer"),
+            (self._maintain, "stem-lease"),
+            (self._watchdog, "stem-watchdog"),
+        ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -337,6 +341,21 @@ class Worker:
     def _progress(self, job: Job, data: dict[str, Any]) -> None:
         self.settler.progress(job, data)
 
+    def _watchdog(self) -> None:
+        """No I/O here: the other threads may all be blocked in broker calls."""
+        while not self._stopped.wait(0.5):
+            if self._consumer_stalled():
+                # A consumer stuck in a broker call that never returns cannot be freed
+                # from here: exit so the supervisor (systemd Restart=, stem-multi) restarts.
+                log.critical(
+                    "consumer loop stalled for %.0fs: exiting for a restart",
+                    (_now_ms() - self.last_loop_ms) / 1000,
+                    extra={"event": "worker-stalled", "worker": self.name},
+                )
+                self.stalled = True
+                self.request_stop(now=True)
+                return
+
     def _consumer_stalled(self) -> bool:
         if self._stop_reserving.is_set() or not self.last_loop_ms:
             return False
@@ -384,16 +403,6 @@ class Worker:
                 next_beat = now + self.config.heartbeat_s
                 self._load_revoked()
                 signals.heartbeat.send(worker=self, health=self.health())
-            if self._consumer_stalled():
-                # A consumer stuck in a broker call that never returns cannot be freed from
-                # here: exit so the supervisor (systemd Restart=, stem-multi) starts afresh.
-                log.critical(
-                    "consumer loop stalled for %.0fs: exiting for a restart",
-                    (_now_ms() - self.last_loop_ms) / 1000,
-                    extra={"event": "worker-stalled", "worker": self.name},
-                )
-                self.stalled = True
-                self.request_stop(now=True)
             if self.config.autoscale is not None and now >= next_scale:
                 next_scale = now + 1.0
                 self._autoscale(now)
