@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from stem.config import enforce_gates, load_settings
+from stem.observability.logs import setup_logging
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -39,6 +40,9 @@ def apply_settings(app: Stem, st: CLIState, *, gates: bool = False) -> Settings:
         overrides=overrides,
         code_defaults=app.code_settings(),
     )
+    # Logging from the files/env applies now (flags were applied at start-up already and
+    # are part of the settings, so this never undoes them).
+    setup_logging(settings.logging.level, settings.logging.format)
     if gates:
         enforce_gates(settings)
     broker_from_code = settings.provenance("broker.url").layer in ("default",)
