@@ -17,6 +17,12 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return REDACTED
+    secret_query = any(
+        sep and is_secret_name(name)
+        for name, sep, _ in (pair.partition("=") for pair in parts.query.split("&"))
+    )
+    if parts.password is None and not secret_query:
+        return url  # nothing to hide; urlunsplit would also drop empty hosts (sqlite:////x)
     netloc = parts.netloc
     if parts.password is not None:
         user = parts.username or ""

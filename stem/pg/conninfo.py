@@ -9,7 +9,8 @@ carry a few Stem options in its query string. Those are removed before the URL r
                      transaction poolers (PgBouncer ``pool_mode=transaction``) that drop
                      notifications.
 ``poll_interval_s``  longest sleep between two checks while waiting (default 0.5).
-``pool_size``        idle connections kept per broker or backend (default 4).
+``pool_size``        idle connections kept per broker or backend (default 16; a worker's
+                     threads each hold one while they settle, and fewer means reconnects).
 ``call_timeout_s``   a statement still waiting for the server after this long (default 15)
                      has its socket shut down and is retried on a fresh connection: a
                      connection that went silent (NAT entry dropped, host gone) never
@@ -59,7 +60,7 @@ class PgOptions:
     migrate: bool = True
     listen: bool = True
     poll_interval_s: float = 0.5
-    pool_size: int = 4
+    pool_size: int = 16
     prepare: bool = True
     call_timeout_s: float = 15.0
     sslmode: str = "prefer"
@@ -136,7 +137,7 @@ def parse(url: str, tls: TLSSettings | None = None) -> PgOptions:
         pool_size=(
             int(number_option("pool_size", ours["pool_size"], url, low=1, high=64, kind=int))
             if "pool_size" in ours
-            else 4
+            else 16
         ),
         prepare=bool_option("prepare", ours["prepare"], url) if "prepare" in ours else True,
         call_timeout_s=(
