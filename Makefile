@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(PY) scripts/run_tests.py
 
+# The full comparison (Stem on SQLite, Redis, PostgreSQL; Celery and Dramatiq on the same
+# Redis; signing costs): about 10 minutes. benchmarks/README.md says what each number means.
 bench: $(STAMP)
+	$(PY) benchmarks/run.py --all
+
+# The issue's SQLite numbers only: 10,000 no-op tasks, one worker process.
+bench-quick: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:

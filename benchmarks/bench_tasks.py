@@ -1,4 +1,8 @@
-"""Tasks for the benchmark harness; the broker URL comes from STEM_BENCH_BROKER."""
+"""Tasks for the benchmark harness; the broker URL comes from STEM_BENCH_BROKER.
+
+Signing keys, when a run asks for them, come from the usual STEM_SIGNING_* variables
+(read by ``Stem()`` through ``Keyring.from_env``), for the producer and the worker alike.
+"""
 
 from __future__ import annotations
 
@@ -25,4 +29,9 @@ def noop_quiet() -> None:
 
 @app.task(name="bench.anoop")
 async def anoop() -> None:
+    return None
+
+
+@app.task(name="bench.anoop_quiet", ignore_result=True)
+async def anoop_quiet() -> None:
     return None
