@@ -202,9 +202,6 @@ def test_revoked_task_signal(app: Stem, rec: Recorder) -> None:
     assert not rec.of("task_prerun", task_id=res.id)
 
 
-@pytest.mark.skipif(
-    not hasattr(signals, "lease_renewed"), reason="lease signals not added to the worker yet"
-)
 def test_lease_renewed_signal(app: Stem, rec: Recorder) -> None:
     gate = threading.Event()
 

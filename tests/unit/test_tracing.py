@@ -8,27 +8,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+from opentelemetry.trace import SpanKind, StatusCode
 
 from stem import Stem
 from stem.errors import ConfigError, SignatureError
 from stem.observability import tracing
 from stem.security.signing import Keyring
 from stem.testing import memory_app, running_worker
-
-otel_sdk = pytest.importorskip("opentelemetry.sdk.trace")
-
-from opentelemetry import propagate, trace  # noqa: E402
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
-    InMemorySpanExporter,
-)
-from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
-
-HAS_HOOKS = hasattr(Stem("probe", broker="memory://probe"), "header_hooks")
-needs_hooks = pytest.mark.skipif(
-    not HAS_HOOKS, reason="needs Stem.header_hooks (the publish-time header hook in app.py)"
-)
 
 
 def _wait_for(pred: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -83,7 +75,6 @@ def _register(app: Stem) -> Any:
     return add, boom
 
 
-@needs_hooks
 def test_trace_spans_producer_and_worker(app: Stem, traced: Traced) -> None:
     add, _ = _register(app)
     tracing.enable_tracing(app, traced.provider)
@@ -107,7 +98,6 @@ def test_trace_spans_producer_and_worker(app: Stem, traced: Traced) -> None:
     assert run.status.status_code is StatusCode.UNSET
 
 
-@needs_hooks
 def test_trace_context_travels_signed(app: Stem, traced: Traced) -> None:
     tracing.enable_tracing(app, traced.provider)
     with traced.tracer.start_as_current_span("root"):
@@ -126,7 +116,6 @@ def test_trace_context_travels_signed(app: Stem, traced: Traced) -> None:
         app.keyring.verify(forged)  # type: ignore[union-attr]
 
 
-@needs_hooks
 def test_a_chain_is_one_trace(app: Stem, traced: Traced) -> None:
     """The next step, published by the worker while settling, hangs under the run span."""
     from stem.canvas import chain
@@ -160,9 +149,6 @@ def test_worker_continues_a_trace_from_headers(app: Stem, traced: Traced) -> Non
         assert res.get(timeout=5) == 2
         run = traced.one("run add")
     assert run.context.trace_id == upstream.get_span_context().trace_id
-    if not HAS_HOOKS:
-        assert run.parent is not None
-        assert run.parent.span_id == upstream.get_span_context().span_id
 
 
 def test_failure_marks_the_run_span_without_the_message(app: Stem, traced: Traced) -> None:
@@ -199,8 +185,7 @@ def test_enable_is_idempotent_and_disable_disconnects(app: Stem, traced: Traced)
     with running_worker(app):
         app.send_task("add", (1, 1)).get(timeout=5)
     assert traced.spans() == []
-    if HAS_HOOKS:
-        assert first.inject not in app.header_hooks  # type: ignore[attr-defined]
+    assert first.inject not in app.header_hooks
 
 
 def test_without_opentelemetry_enable_says_what_to_install(
