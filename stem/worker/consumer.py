@@ -245,6 +245,7 @@ class Worker:
                     break
                 self._slots.wait(min(remaining, 0.2))
             leftover = list(self.inflight.values())
+        self.settler.acks.wait_idle(5.0)
         handed_back = self.settler.hand_back(leftover)
         if handed_back:
             log.warning(

@@ -7,6 +7,7 @@ a delay and a fresh signature; exhausted retries are dead-lettered.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,9 +30,69 @@ if TYPE_CHECKING:
 log = logging.getLogger("stem.worker")
 
 
+class AckBatcher:
+    """Group commit for acks: the first thread with an ack to send sends it at once; acks
+    that arrive while that call is in flight are sent together by the same thread in its
+    next call, until none are left. One thread acks alone, at once; many threads settling
+    together share broker round trips (one ``Broker.ack`` per batch, not per task).
+
+    An ack that fails is logged and dropped: the lease lapses and the message is delivered
+    again (at-least-once), exactly as when an unbatched ack fails."""
+
+    def __init__(self, ack: Callable[[list[Delivery]], object]) -> None:
+        self._ack = ack
+        self._idle = threading.Condition()
+        self._pending: list[Delivery] = []
+        self._flushing = False
+        self.batches = 0
+        self.acked = 0
+
+    def add(self, delivery: Delivery) -> None:
+        with self._idle:
+            self._pending.append(delivery)
+            if self._flushing:
+                return  # the thread that is flushing takes it in its next call
+            self._flushing = True
+        self._flush()
+
+    def _flush(self) -> None:
+        while True:
+            with self._idle:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._flushing = False
+                    self._idle.notify_all()
+                    return
+            try:
+                self._ack(batch)
+            except BrokerError as exc:
+                log.error(
+                    "ack of %d message(s) failed; they will be delivered again: %s",
+                    len(batch),
+                    exc,
+                    extra={"event": "broker-call-failed"},
+                )
+            except Exception:
+                log.exception("ack of %d message(s) failed", len(batch))
+            self.batches += 1
+            self.acked += len(batch)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every ack handed in was sent (shutdown). False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while self._flushing or self._pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+
 class Settler:
     def __init__(self, app: Stem, worker_name: str, max_deliveries: int) -> None:
         self.app = app
+        self.acks = AckBatcher(lambda batch: self.app.broker.ack(batch))
         self.worker_name = worker_name
         self.max_deliveries = max_deliveries
         self.canvas = CanvasHooks(app)
@@ -96,7 +157,7 @@ class Settler:
             log.error("%s failed: %s", what, exc, extra={"event": "broker-call-failed"})
 
     def ack(self, delivery: Delivery) -> None:
-        self._broker_call("ack", lambda: self.app.broker.ack([delivery]))
+        self.acks.add(delivery)
 
     def release(self, delivery: Delivery, delay_s: float = 0.0) -> None:
         self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
