@@ -125,6 +125,14 @@ class Broker(Protocol):
         """Set ``key`` to ``value`` for ``ttl_s`` seconds unless it holds a live value.
         Returns the value now held (equal to ``value`` when this call claimed it)."""
 
+    def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]:
+        """:meth:`claim` for each ``(key, value, ttl_s)``, in order, in as few round trips
+        as the store allows. Returns the value now held for each item (an item whose key
+        an earlier item of the same call claimed gets that item's value)."""
+
+    def peek_many(self, keys: Sequence[str]) -> list[str | None]:
+        """:meth:`peek` for each key, in one round trip where the store allows."""
+
     def release(self, key: str, value: str | None = None) -> bool:
         """Delete ``key`` (only if it holds ``value``, when given)."""
 

@@ -423,6 +423,14 @@ class MemoryBroker:
                     del s.claims[k]
             return value
 
+    def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]:
+        return [self.claim(key, value, ttl_s) for key, value, ttl_s in items]
+
+    def peek_many(self, keys: Sequence[str]) -> list[str | None]:
+        now = now_ms()
+        with self._store.cond:
+            return [self._held_claim(key, now) for key in keys]
+
     def release(self, key: str, value: str | None = None) -> bool:
         s = self._store
         with s.cond:

@@ -291,6 +291,45 @@ class PostgresBroker:
                 return held
         raise BrokerError(f"could not claim key {key!r}: it kept changing hands")
 
+    def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]:
+        if not items:
+            return []
+        self._maybe_sweep_claims()
+        first: dict[str, tuple[str, float]] = {}
+        for key, value, ttl_s in items:
+            first.setdefault(key, (value, ttl_s))  # a repeated key gets the first's value
+        keys = sorted(first)
+        params = {
+            "keys": keys,
+            "values": [first[k][0] for k in keys],
+            "ttls": [_ms(first[k][1]) for k in keys],
+        }
+
+        def attempt(c: Conn) -> dict[str, str]:
+            held = {str(k): str(v) for k, v in c.execute(_Q["claim_many"], params).fetchall()}
+            missing = [k for k in keys if k not in held]
+            if missing:
+                rows = c.execute(_Q["peek_many"], {"keys": missing}).fetchall()
+                held.update((str(k), str(v)) for k, v in rows)
+            return held
+
+        held = self._client.run("claiming keys", attempt)
+        # A holder that lapsed or was released between the two statements: claim one by one.
+        return [
+            held[key] if key in held else self.claim(key, value, ttl_s)
+            for key, value, ttl_s in items
+        ]
+
+    def peek_many(self, keys: Sequence[str]) -> list[str | None]:
+        if not keys:
+            return []
+        rows = self._client.run(
+            "reading keys",
+            lambda c: c.execute(_Q["peek_many"], {"keys": list(keys)}).fetchall(),
+        )
+        held = {str(k): str(v) for k, v in rows}
+        return [held.get(key) for key in keys]
+
     def _maybe_sweep_claims(self) -> None:
         now = time.monotonic()
         with self._sweep_lock:

@@ -297,6 +297,27 @@ class RedisBroker:
         ttl_ms = max(1, _ms(ttl_s)) if ttl_s > 0 else 0
         return _str(self._claim_call("claiming a key", key, "claim", value, ttl_ms))
 
+    def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]:
+        held: list[str] = []
+        for chunk in _chunks(items, _SETTLE_CHUNK):
+            keys = [self._claim_key(key) for key, _, _ in chunk]
+            args: list[Any] = ["claim_many"]
+            for _, value, ttl_s in chunk:
+                args += [value, max(1, _ms(ttl_s)) if ttl_s > 0 else 0]
+
+            def call(c: Any, keys: list[str] = keys, args: list[Any] = args) -> Any:
+                return self._claims(keys=keys, args=args)
+
+            held += [_str(v) for v in self._conn.run("claiming keys", call)]
+        return held
+
+    def peek_many(self, keys: Sequence[str]) -> list[str | None]:
+        if not keys:
+            return []
+        full = [self._claim_key(key) for key in keys]
+        values = self._conn.run("reading keys", lambda c: c.mget(full))
+        return [None if v is None else _str(v) for v in values]
+
     def release(self, key: str, value: str | None = None) -> bool:
         if value is None:
             full = self._claim_key(key)

@@ -1,7 +1,7 @@
 --[[
 Stem Redis broker: claims, the small expiring key-value primitive (stem/brokers/redis.py).
 
-Called as  EVALSHA sha 1 KEY COMMAND ARG...
+Called as  EVALSHA sha 1 KEY COMMAND ARG...  (claim_many: EVALSHA sha n KEY... COMMAND ARG...)
 
 Key layout (P = prefix, default "stem:"; K = the claim's key as the caller names it):
 
@@ -11,6 +11,8 @@ Key layout (P = prefix, default "stem:"; K = the claim's key as the caller names
 
 Commands and their ARGV after COMMAND:
   claim    value, ttl_ms         -> the value now held (ours if we set it)
+  claim_many  value1, ttl_ms1, value2, ttl_ms2, ...  (one pair per key, in KEYS order)
+                                 -> the value now held for each key, as claim would
   release  value                 -> 1 if the key held value and was deleted, else 0
   swap     has_expected ("1"/"0"), expected, has_new ("1"/"0"), new, ttl_ms or ""
                                  -> 1 if the key held expected (or was absent when
@@ -29,6 +31,23 @@ if cmd == 'claim' then
         redis.call('SET', key, ARGV[2], 'PX', ttl_ms)
     end
     return ARGV[2]
+end
+
+if cmd == 'claim_many' then
+    local held = {}
+    for i, k in ipairs(KEYS) do
+        local current = redis.call('GET', k)
+        if current then
+            held[i] = current
+        else
+            local ttl_ms = tonumber(ARGV[2 * i + 1])
+            if ttl_ms > 0 then
+                redis.call('SET', k, ARGV[2 * i], 'PX', ttl_ms)
+            end
+            held[i] = ARGV[2 * i]
+        end
+    end
+    return held
 end
 
 if cmd == 'release' then

@@ -230,17 +230,31 @@ class SQLiteBroker:
     # -- claims --------------------------------------------------------------------------
 
     def claim(self, key: str, value: str, ttl_s: float) -> str:
+        return self.claim_many([(key, value, ttl_s)])[0]
+
+    def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]:
+        if not items:
+            return []
         with self._db.session("BEGIN IMMEDIATE") as conn:
             now = now_ms()
             if time.monotonic() >= self._next_claim_sweep:
                 # Replay-protection claims arrive one per message: drop dead ones now and then.
                 self._next_claim_sweep = time.monotonic() + _CLAIM_SWEEP_S
                 conn.execute(_Q["expire_claims"], (now,))
-            params = {"key": key, "value": value, "expires_ms": now + int(ttl_s * 1000)}
-            if conn.execute(_Q["claim"], {**params, "now": now}).rowcount == 1:
-                return value
-            held: str = conn.execute(_Q["peek"], (key, now)).fetchone()[0]
+            held: list[str] = []
+            for key, value, ttl_s in items:
+                params = {"key": key, "value": value, "expires_ms": now + int(ttl_s * 1000)}
+                if conn.execute(_Q["claim"], {**params, "now": now}).rowcount == 1:
+                    held.append(value)
+                else:
+                    held.append(str(conn.execute(_Q["peek"], (key, now)).fetchone()[0]))
             return held
+
+    def peek_many(self, keys: Sequence[str]) -> list[str | None]:
+        now = now_ms()
+        with self._db.session(None) as conn:
+            rows = [conn.execute(_Q["peek"], (key, now)).fetchone() for key in keys]
+        return [None if row is None else str(row[0]) for row in rows]
 
     def release(self, key: str, value: str | None = None) -> bool:
         with self._db.session(None) as conn:

@@ -21,6 +21,7 @@ nonce are only trustworthy (and bounded in size) once the signature covering the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from stem import envelope as codec
@@ -37,6 +38,10 @@ class ClaimStore(Protocol):
     def claim(self, key: str, value: str, ttl_s: float) -> str: ...
 
     def peek(self, key: str) -> str | None: ...
+
+    def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]: ...
+
+    def peek_many(self, keys: Sequence[str]) -> list[str | None]: ...
 
 
 def _block(item: Envelope | SignatureBlock) -> SignatureBlock | None:
@@ -70,16 +75,30 @@ class ReplayGuard:
     def check(self, item: Envelope | SignatureBlock) -> None:
         """Raise ``SignatureError("signature-replayed")`` if this nonce was consumed.
         Unsigned messages pass (whether they may run is the keyring's decision)."""
-        block = _block(item)
-        if block is None:
-            return
-        holder = self.broker.peek(self.key(block))
-        if holder is not None:
-            raise SignatureError(
-                "signature-replayed",
-                f"replayed: the nonce of key {block.key_id!r} was already used "
-                f"by message {holder[:64]!r}",
+        err = self.replayed([item])[0]
+        if err is not None:
+            raise err
+
+    def replayed(self, items: Sequence[Envelope | SignatureBlock]) -> list[SignatureError | None]:
+        """:meth:`check` for many messages in one broker call: for each, the error it would
+        raise, or None."""
+        blocks = [_block(item) for item in items]
+        keys = [self.key(b) for b in blocks if b is not None]
+        holders = iter(self.broker.peek_many(keys) if keys else [])
+        out: list[SignatureError | None] = []
+        for block in blocks:
+            holder = None if block is None else next(holders)
+            if block is None or holder is None:
+                out.append(None)
+                continue
+            out.append(
+                SignatureError(
+                    "signature-replayed",
+                    f"replayed: the nonce of key {block.key_id!r} was already used "
+                    f"by message {holder[:64]!r}",
+                )
             )
+        return out
 
     def ttl_s(self, item: Envelope | SignatureBlock, *, now_ms: int | None = None) -> float:
         """How long the nonce must be remembered from now."""
@@ -95,9 +114,18 @@ class ReplayGuard:
     def consume(self, item: Envelope | SignatureBlock, *, now_ms: int | None = None) -> bool:
         """Record the nonce as used. True if it is now held for this message id (also when
         it already was), False if another message holds it. Unsigned messages: False."""
+        claim = self.claim_of(item, now_ms=now_ms)
+        if claim is None:
+            return False
+        return self.broker.claim(*claim) == claim[1]
+
+    def claim_of(
+        self, item: Envelope | SignatureBlock, *, now_ms: int | None = None
+    ) -> tuple[str, str, float] | None:
+        """The ``(key, value, ttl_s)`` claim that consumes this nonce (for a batched
+        ``Broker.claim_many``), or None for an unsigned message."""
         block = _block(item)
         if block is None:
-            return False
+            return None
         value = item.id if isinstance(item, Envelope) else "control"
-        held = self.broker.claim(self.key(block), value, self.ttl_s(item, now_ms=now_ms))
-        return held == value
+        return self.key(block), value, self.ttl_s(item, now_ms=now_ms)

@@ -8,7 +8,7 @@ delivery without running it (dead letter, EXPIRED, REVOKED, or back to the broke
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from stem import envelope as codec
@@ -42,7 +42,7 @@ class Admission:
         self.max_deliveries = max_deliveries
         self.is_revoked = is_revoked or (lambda task_id: False)
 
-    def decode(self, delivery: Delivery) -> Envelope | None:
+    def _decode_verified(self, delivery: Delivery) -> Envelope | None:
         try:
             env = codec.decode(delivery.body, max_bytes=self.app.max_message_bytes)
         except DecodeError as exc:
@@ -54,25 +54,53 @@ class Admission:
         if keyring is not None and (keyring.required or env.signature is not None):
             try:
                 keyring.verify(env)
-                if self.settler.replay is not None:
-                    self.settler.replay.check(env)
             except SignatureError as exc:
                 self.settler.dead_letter(delivery, exc.reason, str(exc), env)
                 return None
-            except BrokerError as exc:
-                log.warning(
-                    "replay check unavailable, retrying later: %s",
-                    exc,
-                    extra={"event": "replay-check-failed"},
-                )
-                self.settler.release(delivery, delay_s=1.0)
-                return None
         return env
 
-    def admit(self, delivery: Delivery, set_limits: Callable[[Job], None]) -> Job | None:
-        env = self.decode(delivery)
+    def decode_many(self, deliveries: Sequence[Delivery]) -> list[tuple[Delivery, Envelope]]:
+        """Decode and verify each delivery, then check the replay guard for all the signed
+        ones in one broker call. Those that fail are settled here; the rest are returned."""
+        decoded = []
+        for delivery in deliveries:
+            env = self._decode_verified(delivery)
+            if env is not None:
+                decoded.append((delivery, env))
+        replay = self.settler.replay
+        signed = [(d, env) for d, env in decoded if env.signature is not None]
+        if replay is None or not signed:
+            return decoded
+        try:
+            verdicts = replay.replayed([env for _, env in signed])
+        except BrokerError as exc:
+            log.warning(
+                "replay check unavailable, retrying later: %s",
+                exc,
+                extra={"event": "replay-check-failed"},
+            )
+            for delivery, _ in signed:
+                self.settler.release(delivery, delay_s=1.0)
+            return [(d, env) for d, env in decoded if env.signature is None]
+        rejected = set()
+        for (delivery, env), err in zip(signed, verdicts, strict=True):
+            if err is not None:
+                rejected.add(delivery.receipt)
+                self.settler.dead_letter(delivery, err.reason, str(err), env)
+        return [(d, env) for d, env in decoded if d.receipt not in rejected]
+
+    def decode(self, delivery: Delivery) -> Envelope | None:
+        decoded = self.decode_many([delivery])
+        return decoded[0][1] if decoded else None
+
+    def admit(
+        self, delivery: Delivery, set_limits: Callable[[Job], None], env: Envelope | None = None
+    ) -> Job | None:
+        """Admit one delivery; ``env`` when :meth:`decode_many` already decoded it."""
         if env is None:
-            return None
+            env = self.decode(delivery)
+            if env is None:
+                return None
         if delivery.delivery_count > self.max_deliveries:
             self.settler.store(
                 env,

@@ -306,12 +306,18 @@ class Worker:
             self._admit(deliveries)
 
     def _admit(self, deliveries: Sequence[Delivery]) -> None:
+        wanted = []
         for delivery in deliveries:
             # Reserved while a stop or a pause arrived: hand it straight back.
             if self._stop_reserving.is_set() or delivery.queue in self.paused:
                 self.settler.release(delivery)
+            else:
+                wanted.append(delivery)
+        for delivery, env in self.admission.decode_many(wanted):
+            if self._stop_reserving.is_set():
+                self.settler.release(delivery)
                 continue
-            job = self.admission.admit(delivery, self._limits)
+            job = self.admission.admit(delivery, self._limits, env)
             if job is None:
                 continue
             with self._slots:

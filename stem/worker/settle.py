@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stem.worker")
 
+Claim = tuple[str, str, float]  # (key, value, ttl_s), as Broker.claim takes them
+
 
 class AckBatcher:
     """Group commit for acks: the first thread with an ack to send sends it at once; acks
@@ -36,20 +38,27 @@ class AckBatcher:
     next call, until none are left. One thread acks alone, at once; many threads settling
     together share broker round trips (one ``Broker.ack`` per batch, not per task).
 
-    An ack that fails is logged and dropped: the lease lapses and the message is delivered
-    again (at-least-once), exactly as when an unbatched ack fails."""
+    An ack may carry the claim that consumes its message's replay nonce: a batch records
+    its nonces (one ``Broker.claim_many``) before it acks. An ack that fails is logged and
+    dropped: the lease lapses and the message is delivered again (at-least-once), exactly as
+    when an unbatched ack fails."""
 
-    def __init__(self, ack: Callable[[list[Delivery]], object]) -> None:
+    def __init__(
+        self,
+        ack: Callable[[list[Delivery]], object],
+        claim_many: Callable[[list[Claim]], object] | None = None,
+    ) -> None:
         self._ack = ack
+        self._claim_many = claim_many
         self._idle = threading.Condition()
-        self._pending: list[Delivery] = []
+        self._pending: list[tuple[Delivery, Claim | None]] = []
         self._flushing = False
         self.batches = 0
         self.acked = 0
 
-    def add(self, delivery: Delivery) -> None:
+    def add(self, delivery: Delivery, claim: Claim | None = None) -> None:
         with self._idle:
-            self._pending.append(delivery)
+            self._pending.append((delivery, claim))
             if self._flushing:
                 return  # the thread that is flushing takes it in its next call
             self._flushing = True
@@ -63,8 +72,19 @@ class AckBatcher:
                     self._flushing = False
                     self._idle.notify_all()
                     return
+            claims = [c for _, c in batch if c is not None]
+            if claims and self._claim_many is not None:
+                try:
+                    self._claim_many(claims)
+                except BrokerError as exc:
+                    log.warning(
+                        "could not record the nonces of %d message(s): %s",
+                        len(claims),
+                        exc,
+                        extra={"event": "nonce-record-failed"},
+                    )
             try:
-                self._ack(batch)
+                self._ack([d for d, _ in batch])
             except BrokerError as exc:
                 log.error(
                     "ack of %d message(s) failed; they will be delivered again: %s",
@@ -92,7 +112,10 @@ class AckBatcher:
 class Settler:
     def __init__(self, app: Stem, worker_name: str, max_deliveries: int) -> None:
         self.app = app
-        self.acks = AckBatcher(lambda batch: self.app.broker.ack(batch))
+        self.acks = AckBatcher(
+            lambda batch: self.app.broker.ack(batch),
+            lambda claims: self.app.broker.claim_many(claims),
+        )
         self.worker_name = worker_name
         self.max_deliveries = max_deliveries
         self.canvas = CanvasHooks(app)
@@ -156,8 +179,12 @@ class Settler:
             # The lease lapses and the message is delivered again: at-least-once, not lost.
             log.error("%s failed: %s", what, exc, extra={"event": "broker-call-failed"})
 
-    def ack(self, delivery: Delivery) -> None:
-        self.acks.add(delivery)
+    def ack(self, delivery: Delivery, *, nonce_of: Envelope | None = None) -> None:
+        """Ack (batched); with ``nonce_of``, record that message's replay nonce first."""
+        claim = None
+        if nonce_of is not None and self.replay is not None and nonce_of.signature is not None:
+            claim = self.replay.claim_of(nonce_of)
+        self.acks.add(delivery, claim)
 
     def release(self, delivery: Delivery, delay_s: float = 0.0) -> None:
         self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
@@ -245,8 +272,7 @@ class Settler:
         self.store(env, states.REVOKED, error=ErrorInfo("TaskRevoked", "the task was revoked"))
         signals.task_revoked.send(envelope=env)
         log.info("task %s revoked", env.id, extra={"event": "task-revoked", **self.fields(env)})
-        self.consume_nonce(env)
-        self.ack(delivery)
+        self.ack(delivery, nonce_of=env)
 
     def settle(self, job: Job, outcome: Outcome) -> None:
         env, delivery = job.envelope, job.delivery
@@ -279,8 +305,7 @@ class Settler:
             signals.task_postrun.send(
                 envelope=env, state=states.SUCCESS, runtime_s=outcome.runtime_s
             )
-            self.consume_nonce(env)
-            self.ack(delivery)
+            self.ack(delivery, nonce_of=env)
             self.finished(job, final=True)
             return
         if outcome.status == "retry" or outcome.autoretry:
@@ -316,11 +341,11 @@ class Settler:
         )
         signals.task_failure.send(envelope=env, error=error)
         signals.task_postrun.send(envelope=env, state=states.FAILURE, runtime_s=outcome.runtime_s)
-        self.consume_nonce(env)
         if reason:
+            self.consume_nonce(env)
             self.dead_letter(job.delivery, reason, f"{error.type}: {error.message}", env)
         else:
-            self.ack(job.delivery)
+            self.ack(job.delivery, nonce_of=env)
         self.finished(job, final=True)
 
     def _retry(self, job: Job, outcome: Outcome) -> None:

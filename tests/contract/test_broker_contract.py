@@ -467,6 +467,52 @@ def test_only_one_concurrent_claim_wins(broker: Broker, other_broker: Broker, na
     assert broker.peek(k) == results[0]
 
 
+def test_claim_many_and_peek_many(broker: Broker, other_broker: Broker, names: Names) -> None:
+    held, fresh, short = names.key("held"), names.key("fresh"), names.key("short")
+    absent = names.key("absent")
+    assert broker.claim_many([]) == [] and broker.peek_many([]) == []
+    assert other_broker.claim(held, "theirs", LONG_LEASE_S) == "theirs"
+    assert broker.claim_many(
+        [
+            (held, "ours", LONG_LEASE_S),
+            (fresh, "ours", LONG_LEASE_S),
+            (fresh, "again", LONG_LEASE_S),  # the same key later in the call: first wins
+            (short, "s", SHORT_LEASE_S),
+        ]
+    ) == ["theirs", "ours", "ours", "s"]
+    assert other_broker.peek_many([fresh, absent, held, short]) == ["ours", None, "theirs", "s"]
+    time.sleep(SHORT_LEASE_S + 0.2)
+    assert broker.peek_many([short, fresh]) == [None, "ours"]
+    assert broker.claim_many([(short, "s2", LONG_LEASE_S)]) == ["s2"]  # expired is free
+    assert other_broker.peek(short) == "s2"
+
+
+def test_concurrent_claim_many_calls_agree(
+    broker: Broker, other_broker: Broker, names: Names
+) -> None:
+    keys = [names.key(f"k{i}") for i in range(20)]
+    results: dict[int, list[str]] = {}
+    barrier = threading.Barrier(4)
+
+    def run(i: int) -> None:
+        b = broker if i % 2 else other_broker
+        order = keys if i % 2 else list(reversed(keys))  # opposite orders must not deadlock
+        barrier.wait()
+        got = b.claim_many([(k, f"v{i}", LONG_LEASE_S) for k in order])
+        results[i] = got if i % 2 else list(reversed(got))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 4
+    for pos, key in enumerate(keys):
+        winners = {results[i][pos] for i in range(4)}
+        assert len(winners) == 1  # everyone saw the one value the key holds
+        assert broker.peek(key) == winners.pop()
+
+
 def test_swap_is_compare_and_set(broker: Broker, other_broker: Broker, names: Names) -> None:
     k = names.key("swap")
     assert broker.swap(k, None, "a", None) is True  # absent matches None

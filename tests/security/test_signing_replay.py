@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -41,6 +41,12 @@ class FakeClaims:
 
     def peek(self, key: str) -> str | None:
         return self._held(key)
+
+    def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]:
+        return [self.claim(*item) for item in items]
+
+    def peek_many(self, keys: Sequence[str]) -> list[str | None]:
+        return [self._held(key) for key in keys]
 
 
 Clock = Callable[[int], None]

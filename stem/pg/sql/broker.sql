@@ -157,6 +157,20 @@ ON CONFLICT (key) DO UPDATE
     WHERE c.expires_at <= stem_now_ms()
 RETURNING value;
 
+-- name: claim_many
+-- Keys arrive distinct and sorted (two batches never lock the same rows in opposite orders).
+INSERT INTO stem_claims AS c (key, value, expires_at)
+SELECT k, v, stem_now_ms() + t
+FROM unnest(%(keys)s::text[], %(values)s::text[], %(ttls)s::bigint[]) AS u(k, v, t)
+ON CONFLICT (key) DO UPDATE
+    SET value = excluded.value, expires_at = excluded.expires_at
+    WHERE c.expires_at <= stem_now_ms()
+RETURNING key, value;
+
+-- name: peek_many
+SELECT key, value FROM stem_claims
+WHERE key = ANY(%(keys)s::text[]) AND (expires_at IS NULL OR expires_at > stem_now_ms());
+
 -- name: peek
 SELECT value FROM stem_claims
 WHERE key = %(key)s AND (expires_at IS NULL OR expires_at > stem_now_ms());
