@@ -101,20 +101,39 @@ def to_dict(env: Envelope, *, with_signature: bool = True) -> dict[str, Any]:
         "headers": dict(env.headers),
     }
     if with_signature and env.signature is not None:
-        d["signature"] = dataclasses.asdict(env.signature)
+        d["signature"] = signature_dict(env.signature)
     return d
 
 
-def dumps(value: Any) -> bytes:
+def signature_dict(block: SignatureBlock, *, with_value: bool = True) -> dict[str, Any]:
+    """The signature block as JSON fields (``dataclasses.asdict`` deep-copies, and is slow)."""
+    d: dict[str, Any] = {
+        "algorithm": block.algorithm,
+        "key_id": block.key_id,
+        "issued_at_ms": block.issued_at_ms,
+        "nonce": block.nonce,
+    }
+    if with_value:
+        d["value"] = block.value
+    return d
+
+
+def dumps(value: Any, *, user_data: Any = None) -> bytes:
     """Canonical JSON bytes (sorted keys, compact) for any JSON-able value. NaN and
-    infinities are refused (orjson would silently write them as null)."""
+    infinities are refused (orjson would silently write them as null). ``user_data``: the
+    only part of ``value`` that may hold floats (the rest is known to be ints, strings and
+    None), so only that part is searched when the output holds a null."""
     try:
         data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise EncodeError(f"value cannot be encoded as JSON: {exc}") from None
-    if b"null" in data and not _finite(value):
+    if b"null" in data and not _finite(value if user_data is None else user_data):
         raise EncodeError("value cannot be encoded as JSON: NaN or infinity is not JSON")
     return data
+
+
+def _user_data(d: dict[str, Any]) -> list[Any]:
+    return [d["args"], d["kwargs"], d["headers"]]
 
 
 def _finite(value: Any) -> bool:
@@ -140,7 +159,8 @@ def loads(data: bytes | str) -> Any:
 
 def encode(env: Envelope, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Encode to canonical JSON, refusing payloads over ``max_bytes``."""
-    data = dumps(to_dict(env))
+    d = to_dict(env)
+    data = dumps(d, user_data=_user_data(d))
     if len(data) > max_bytes:
         raise EnvelopeTooLarge(
             f"message for task {env.task!r} is {len(data)} bytes, over the {max_bytes}-byte limit"
@@ -153,10 +173,8 @@ def signing_bytes(env: Envelope) -> bytes:
     value (so algorithm, key id, issued-at and nonce are covered too)."""
     d = to_dict(env, with_signature=False)
     if env.signature is not None:
-        sig = dataclasses.asdict(env.signature)
-        del sig["value"]
-        d["signature"] = sig
-    return dumps(d)
+        d["signature"] = signature_dict(env.signature, with_value=False)
+    return dumps(d, user_data=_user_data(d))
 
 
 def _depth_ok(value: Any, limit: int) -> bool:

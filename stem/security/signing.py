@@ -527,7 +527,7 @@ class Keyring:
         signer, _ = self._signer()
         block = self._new_block(now_ms)
         value = b64url(signer.sign(_bytes_input(block, context, payload)))
-        return dataclasses.asdict(dataclasses.replace(block, value=value))
+        return codec.signature_dict(dataclasses.replace(block, value=value))
 
     def verify_bytes(
         self,
