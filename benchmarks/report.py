@@ -75,7 +75,9 @@ def signing_pools(rows: Sequence[Row]) -> str:
     best = _best(rows, "drain_per_s")
     procs = _best([r for r in rows if r["config"].startswith("process")], "drain_per_s")
     picked = [r for r in (best, procs) if r is not None]
-    specs = dict.fromkeys(r["config"].replace(" c=", ":") for r in picked)
+    specs = dict.fromkeys(
+        r["config"].replace(" c=", ":").replace(" prefetch=", ":") for r in picked
+    )
     return ",".join(specs)
 
 

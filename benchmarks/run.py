@@ -36,7 +36,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 import report  # noqa: E402
 import servers  # noqa: E402
 
-SWEEP = "thread:8,thread:16,async:16,process:2,process:4"
+SWEEP = "thread:8,thread:16,async:16,process:2,process:4,process:4:8"
 SIGNING = {"hmac": "hmac-sha256", "ed25519": "ed25519"}
 
 
@@ -250,7 +250,7 @@ def main() -> int:
     parser.add_argument(
         "--tasks", type=int, default=None, help="default 10,000 on SQLite, else 20,000"
     )
-    parser.add_argument("--pools", default=None, help="comma-separated POOL:CONCURRENCY")
+    parser.add_argument("--pools", default=None, help="comma-separated POOL:CONCURRENCY[:PREFETCH]")
     parser.add_argument("--pool", default="thread", help="with -c, when --pools is not given")
     parser.add_argument("-c", "--concurrency", type=int, default=8)
     parser.add_argument("--signing", choices=["none", *SIGNING], default="none")

@@ -57,12 +57,18 @@ def _cpu(cpu: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
 
 
-def parse_pools(text: str) -> list[tuple[str, int]]:
+def parse_pools(text: str) -> list[tuple[str, int, int]]:
+    """``POOL:CONCURRENCY[:PREFETCH]`` items, comma-separated (prefetch: ``--prefetch``)."""
     pools = []
     for item in text.split(","):
-        name, _, conc = item.strip().partition(":")
-        pools.append((name, int(conc or "1")))
+        name, _, rest = item.strip().partition(":")
+        conc, _, prefetch = rest.partition(":")
+        pools.append((name, int(conc or "1"), int(prefetch or "0")))
     return pools
+
+
+def config_name(pool: str, conc: int, prefetch: int) -> str:
+    return f"{pool} c={conc}" + (f" prefetch={prefetch}" if prefetch else "")
 
 
 class StemBench:
@@ -110,7 +116,7 @@ class StemBench:
         self.bulk_rates.append(r)
         return r
 
-    def worker_argv(self, pool: str, concurrency: int) -> list[str]:
+    def worker_argv(self, pool: str, concurrency: int, prefetch: int = 0) -> list[str]:
         return [
             sys.executable,
             "-m",
@@ -124,6 +130,8 @@ class StemBench:
             pool,
             "-c",
             str(concurrency),
+            "--prefetch",
+            str(prefetch),
             "-Q",
             QUEUE,
         ]
@@ -137,7 +145,11 @@ class StemBench:
         }
 
     def drain(
-        self, pool: str, concurrency: int, then: Callable[[], Any] | None = None
+        self,
+        pool: str,
+        concurrency: int,
+        prefetch: int = 0,
+        then: Callable[[], Any] | None = None,
     ) -> tuple[float, dict[str, float], Any]:
         """Start a worker on the full queue; return (tasks/s, CPU µs per task of the worker
         and of Redis during the drain, then()'s value)."""
@@ -145,9 +157,9 @@ class StemBench:
         if n != self.tasks:
             raise RuntimeError(f"expected {self.tasks} queued tasks before the drain, found {n}")
         self.ready.drain_pending()
-        log_path = self.log_dir / f"worker-{pool}-{concurrency}.log"
+        log_path = self.log_dir / f"worker-{pool}-{concurrency}-{prefetch}.log"
         with worker_process(
-            self.worker_argv(pool, concurrency), self.worker_env(), log_path, cwd=ROOT
+            self.worker_argv(pool, concurrency, prefetch), self.worker_env(), log_path, cwd=ROOT
         ) as proc:
             t0 = self.ready.wait_ready(1, READY_TIMEOUT_S, alive=lambda: proc.poll() is None)
             cpu0 = group_cpu_s(proc.pid), self.server_cpu_s()
@@ -168,19 +180,19 @@ class StemBench:
 
     # -- the run ---------------------------------------------------------------------------
 
-    def run(self, label: str, pools: list[tuple[str, int]], rt_n: int) -> list[Result]:
+    def run(self, label: str, pools: list[tuple[str, int, int]], rt_n: int) -> list[Result]:
         self.app.broker.purge(QUEUE)
         results: list[Result] = []
         single = self.enqueue_single(pools[0][0])
-        for i, (pool, conc) in enumerate(pools):
-            res = Result("stem", label, self.tasks, config=f"{pool} c={conc}")
+        for i, (pool, conc, prefetch) in enumerate(pools):
+            res = Result("stem", label, self.tasks, config=config_name(pool, conc, prefetch))
             if i == 0:
                 res.enqueue_single_per_s = single
             else:
                 res.enqueue_bulk_per_s = self.enqueue_bulk(self.task_name(pool, results=False))
             res.bulk_how = f"app.publish, batches of {BATCH}"
             res.drain_per_s, cpu, (p50, p99) = self.drain(
-                pool, conc, then=functools.partial(self.round_trips, pool, rt_n)
+                pool, conc, prefetch, then=functools.partial(self.round_trips, pool, rt_n)
             )
             res.extra["drain_cpu_us_per_task"] = cpu
             res.rt_p50_ms, res.rt_p99_ms, res.rt_n = p50, p99, rt_n
@@ -200,9 +212,9 @@ class StemBench:
             if best_proc is not best:
                 chosen.append(best_proc)
         for res in chosen:
-            pool, conc = pools[results.index(res)]
+            pool, conc, prefetch = pools[results.index(res)]
             self.enqueue_bulk(self.task_name(pool, results=True))
-            res.drain_results_per_s, cpu, _ = self.drain(pool, conc)
+            res.drain_results_per_s, cpu, _ = self.drain(pool, conc, prefetch)
             res.extra["drain_results_cpu_us_per_task"] = cpu
             print(
                 f"  {label:<8} {res.config:<14} drain with results "

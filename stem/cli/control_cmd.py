@@ -67,7 +67,7 @@ for _name, _doc in [
     ("ping", "Ask workers to answer."),
     ("stats", "Health and counters of each worker."),
     ("active", "Tasks running now."),
-    ("reserved", "Tasks reserved but not running (always empty: Stem does not prefetch)."),
+    ("reserved", "Deliveries prefetched and waiting for a slot (empty unless --prefetch)."),
     ("registered", "Task names each worker can run."),
     ("queue-status", "Queues each worker consumes, paused or not, with depths."),
 ]:

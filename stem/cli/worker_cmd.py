@@ -60,6 +60,15 @@ def worker(
             help="Dead-letter a message delivered more often than this.",
         ),
     ] = 5,
+    prefetch: Annotated[
+        int,
+        typer.Option(
+            "--prefetch",
+            envvar="STEM_WORKER_PREFETCH",
+            help="Deliveries reserved per slot beyond the slots, waiting for one to free "
+            "(0: never prefetch).",
+        ),
+    ] = 0,
     shutdown_budget_s: Annotated[
         float,
         typer.Option(
@@ -159,6 +168,7 @@ def worker(
         concurrency=slots,
         lease_s=w.lease_s,
         max_deliveries=w.max_deliveries,
+        prefetch=w.prefetch,
         shutdown_budget_s=w.shutdown_budget_s,
         time_limit_s=w.time_limit_s,
         soft_time_limit_s=w.soft_time_limit_s,
@@ -192,6 +202,7 @@ _FLAGS = {
     "pool": "worker.pool",
     "lease_s": "worker.lease_s",
     "max_deliveries": "worker.max_deliveries",
+    "prefetch": "worker.prefetch",
     "shutdown_budget_s": "worker.shutdown_budget_s",
     "time_limit_s": "worker.time_limit_s",
     "soft_time_limit_s": "worker.soft_time_limit_s",

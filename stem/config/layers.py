@@ -46,6 +46,7 @@ DEFAULT_FLAGS: dict[str, str] = {
     "worker.pool": "--pool",
     "worker.lease_s": "--lease",
     "worker.max_deliveries": "--max-deliveries",
+    "worker.prefetch": "--prefetch",
     "worker.shutdown_budget_s": "--shutdown-budget",
     "worker.time_limit_s": "--time-limit",
     "worker.soft_time_limit_s": "--soft-time-limit",

@@ -95,6 +95,7 @@ class WorkerSettings:
     concurrency: int = 1
     lease_s: float = 30.0
     max_deliveries: int = 5
+    prefetch: int = 0
     shutdown_budget_s: float = 30.0
     time_limit_s: float | None = None
     soft_time_limit_s: float | None = None

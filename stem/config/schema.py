@@ -215,6 +215,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "concurrency": Field("int", None, min=1),  # default: the number of CPUs
         "lease_s": Field("float", 30.0, above=0),
         "max_deliveries": Field("int", 5, min=1),
+        "prefetch": Field("int", 0, min=0, max=64),
         "shutdown_budget_s": Field("float", 30.0, min=0),
         "time_limit_s": Field("float", None, optional=True, above=0),
         "soft_time_limit_s": Field("float", None, optional=True, above=0),

@@ -9,6 +9,7 @@ back after ``lease_s``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
@@ -57,6 +58,9 @@ class WorkerConfig:
     autoscale_idle_s: float = 10.0
     stall_s: float = 120.0  # exit if the consumer loop has not turned for this long
     control: bool = True
+    # Deliveries reserved per pool slot beyond the slots themselves, waiting in the worker
+    # (leases renewed) until a slot frees. 0: reserve only what free slots start at once.
+    prefetch: int = 0
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -67,6 +71,8 @@ class WorkerConfig:
             raise StemError("lease_s must be more than 0.2 seconds")
         if not self.queues:
             raise StemError("a worker needs at least one queue")
+        if not 0 <= self.prefetch <= 64:
+            raise StemError(f"prefetch must be 0..64 deliveries per slot, got {self.prefetch}")
         if self.autoscale is not None:
             hi, lo = self.autoscale
             if not 1 <= lo <= hi:
@@ -79,6 +85,7 @@ class Worker:
         self.config = config or WorkerConfig()
         self.name = self.config.node_name or f"stem-{os.getpid()}@{socket.gethostname()}"
         self.inflight: dict[str, Job] = {}
+        self.buffered: collections.deque[Delivery] = collections.deque()  # prefetched
         self._slots = threading.Condition()
         self._stop_reserving = threading.Event()
         self._stop_now = threading.Event()
@@ -236,6 +243,7 @@ class Worker:
         """Stop reserving, wait for running tasks up to the drain budget, hand the rest
         back to the broker, stop the pool."""
         self._stop_reserving.set()
+        self._release_buffered()
         signals.worker_shutting_down.send(worker=self)
         deadline = time.monotonic() + self.config.shutdown_budget_s
         with self._slots:
@@ -272,25 +280,49 @@ class Worker:
     def free_slots(self) -> int:
         return max(0, self.pool.size - len(self.inflight))
 
+    def _release_buffered(self) -> None:
+        with self._slots:
+            left = list(self.buffered)
+            self.buffered.clear()
+        for delivery in left:
+            self.settler.release(delivery)
+
+    def _wants_refill(self, dry: bool) -> bool:
+        """Reserve more for the buffer while every slot is busy, once it is at most half
+        full, unless the last reserve found the queues dry (then not until a slot frees and
+        reserves again: no polling loop while every slot is busy)."""
+        cap = self.pool.size * self.config.prefetch
+        return cap > 0 and len(self.buffered) <= cap // 2 and not dry
+
     def _consume(self) -> None:
         backoff = 0.1
+        dry = False
         while not self._stop_reserving.is_set():
             with self._slots:
-                while not self.free_slots() and not self._stop_reserving.is_set():
+                while (
+                    not self.free_slots()
+                    and not self._wants_refill(dry)
+                    and not self._stop_reserving.is_set()
+                ):
                     self.last_loop_ms = _now_ms()
                     self._slots.wait(0.5)
                 free = self.free_slots()
+                take = [self.buffered.popleft() for _ in range(min(free, len(self.buffered)))]
             self.last_loop_ms = _now_ms()
+            if take:
+                self._admit(take)  # prefetched deliveries first, before reserving more
+                continue
             if self._stop_reserving.is_set():
                 break
             queues = [q for q in self.config.queues if q not in self.paused]
             if not queues:
                 self._stop_reserving.wait(self.config.poll_wait_s)
                 continue
+            want = free + self.pool.size * self.config.prefetch - len(self.buffered)
+            # Wait for messages only when a slot is idle; a refill for the buffer just looks.
+            wait_s = self.config.poll_wait_s if free else 0.0
             try:
-                deliveries = self.app.broker.reserve(
-                    queues, free, self.config.lease_s, self.config.poll_wait_s
-                )
+                deliveries = self.app.broker.reserve(queues, want, self.config.lease_s, wait_s)
             except BrokerError as exc:
                 log.warning(
                     "reserve failed, retrying in %.1fs: %s",
@@ -303,7 +335,17 @@ class Worker:
                 continue
             backoff = 0.1
             self.last_consume_ms = self.last_loop_ms = _now_ms()
-            self._admit(deliveries)
+            dry = len(deliveries) < want
+            now_ready = deliveries[:free]
+            with self._slots:
+                if self._stop_reserving.is_set():
+                    later: list[Delivery] = list(deliveries[free:])
+                else:
+                    self.buffered.extend(deliveries[free:])
+                    later = []
+            for delivery in later:
+                self.settler.release(delivery)  # stopping: shutdown already emptied the buffer
+            self._admit(now_ready)
 
     def _admit(self, deliveries: Sequence[Delivery]) -> None:
         wanted = []
@@ -390,6 +432,7 @@ class Worker:
             "concurrency": self.pool.size,
             "queues": list(self.config.queues),
             "running": len(self.inflight),
+            "prefetched": len(self.buffered),
             "processed": dict(self.settler.counts),
             "last_consume_ms": self.last_consume_ms,
             "started_ms": int(self.started_at * 1000),
@@ -429,8 +472,11 @@ class Worker:
                         extra={"event": "task-hard-limit"},
                     )
                     self.pool.on_hard_limit(job)
-            if now >= next_renew and jobs:
-                self.settler.renew(jobs, self.config.lease_s)
+            if now >= next_renew:
+                with self._slots:
+                    waiting = list(self.buffered)
+                if jobs or waiting:
+                    self.settler.renew(jobs, self.config.lease_s, waiting=waiting)
             if now >= next_renew:
                 next_renew = now + renew_every
 

@@ -129,7 +129,11 @@ class ControlServer:
                 for j in list(w.inflight.values())
             ]
         if command == "reserved":
-            return []  # no prefetch: everything reserved is already running (see "active")
+            # Prefetched deliveries waiting for a slot (always empty with prefetch 0).
+            return [
+                {"message_id": d.message_id, "queue": d.queue, "deliveries": d.delivery_count}
+                for d in list(w.buffered)
+            ]
         if command == "registered":
             return sorted(w.app.tasks)
         if command == "revoke":

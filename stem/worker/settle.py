@@ -241,14 +241,17 @@ class Settler:
             "dead-letter", lambda: self.app.broker.dead_letter(delivery, reason, detail[:2000])
         )
 
-    def renew(self, jobs: Sequence[Job], lease_s: float) -> None:
+    def renew(
+        self, jobs: Sequence[Job], lease_s: float, *, waiting: Sequence[Delivery] = ()
+    ) -> None:
+        """Renew the leases of running jobs and of prefetched deliveries (``waiting``)."""
         try:
-            held = self.app.broker.extend([j.delivery for j in jobs], lease_s)
+            held = self.app.broker.extend([j.delivery for j in jobs] + list(waiting), lease_s)
         except BrokerError as exc:
             log.warning("lease renewal failed: %s", exc, extra={"event": "lease-renew-failed"})
             return
         signals.lease_renewed.send(count=sum(1 for ok in held if ok))
-        for job, ok in zip(jobs, held, strict=True):
+        for job, ok in zip(jobs, held[: len(jobs)], strict=True):
             if not ok and not job.settled:
                 log.warning(
                     "lease of task %s was lost; it may run twice",

@@ -290,6 +290,64 @@ def test_worker_reserves_only_what_its_slots_can_run(app: Stem) -> None:
         gate.set()
 
 
+def _wait_until(pred: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_prefetch_holds_deliveries_for_busy_slots_renews_them_and_runs_each_once(
+    app: Stem,
+) -> None:
+    gate = threading.Event()
+    runs: list[int] = []
+
+    @app.task(name="hold")
+    def hold(i: int) -> int:
+        runs.append(i)
+        gate.wait(10)
+        return i
+
+    results = [hold.delay(i) for i in range(8)]
+    with Running(app, concurrency=2, prefetch=2, lease_s=0.6) as w:
+        _wait_until(lambda: len(w.inflight) == 2 and len(w.buffered) == 4)
+        time.sleep(1.5)  # past two lease periods: the prefetched leases must be renewed
+        [stats] = [s for s in app.broker.stats() if s.queue == "default"]
+        assert (stats.reserved, stats.ready) == (6, 2)
+        reserved = w._control.dispatch("reserved", {}) if w._control else None
+        assert reserved is not None and len(reserved) == 4
+        assert all(r["deliveries"] == 1 for r in reserved)
+        gate.set()
+        assert [r.get(timeout=10) for r in results] == list(range(8))
+    assert sorted(runs) == list(range(8))  # each ran once: no lease lapsed
+
+
+def test_prefetched_deliveries_are_handed_back_at_shutdown(app: Stem) -> None:
+    started = threading.Event()
+
+    @app.task(name="sleepy")
+    def sleepy() -> None:
+        started.set()
+        time.sleep(3)
+
+    for _ in range(4):
+        sleepy.delay()
+    with Running(app, concurrency=1, prefetch=3, shutdown_budget_s=0.2) as w:
+        assert started.wait(5)
+        _wait_until(lambda: len(w.buffered) == 3)
+    [stats] = [s for s in app.broker.stats() if s.queue == "default"]
+    assert (stats.ready, stats.reserved) == (4, 0)  # the running one and the 3 prefetched
+
+
+def test_prefetch_out_of_range_is_refused() -> None:
+    from stem.errors import StemError
+    from stem.worker.consumer import WorkerConfig
+
+    with pytest.raises(StemError, match=r"prefetch must be 0\.\.64"):
+        WorkerConfig(prefetch=-1)
+
+
 def test_leases_are_renewed_while_a_long_task_runs(app: Stem) -> None:
     runs: list[int] = []
 
