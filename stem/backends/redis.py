@@ -117,10 +117,16 @@ class RedisBackend:
                 remaining_s = deadline - time.monotonic()
                 if state in _READY or remaining_s <= 0:
                     return state, body
-                ps.get_message(
+                msg = ps.get_message(
                     ignore_subscribe_messages=True,
                     timeout=min(remaining_s, self._conn.max_block_s),
                 )
+                if msg is not None and msg["type"] == "message":
+                    # "state\nbody": the record as stored, no read needed. A bare state
+                    # (an older worker) falls through to the read above.
+                    state, sep, body = bytes(msg["data"]).partition(b"\n")
+                    if sep and state in _READY:
+                        return state, body
 
     def add_member(self, key: str, member: str, ttl_s: float | None) -> int:
         full = f"{self._prefix}members:{key}"

@@ -8,10 +8,10 @@ Key layout (P = prefix, default "stem:"):
   P.."result:"..TASK_ID    hash     s = state, b = record body; PEXPIRE = the record's ttl
                                     (none when stored without a ttl)
   P.."members:"..KEY       set      unique members of a group/chord counter; PEXPIRE = ttl
-  P.."result:"..TASK_ID    channel  (pub/sub, not a key) the state is published here when a
-                                    record reaches a ready state, after it is written, so a
-                                    waiter that subscribed and then read the record misses
-                                    nothing
+  P.."result:"..TASK_ID    channel  (pub/sub, not a key) state.."\n"..body is published here
+                                    when a record reaches a ready state, after it is written,
+                                    so a waiter that subscribed and then read the record misses
+                                    nothing, and needs no read after the message
 
 Commands and their ARGV after COMMAND:
   store   state, body, ttl_ms or "", ready ("1"/"0"), channel  -> 1
@@ -27,7 +27,7 @@ if cmd == 'store' then
         redis.call('PEXPIRE', key, ARGV[4])
     end
     if ARGV[5] == '1' then
-        redis.call('PUBLISH', ARGV[6], ARGV[2])
+        redis.call('PUBLISH', ARGV[6], ARGV[2] .. '\n' .. ARGV[3])
     end
     return 1
 end
