@@ -81,6 +81,11 @@ def signing_pools(rows: Sequence[Row]) -> str:
     return ",".join(specs)
 
 
+def _change(new: float, old: float) -> str:
+    """Signed relative change, "-44%" or "+3%" (a faster signed run is noise, shown as is)."""
+    return f"{new / old - 1:+.0%}"
+
+
 def _fmt_rate(v: float | None) -> str:
     return "—" if v is None else f"{v:,.0f}"
 
@@ -328,15 +333,14 @@ def _signing(rows: Sequence[Row], costs: dict[str, dict[str, float]]) -> list[st
             b = base.get(r["config"])
             if b is None or not r["drain_per_s"] or not b["drain_per_s"]:
                 continue
-            loss = 1 - r["drain_per_s"] / b["drain_per_s"]
             drains.append(
                 f"{r['config']}: {_fmt_rate(r['drain_per_s'])} vs {_fmt_rate(b['drain_per_s'])}, "
-                f"-{loss:.0%}"
+                + _change(r["drain_per_s"], b["drain_per_s"])
             )
         single = next((r["enqueue_single_per_s"] for r in signed if r["enqueue_single_per_s"]), 0)
         single_text = "—"
         if single and base_single:
-            single_text = f"{_fmt_rate(single)} (-{1 - single / base_single:.0%})"
+            single_text = f"{_fmt_rate(single)} ({_change(single, base_single)})"
         out.append(
             f"| {algorithm} | {c.get('sign', 0):.1f} | {c.get('verify', 0):.1f} | "
             f"{c.get('result_seal', 0):.1f} / {c.get('result_unseal', 0):.1f} | {single_text} | "
