@@ -14,10 +14,10 @@ import threading
 import time
 from typing import Any, NoReturn
 
-from stem.envelope import from_dict
+from stem import envelope as codec
 from stem.errors import SoftTimeLimitExceeded, StemError, TaskNotRegistered
 from stem.observability import signals
-from stem.worker.framing import read_frame, write_frame
+from stem.worker.framing import FrameReader, write_frame
 from stem.worker.job import execute, failure
 
 
@@ -38,7 +38,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _on_alarm)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    boot = read_frame(in_fd)
+    reader = FrameReader(in_fd)
+    boot = reader.frame()
     if boot is None:
         return 0
     try:
@@ -56,10 +57,11 @@ def main(argv: list[str]) -> int:
         write_frame(out_fd, {"type": "progress", "data": data})
 
     while True:
-        frame = read_frame(in_fd)
-        if frame is None:
+        frame = reader.frame()
+        body = reader.body() if frame is not None else None
+        if frame is None or body is None:
             break
-        env = from_dict(frame["envelope"])
+        env = codec.decode(body, max_bytes=len(body))  # verified by the parent
         soft = frame.get("soft")
         try:
             task = app.get_task(env.task)

@@ -1,4 +1,9 @@
-"""Length-prefixed JSON frames over pipes between the worker and its child processes."""
+"""Length-prefixed frames over pipes between the worker and its child processes.
+
+A frame is a 4-byte big-endian length and that many bytes: a JSON object, optionally
+followed by one raw frame (a task's message body, sent as the bytes the broker delivered,
+so the parent does not re-encode what the child decodes anyway).
+"""
 
 from __future__ import annotations
 
@@ -13,34 +18,41 @@ _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 
 
-def write_frame(fd: int, obj: Any) -> None:
+def write_frame(fd: int, obj: Any, body: bytes | None = None) -> None:
+    """Write a JSON frame, and ``body`` as a raw frame after it, in one write."""
     data = dumps(obj)
-    buf = memoryview(_HEADER.pack(len(data)) + data)
+    parts = [_HEADER.pack(len(data)), data]
+    if body is not None:
+        parts += [_HEADER.pack(len(body)), bytes(body)]
+    buf = memoryview(b"".join(parts))
     while buf:
         n = os.write(fd, buf)
         buf = buf[n:]
 
 
-def _read_exact(fd: int, n: int) -> bytes | None:
-    chunks = []
-    while n:
-        chunk = os.read(fd, n)
-        if not chunk:
+class FrameReader:
+    """Reads frames from a pipe through a buffer (one system call for most frames). One
+    reader per pipe, used by one thread; it does not close the descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        # Lives as long as the pipe; whoever owns the descriptor closes it.
+        self._file = open(fd, "rb", buffering=1 << 16, closefd=False)  # noqa: SIM115
+
+    def _raw(self) -> bytes | None:
+        header = self._file.read(_HEADER.size)
+        if len(header) < _HEADER.size:
             return None
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
+        (length,) = _HEADER.unpack(header)
+        if length > MAX_FRAME:
+            raise DecodeError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+        data = self._file.read(length)
+        return data if len(data) == length else None
 
+    def frame(self) -> Any | None:
+        """The next JSON frame, or None at end of stream."""
+        data = self._raw()
+        return None if data is None else loads(data)
 
-def read_frame(fd: int) -> Any | None:
-    """The next frame, or None at end of stream."""
-    header = _read_exact(fd, _HEADER.size)
-    if header is None:
-        return None
-    (length,) = _HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise DecodeError(f"frame of {length} bytes exceeds {MAX_FRAME}")
-    data = _read_exact(fd, length)
-    if data is None:
-        return None
-    return loads(data)
+    def body(self) -> bytes | None:
+        """The raw frame that follows a JSON frame sent with a body, or None at the end."""
+        return self._raw()

@@ -16,9 +16,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from stem.envelope import to_dict
 from stem.errors import HardTimeLimitExceeded, StemError, WorkerLost
-from stem.worker.framing import read_frame, write_frame
+from stem.worker.framing import FrameReader, write_frame
 from stem.worker.job import Job, Outcome, failure
 from stem.worker.pools import Done, Progress
 
@@ -30,6 +29,7 @@ class _Child:
     proc: subprocess.Popen[bytes]
     to_child: int
     from_child: int
+    reader: FrameReader
     job: Job | None = None
     retiring: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -86,9 +86,9 @@ class ProcessPool:
         finally:
             os.close(c_in)
             os.close(c_out)
-        child = _Child(proc, p_out, p_in)
+        child = _Child(proc, p_out, p_in, FrameReader(p_in))
         write_frame(p_out, self._bootstrap)
-        first = read_frame(p_in)
+        first = child.reader.frame()
         if first is None or first.get("type") != "ready":
             error = (first or {}).get("error") or f"exited with code {proc.wait()}"
             self._close(child)
@@ -131,9 +131,9 @@ class ProcessPool:
             break
         with child.lock:
             child.job = job
-        frame = {"envelope": to_dict(job.envelope), "soft": job.soft_limit_s}
+        # The delivered bytes, which the parent verified; the child decodes them itself.
         try:
-            write_frame(child.to_child, frame)
+            write_frame(child.to_child, {"soft": job.soft_limit_s}, job.delivery.body)
         except OSError:
             # The child died; its reader reports WorkerLost for this job and replaces it.
             child.proc.kill()
@@ -141,7 +141,7 @@ class ProcessPool:
     def _reader(self, child: _Child) -> None:
         while True:
             try:
-                frame = read_frame(child.from_child)
+                frame = child.reader.frame()
             except (OSError, StemError):
                 frame = None
             if frame is None:
