@@ -65,40 +65,68 @@ class AckBatcher:
         self._flush()
 
     def _flush(self) -> None:
-        while True:
+        try:
+            while self._send_next():
+                pass
+        except BaseException:
+            # Never leave the batcher marked busy with nobody flushing: the next ack that
+            # arrives takes over (and sends what is pending).
             with self._idle:
-                batch, self._pending = self._pending, []
-                if not batch:
-                    self._flushing = False
-                    self._idle.notify_all()
-                    return
-            claims = [c for _, c in batch if c is not None]
-            if claims and self._claim_many is not None:
-                try:
-                    self._claim_many(claims)
-                except BrokerError as exc:
-                    log.warning(
-                        "could not record the nonces of %d message(s): %s",
-                        len(claims),
-                        exc,
-                        extra={"event": "nonce-record-failed"},
-                    )
+                self._flushing = False
+                self._idle.notify_all()
+            raise
+
+    def _send_next(self) -> bool:
+        """Send what is pending; False once nothing was (and the flush is over)."""
+        with self._idle:
+            batch, self._pending = self._pending, []
+            if not batch:
+                self._flushing = False
+                self._idle.notify_all()
+                return False
+        try:
+            self._send(batch)
+        except BaseException:
+            with self._idle:  # not sent: keep it, ahead of what arrived since
+                self._pending[:0] = batch
+            raise
+        return True
+
+    def _send(self, batch: list[tuple[Delivery, Claim | None]]) -> None:
+        claims = [c for _, c in batch if c is not None]
+        if claims and self._claim_many is not None:
             try:
-                self._ack([d for d, _ in batch])
-            except BrokerError as exc:
-                log.error(
-                    "ack of %d message(s) failed; they will be delivered again: %s",
-                    len(batch),
+                self._claim_many(claims)
+            except Exception as exc:
+                log.warning(
+                    "could not record the nonces of %d message(s): %s",
+                    len(claims),
                     exc,
-                    extra={"event": "broker-call-failed"},
+                    extra={"event": "nonce-record-failed"},
                 )
-            except Exception:
-                log.exception("ack of %d message(s) failed", len(batch))
-            self.batches += 1
-            self.acked += len(batch)
+        try:
+            self._ack([d for d, _ in batch])
+        except BrokerError as exc:
+            log.error(
+                "ack of %d message(s) failed; they will be delivered again: %s",
+                len(batch),
+                exc,
+                extra={"event": "broker-call-failed"},
+            )
+        except Exception:
+            log.exception("ack of %d message(s) failed", len(batch))
+        self.batches += 1
+        self.acked += len(batch)
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until every ack handed in was sent (shutdown). False on timeout."""
+        """Send what is pending and wait until every ack handed in was sent (shutdown).
+        False on timeout."""
+        with self._idle:
+            lead = bool(self._pending) and not self._flushing
+            if lead:  # left behind by a flush that ended in an exception
+                self._flushing = True
+        if lead:
+            self._flush()
         deadline = time.monotonic() + timeout_s
         with self._idle:
             while self._flushing or self._pending:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from stem.brokers.base import Delivery
 from stem.errors import BrokerConnectionError
 from stem.worker.settle import AckBatcher
@@ -63,3 +65,26 @@ def test_a_failed_ack_is_logged_and_the_batcher_keeps_working(caplog) -> None:  
     assert calls == [1, 1]
     assert "delivered again" in caplog.text and "127.0.0.1:1" in caplog.text
     assert acks.wait_idle(0.1)
+
+
+def test_an_unexpected_error_in_a_flush_does_not_wedge_the_batcher() -> None:
+    calls: list[list[str]] = []
+
+    def ack(batch: list[Delivery]) -> None:
+        calls.append([d.receipt for d in batch])
+
+    raised: list[int] = []
+
+    def claim_many(claims: list[tuple[str, str, float]]) -> None:
+        if not raised:
+            raised.append(1)
+            raise KeyboardInterrupt  # anything at all escaping the leader thread
+
+    acks = AckBatcher(ack, claim_many)
+    with pytest.raises(KeyboardInterrupt):
+        acks.add(_d(1), ("nonce:k:1", "m1", 60.0))
+    assert calls == []
+    assert acks.wait_idle(1.0)  # shutdown sends what the failed flush left behind
+    assert calls == [["r1"]]
+    acks.add(_d(2))  # and later acks are sent at once
+    assert calls == [["r1"], ["r2"]]
