@@ -133,7 +133,19 @@ def dumps(value: Any, *, user_data: Any = None) -> bytes:
 
 
 def _user_data(d: dict[str, Any]) -> list[Any]:
-    return [d["args"], d["kwargs"], d["headers"]]
+    """What may hold a float: the caller's data, and the numeric fields (typed as ints,
+    but a caller can still pass ``max_retries=float("inf")``). Ids and names are strings."""
+    return [
+        d["args"],
+        d["kwargs"],
+        d["headers"],
+        d["priority"],
+        d["not_before_ms"],
+        d["expires_ms"],
+        d["attempt"],
+        d["max_retries"],
+        d["created_ms"],
+    ]
 
 
 def _finite(value: Any) -> bool:

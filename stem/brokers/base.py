@@ -128,7 +128,8 @@ class Broker(Protocol):
     def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]:
         """:meth:`claim` for each ``(key, value, ttl_s)``, in order, in as few round trips
         as the store allows. Returns the value now held for each item (an item whose key
-        an earlier item of the same call claimed gets that item's value)."""
+        an earlier item of the same call claimed gets that item's value). ``ttl_s`` must be
+        positive: a claim that expires at once holds nothing to agree on."""
 
     def peek_many(self, keys: Sequence[str]) -> list[str | None]:
         """:meth:`peek` for each key, in one round trip where the store allows."""

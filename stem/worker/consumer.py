@@ -93,7 +93,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self.paused: set[str] = set()
         self.revoked: set[str] = set()
-        self.settler = Settler(app, self.name, self.config.max_deliveries)
+        self.settler = Settler(app, self.name, self.config.max_deliveries, batch_acks=True)
         self.admission = Admission(
             app, self.settler, self.config.max_deliveries, is_revoked=self.revoked.__contains__
         )
@@ -253,7 +253,6 @@ class Worker:
                     break
                 self._slots.wait(min(remaining, 0.2))
             leftover = list(self.inflight.values())
-        self.settler.acks.wait_idle(5.0)
         handed_back = self.settler.hand_back(leftover)
         if handed_back:
             log.warning(
@@ -262,6 +261,12 @@ class Worker:
                 extra={"event": "worker-handed-back", "count": handed_back},
             )
         self.pool.stop(kill=bool(leftover) or self._stop_now.is_set())
+        # Every outcome is settled now: send the acks still queued, then end the sender.
+        if not self.settler.acks.stop(0.5 if self._stop_now.is_set() else 5.0):
+            log.warning(
+                "acks still unsent at shutdown; those tasks will be delivered again",
+                extra={"event": "acks-unsent"},
+            )
         self._stopped.set()
         # Stopping now: do not wait on threads that may be stuck in a broker call (they
         # are daemon threads and end with the process).
@@ -362,6 +367,7 @@ class Worker:
             job = self.admission.admit(delivery, self._limits, env)
             if job is None:
                 continue
+            job.on_acked = functools.partial(self._free_slot, job)
             with self._slots:
                 self.inflight[delivery.receipt] = job
             self.pool.submit(job)
@@ -383,9 +389,13 @@ class Worker:
                 extra={"event": "settle-failed", "task_id": job.envelope.id},
             )
         finally:
-            with self._slots:
-                self.inflight.pop(job.delivery.receipt, None)
-                self._slots.notify_all()
+            if not job.ack_deferred:
+                self._free_slot(job)
+
+    def _free_slot(self, job: Job) -> None:
+        with self._slots:
+            self.inflight.pop(job.delivery.receipt, None)
+            self._slots.notify_all()
 
     def _progress(self, job: Job, data: dict[str, Any]) -> None:
         self.settler.progress(job, data)
@@ -459,6 +469,8 @@ class Worker:
             with self._slots:
                 jobs = list(self.inflight.values())
             for job in jobs:
+                if job.settled:
+                    continue  # finished; its ack is on its way (the lease is still renewed)
                 elapsed = now - job.started
                 if job.soft_limit_s and not job.soft_fired and elapsed > job.soft_limit_s:
                     job.soft_fired = True

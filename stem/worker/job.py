@@ -81,6 +81,8 @@ class Job:
     hard_fired: bool = False
     revoked: bool = False
     thread_id: int | None = None
+    on_acked: Callable[[], None] | None = None  # the worker frees the job's slot with it
+    ack_deferred: bool = False  # settled with an ack still to be sent; on_acked will run
     _settle_lock: threading.Lock = field(default_factory=threading.Lock)
     _settled: bool = False
 

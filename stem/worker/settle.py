@@ -30,70 +30,94 @@ if TYPE_CHECKING:
 log = logging.getLogger("stem.worker")
 
 Claim = tuple[str, str, float]  # (key, value, ttl_s), as Broker.claim takes them
+Done = Callable[[], None]
 
 
 class AckBatcher:
-    """Group commit for acks: the first thread with an ack to send sends it at once; acks
-    that arrive while that call is in flight are sent together by the same thread in its
-    next call, until none are left. One thread acks alone, at once; many threads settling
-    together share broker round trips (one ``Broker.ack`` per batch, not per task).
+    """Acks sent in batches by one background thread.
 
-    An ack may carry the claim that consumes its message's replay nonce: a batch records
-    its nonces (one ``Broker.claim_many``) before it acks. An ack that fails is logged and
-    dropped: the lease lapses and the message is delivered again (at-least-once), exactly as
-    when an unbatched ack fails."""
+    Settling threads hand their acks in and go on (a pool slot is never held while an ack
+    is in flight); the thread sends everything handed in since its last call in one
+    ``Broker.ack``, so under load many acks share a round trip and with one task it is sent
+    at once. An ack may carry the claim that consumes its message's replay nonce: a batch
+    records its nonces (one ``Broker.claim_many``) before it acks.
+
+    The result of a task is always written before its ack is handed in. An ack not yet sent
+    when the process dies, or one that fails, is lost: the lease lapses and the message is
+    delivered again (at-least-once), as when an unbatched ack fails. With
+    ``background=False`` (single-threaded use such as :func:`stem.worker.consumer.drain`)
+    each ack is sent before :meth:`add` returns."""
 
     def __init__(
         self,
         ack: Callable[[list[Delivery]], object],
         claim_many: Callable[[list[Claim]], object] | None = None,
+        *,
+        background: bool = False,
     ) -> None:
         self._ack = ack
         self._claim_many = claim_many
-        self._idle = threading.Condition()
-        self._pending: list[tuple[Delivery, Claim | None]] = []
-        self._flushing = False
+        self._background = background
+        lock = threading.Lock()
+        self._wakeup = threading.Condition(lock)  # the sender waits here for acks
+        self._idle = threading.Condition(lock)  # wait_idle waits here for the sender
+        self._pending: list[tuple[Delivery, Claim | None, Done | None]] = []
+        self._sending = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
         self.batches = 0
         self.acked = 0
 
-    def add(self, delivery: Delivery, claim: Claim | None = None) -> None:
-        with self._idle:
-            self._pending.append((delivery, claim))
-            if self._flushing:
-                return  # the thread that is flushing takes it in its next call
-            self._flushing = True
-        self._flush()
+    @property
+    def background(self) -> bool:
+        return self._background
 
-    def _flush(self) -> None:
+    def add(self, delivery: Delivery, claim: Claim | None = None, done: Done | None = None) -> None:
+        """Hand in an ack (and the nonce claim to record first). ``done`` is called once
+        the ack was sent, or failed to be."""
+        with self._wakeup:
+            inline = not self._background or self._stopping
+            if not inline:
+                self._pending.append((delivery, claim, done))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="stem-acks", daemon=True)
+                    self._thread.start()
+                elif not self._sending:
+                    self._wakeup.notify()
+        if inline:  # single-threaded use, or an ack arriving after stop(): send it now
+            self._send([(delivery, claim, done)])
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._pending and not self._stopping:
+                    self._wakeup.wait()
+                if not self._pending:
+                    return  # stopping, and everything was sent
+                batch, self._pending = self._pending, []
+                self._sending = True
+            try:
+                self._send(batch)
+            except BaseException:  # the sender must outlive anything one batch does
+                log.exception("ack of %d message(s) failed", len(batch))
+            finally:
+                with self._idle:
+                    self._sending = False
+                    self._idle.notify_all()
+
+    def _send(self, batch: list[tuple[Delivery, Claim | None, Done | None]]) -> None:
         try:
-            while self._send_next():
-                pass
-        except BaseException:
-            # Never leave the batcher marked busy with nobody flushing: the next ack that
-            # arrives takes over (and sends what is pending).
-            with self._idle:
-                self._flushing = False
-                self._idle.notify_all()
-            raise
+            self._send_batch(batch)
+        finally:
+            for _, _, done in batch:
+                if done is not None:
+                    try:
+                        done()
+                    except Exception:
+                        log.exception("after-ack callback failed")
 
-    def _send_next(self) -> bool:
-        """Send what is pending; False once nothing was (and the flush is over)."""
-        with self._idle:
-            batch, self._pending = self._pending, []
-            if not batch:
-                self._flushing = False
-                self._idle.notify_all()
-                return False
-        try:
-            self._send(batch)
-        except BaseException:
-            with self._idle:  # not sent: keep it, ahead of what arrived since
-                self._pending[:0] = batch
-            raise
-        return True
-
-    def _send(self, batch: list[tuple[Delivery, Claim | None]]) -> None:
-        claims = [c for _, c in batch if c is not None]
+    def _send_batch(self, batch: list[tuple[Delivery, Claim | None, Done | None]]) -> None:
+        claims = [c for _, c, _ in batch if c is not None]
         if claims and self._claim_many is not None:
             try:
                 self._claim_many(claims)
@@ -105,7 +129,7 @@ class AckBatcher:
                     extra={"event": "nonce-record-failed"},
                 )
         try:
-            self._ack([d for d, _ in batch])
+            self._ack([d for d, _, _ in batch])
         except BrokerError as exc:
             log.error(
                 "ack of %d message(s) failed; they will be delivered again: %s",
@@ -119,30 +143,37 @@ class AckBatcher:
         self.acked += len(batch)
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Send what is pending and wait until every ack handed in was sent (shutdown).
-        False on timeout."""
-        with self._idle:
-            lead = bool(self._pending) and not self._flushing
-            if lead:  # left behind by a flush that ended in an exception
-                self._flushing = True
-        if lead:
-            self._flush()
+        """Wait until every ack handed in was sent. False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._idle:
-            while self._flushing or self._pending:
+            while self._pending or self._sending:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._idle.wait(remaining)
         return True
 
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Send what is left, then end the sender. False if acks were left unsent."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+        with self._idle:
+            return not self._pending and not self._sending
+
 
 class Settler:
-    def __init__(self, app: Stem, worker_name: str, max_deliveries: int) -> None:
+    def __init__(
+        self, app: Stem, worker_name: str, max_deliveries: int, *, batch_acks: bool = False
+    ) -> None:
         self.app = app
         self.acks = AckBatcher(
             lambda batch: self.app.broker.ack(batch),
             lambda claims: self.app.broker.claim_many(claims),
+            background=batch_acks,
         )
         self.worker_name = worker_name
         self.max_deliveries = max_deliveries
@@ -207,12 +238,20 @@ class Settler:
             # The lease lapses and the message is delivered again: at-least-once, not lost.
             log.error("%s failed: %s", what, exc, extra={"event": "broker-call-failed"})
 
-    def ack(self, delivery: Delivery, *, nonce_of: Envelope | None = None) -> None:
-        """Ack (batched); with ``nonce_of``, record that message's replay nonce first."""
+    def ack(
+        self, delivery: Delivery, *, nonce_of: Envelope | None = None, job: Job | None = None
+    ) -> None:
+        """Ack (batched); with ``nonce_of``, record that message's replay nonce first. With
+        ``job`` (whose ``on_acked`` frees its slot), the slot stays taken until the ack was
+        sent, so a slot never holds more than one unacknowledged task."""
         claim = None
         if nonce_of is not None and self.replay is not None and nonce_of.signature is not None:
             claim = self.replay.claim_of(nonce_of)
-        self.acks.add(delivery, claim)
+        done = None
+        if job is not None and job.on_acked is not None and self.acks.background:
+            job.ack_deferred = True
+            done = job.on_acked
+        self.acks.add(delivery, claim, done)
 
     def release(self, delivery: Delivery, delay_s: float = 0.0) -> None:
         self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
@@ -299,16 +338,16 @@ class Settler:
 
     # -- outcomes --------------------------------------------------------------------------
 
-    def revoked(self, env: Envelope, delivery: Delivery) -> None:
+    def revoked(self, env: Envelope, delivery: Delivery, job: Job | None = None) -> None:
         self.store(env, states.REVOKED, error=ErrorInfo("TaskRevoked", "the task was revoked"))
         signals.task_revoked.send(envelope=env)
         log.info("task %s revoked", env.id, extra={"event": "task-revoked", **self.fields(env)})
-        self.ack(delivery, nonce_of=env)
+        self.ack(delivery, nonce_of=env, job=job)
 
     def settle(self, job: Job, outcome: Outcome) -> None:
         env, delivery = job.envelope, job.delivery
         if job.revoked:
-            self.revoked(env, delivery)
+            self.revoked(env, delivery, job)
             signals.task_postrun.send(
                 envelope=env, state=states.REVOKED, runtime_s=outcome.runtime_s
             )
@@ -336,7 +375,7 @@ class Settler:
             signals.task_postrun.send(
                 envelope=env, state=states.SUCCESS, runtime_s=outcome.runtime_s
             )
-            self.ack(delivery, nonce_of=env)
+            self.ack(delivery, nonce_of=env, job=job)
             self.finished(job, final=True)
             return
         if outcome.status == "retry" or outcome.autoretry:
@@ -376,7 +415,7 @@ class Settler:
             self.consume_nonce(env)
             self.dead_letter(job.delivery, reason, f"{error.type}: {error.message}", env)
         else:
-            self.ack(job.delivery, nonce_of=env)
+            self.ack(job.delivery, nonce_of=env, job=job)
         self.finished(job, final=True)
 
     def _retry(self, job: Job, outcome: Outcome) -> None:

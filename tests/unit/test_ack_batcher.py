@@ -1,10 +1,9 @@
-"""Group-committed acks: one thread acks at once, concurrent settlers share calls."""
+"""Batched acks: one sender thread; settling threads never wait for the broker."""
 
 from __future__ import annotations
 
 import threading
-
-import pytest
+import time
 
 from stem.brokers.base import Delivery
 from stem.errors import BrokerConnectionError
@@ -15,7 +14,7 @@ def _d(i: int) -> Delivery:
     return Delivery(f"r{i}", f"m{i}", "q", b"{}", 1, 0)
 
 
-def test_a_lone_ack_is_sent_before_add_returns() -> None:
+def test_without_a_background_sender_each_ack_is_sent_before_add_returns() -> None:
     calls: list[list[str]] = []
     acks = AckBatcher(lambda batch: calls.append([d.receipt for d in batch]))
     acks.add(_d(1))
@@ -25,7 +24,7 @@ def test_a_lone_ack_is_sent_before_add_returns() -> None:
     assert acks.wait_idle(0.1)
 
 
-def test_acks_arriving_during_a_call_go_out_together_and_none_is_lost() -> None:
+def test_acks_handed_in_during_a_call_go_out_together_and_none_is_lost() -> None:
     in_call = threading.Event()
     release = threading.Event()
     calls: list[list[str]] = []
@@ -36,55 +35,89 @@ def test_acks_arriving_during_a_call_go_out_together_and_none_is_lost() -> None:
             in_call.set()
             release.wait(5)
 
-    acks = AckBatcher(slow_ack)
-    leader = threading.Thread(target=acks.add, args=(_d(0),))
-    leader.start()
+    acks = AckBatcher(slow_ack, background=True)
+    acks.add(_d(0))  # returns at once: the sender thread sends it
     assert in_call.wait(5)
     for i in range(1, 6):
-        acks.add(_d(i))  # returns at once: the leader is flushing
+        acks.add(_d(i))  # returns at once although the sender is busy
     assert calls == [["r0"]]
     assert not acks.wait_idle(0.05)
     release.set()
-    leader.join(5)
     assert acks.wait_idle(5)
     assert calls == [["r0"], ["r1", "r2", "r3", "r4", "r5"]]
     assert (acks.batches, acks.acked) == (2, 6)
+    assert acks.stop()
 
 
-def test_a_failed_ack_is_logged_and_the_batcher_keeps_working(caplog) -> None:  # type: ignore[no-untyped-def]
+def test_many_threads_share_calls_and_every_ack_is_sent_once() -> None:
+    sent: list[str] = []
+
+    def ack(batch: list[Delivery]) -> None:
+        sent.extend(d.receipt for d in batch)
+        time.sleep(0.002)
+
+    acks = AckBatcher(ack, background=True)
+
+    def settle(n: int) -> None:
+        for i in range(200):
+            acks.add(_d(n * 1000 + i))
+
+    threads = [threading.Thread(target=settle, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert acks.stop()
+    assert sorted(sent) == sorted(f"r{n * 1000 + i}" for n in range(8) for i in range(200))
+    assert acks.batches < acks.acked / 4  # shared round trips
+
+
+def test_stop_sends_what_is_left_and_later_acks_go_out_inline() -> None:
+    release = threading.Event()
+    calls: list[list[str]] = []
+
+    def ack(batch: list[Delivery]) -> None:
+        calls.append([d.receipt for d in batch])
+        release.wait(5)
+
+    acks = AckBatcher(ack, background=True)
+    acks.add(_d(1))
+    acks.add(_d(2))
+    threading.Timer(0.1, release.set).start()
+    assert acks.stop(5)
+    assert [r for batch in calls for r in batch] == ["r1", "r2"]
+    acks.add(_d(3))  # after stop (a late settle): sent before add returns
+    assert calls[-1] == ["r3"]
+
+
+def test_claims_are_recorded_before_the_ack_and_a_failed_claim_still_acks(caplog) -> None:  # type: ignore[no-untyped-def]
+    order: list[str] = []
+
+    def claim_many(claims: list[tuple[str, str, float]]) -> None:
+        order.append("claims:" + ",".join(c[0] for c in claims))
+        raise BrokerConnectionError("redis://127.0.0.1:1 refused")
+
+    acks = AckBatcher(lambda batch: order.append("ack"), claim_many)
+    acks.add(_d(1), ("nonce:k:1", "m1", 60.0))
+    acks.add(_d(2))  # no claim: nothing to record
+    assert order == ["claims:nonce:k:1", "ack", "ack"]
+    assert "could not record the nonces" in caplog.text
+
+
+def test_a_failed_ack_is_logged_and_the_sender_keeps_working(caplog) -> None:  # type: ignore[no-untyped-def]
     calls: list[int] = []
 
     def flaky(batch: list[Delivery]) -> None:
         calls.append(len(batch))
         if len(calls) == 1:
             raise BrokerConnectionError("redis://127.0.0.1:1 refused")
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # even this does not end the sender
 
-    acks = AckBatcher(flaky)
-    acks.add(_d(1))
-    acks.add(_d(2))
-    assert calls == [1, 1]
+    acks = AckBatcher(flaky, background=True)
+    for i in range(3):
+        acks.add(_d(i))
+        assert acks.wait_idle(5)
+    assert calls == [1, 1, 1]
     assert "delivered again" in caplog.text and "127.0.0.1:1" in caplog.text
-    assert acks.wait_idle(0.1)
-
-
-def test_an_unexpected_error_in_a_flush_does_not_wedge_the_batcher() -> None:
-    calls: list[list[str]] = []
-
-    def ack(batch: list[Delivery]) -> None:
-        calls.append([d.receipt for d in batch])
-
-    raised: list[int] = []
-
-    def claim_many(claims: list[tuple[str, str, float]]) -> None:
-        if not raised:
-            raised.append(1)
-            raise KeyboardInterrupt  # anything at all escaping the leader thread
-
-    acks = AckBatcher(ack, claim_many)
-    with pytest.raises(KeyboardInterrupt):
-        acks.add(_d(1), ("nonce:k:1", "m1", 60.0))
-    assert calls == []
-    assert acks.wait_idle(1.0)  # shutdown sends what the failed flush left behind
-    assert calls == [["r1"]]
-    acks.add(_d(2))  # and later acks are sent at once
-    assert calls == [["r1"], ["r2"]]
+    assert acks.stop()

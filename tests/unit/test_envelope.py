@@ -130,3 +130,14 @@ def test_non_finite_floats_are_refused_not_turned_into_null(bad: float) -> None:
     with pytest.raises(EncodeError, match="NaN or infinity"):
         codec.encode(make(args=(1, {"x": [bad]})))
     assert codec.decode(codec.encode(make(args=(None, 1.5)))).args == (None, 1.5)
+
+
+@pytest.mark.parametrize(
+    "field", ["max_retries", "not_before_ms", "expires_ms", "priority", "attempt", "created_ms"]
+)
+def test_non_finite_numbers_outside_the_arguments_are_refused_too(field: str) -> None:
+    env = dataclasses.replace(make(), **{field: float("inf")})
+    with pytest.raises(EncodeError, match="NaN or infinity"):
+        codec.encode(env)
+    with pytest.raises(EncodeError, match="NaN or infinity"):
+        codec.signing_bytes(env)

@@ -208,6 +208,7 @@ def test_endpoint_serves_the_workload(signed_app: Stem) -> None:
         assert retried.get(timeout=5) == "ok"
         failing.get(timeout=5, propagate=False)
         _wait_for(lambda: len(app.broker.dlq_list()) == 2 and not worker.inflight)
+        assert worker.settler.acks.wait_idle(5)  # acks go out just after the results
         _wait_for(
             lambda: (
                 endpoint.metrics.registry.get_sample_value(

@@ -340,6 +340,36 @@ def test_prefetched_deliveries_are_handed_back_at_shutdown(app: Stem) -> None:
     assert (stats.ready, stats.reserved) == (4, 0)  # the running one and the 3 prefetched
 
 
+def test_a_slot_is_free_again_only_once_its_ack_was_sent(app: Stem) -> None:
+    """A slot never holds more than one unacknowledged task (so a crash or an outage
+    duplicates at most one task per slot)."""
+    gate = threading.Event()
+    acked: list[int] = []
+    started: list[int] = []
+    real_ack = app.broker.ack
+
+    def slow_ack(deliveries: Any) -> int:
+        gate.wait(10)
+        acked.append(len(deliveries))
+        return real_ack(deliveries)
+
+    app.broker.ack = slow_ack  # type: ignore[method-assign]
+
+    @app.task(name="quick")
+    def quick(i: int) -> int:
+        started.append(i)
+        return i
+
+    first, second = quick.delay(1), quick.delay(2)
+    with Running(app, concurrency=1) as w:
+        assert first.get(timeout=5) == 1  # the result is written before the ack
+        time.sleep(0.3)
+        assert started == [1] and len(w.inflight) == 1  # the ack is held back: no slot
+        gate.set()
+        assert second.get(timeout=5) == 2
+    assert started == [1, 2] and sum(acked) == 2
+
+
 def test_prefetch_out_of_range_is_refused() -> None:
     from stem.errors import StemError
     from stem.worker.consumer import WorkerConfig

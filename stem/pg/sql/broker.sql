@@ -202,6 +202,11 @@ WHERE key >= %(lo)s AND (%(hi)s::text IS NULL OR key < %(hi)s) AND starts_with(k
   AND (expires_at IS NULL OR expires_at > stem_now_ms());
 
 -- name: sweep_claims
--- Bounded so one sweep never holds many row locks or runs long.
+-- Bounded so one sweep never holds many row locks or runs long; rows are locked in key
+-- order (as claim_many locks them) and rows someone holds are left for the next sweep,
+-- so a sweep and a batch of claims never deadlock.
 DELETE FROM stem_claims
-WHERE key IN (SELECT key FROM stem_claims WHERE expires_at <= stem_now_ms() LIMIT 1000);
+WHERE key IN (
+    SELECT key FROM stem_claims WHERE expires_at <= stem_now_ms()
+    ORDER BY key LIMIT 1000 FOR UPDATE SKIP LOCKED
+);
