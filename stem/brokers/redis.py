@@ -294,8 +294,7 @@ class RedisBroker:
         )
 
     def claim(self, key: str, value: str, ttl_s: float) -> str:
-        ttl_ms = max(1, _ms(ttl_s)) if ttl_s > 0 else 0
-        return _str(self._claim_call("claiming a key", key, "claim", value, ttl_ms))
+        return self.claim_many([(key, value, ttl_s)])[0]
 
     def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]:
         held: list[str] = []

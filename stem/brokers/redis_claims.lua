@@ -1,7 +1,8 @@
 --[[
 Stem Redis broker: claims, the small expiring key-value primitive (stem/brokers/redis.py).
 
-Called as  EVALSHA sha 1 KEY COMMAND ARG...  (claim_many: EVALSHA sha n KEY... COMMAND ARG...)
+Called as  EVALSHA sha 1 KEY COMMAND ARG...  (claim_many: EVALSHA sha n KEY... COMMAND ARG...;
+a single claim is a claim_many of one key)
 
 Key layout (P = prefix, default "stem:"; K = the claim's key as the caller names it):
 
@@ -10,9 +11,8 @@ Key layout (P = prefix, default "stem:"; K = the claim's key as the caller names
                             holds a live value.
 
 Commands and their ARGV after COMMAND:
-  claim    value, ttl_ms         -> the value now held (ours if we set it)
   claim_many  value1, ttl_ms1, value2, ttl_ms2, ...  (one pair per key, in KEYS order)
-                                 -> the value now held for each key, as claim would
+                                 -> the value now held for each key (ours if we set it)
   release  value                 -> 1 if the key held value and was deleted, else 0
   swap     has_expected ("1"/"0"), expected, has_new ("1"/"0"), new, ttl_ms or ""
                                  -> 1 if the key held expected (or was absent when
@@ -20,18 +20,6 @@ Commands and their ARGV after COMMAND:
 ]]
 
 local key, cmd = KEYS[1], ARGV[1]
-
-if cmd == 'claim' then
-    local current = redis.call('GET', key)
-    if current then
-        return current
-    end
-    local ttl_ms = tonumber(ARGV[3])
-    if ttl_ms > 0 then
-        redis.call('SET', key, ARGV[2], 'PX', ttl_ms)
-    end
-    return ARGV[2]
-end
 
 if cmd == 'claim_many' then
     local held = {}

@@ -262,9 +262,7 @@ class SQLiteBroker:
             return conn.execute(_Q["release"], params).rowcount > 0
 
     def peek(self, key: str) -> str | None:
-        with self._db.session(None) as conn:
-            row = conn.execute(_Q["peek"], (key, now_ms())).fetchone()
-        return None if row is None else str(row[0])
+        return self.peek_many([key])[0]
 
     def swap(self, key: str, expected: str | None, new: str | None, ttl_s: float | None) -> bool:
         with self._db.session("BEGIN IMMEDIATE") as conn:

@@ -296,8 +296,12 @@ class Worker:
         """Reserve more for the buffer while every slot is busy, once it is at most half
         full, unless the last reserve found the queues dry (then not until a slot frees and
         reserves again: no polling loop while every slot is busy)."""
-        cap = self.pool.size * self.config.prefetch
+        cap = self._prefetch_cap()
         return cap > 0 and len(self.buffered) <= cap // 2 and not dry
+
+    def _prefetch_cap(self) -> int:
+        """How many deliveries the worker may hold beyond its slots."""
+        return self.pool.size * self.config.prefetch
 
     def _consume(self) -> None:
         backoff = 0.1
@@ -323,7 +327,7 @@ class Worker:
             if not queues:
                 self._stop_reserving.wait(self.config.poll_wait_s)
                 continue
-            want = free + self.pool.size * self.config.prefetch - len(self.buffered)
+            want = free + self._prefetch_cap() - len(self.buffered)
             # Wait for messages only when a slot is idle; a refill for the buffer just looks.
             wait_s = self.config.poll_wait_s if free else 0.0
             try:
@@ -485,12 +489,11 @@ class Worker:
                     )
                     self.pool.on_hard_limit(job)
             if now >= next_renew:
+                next_renew = now + renew_every
                 with self._slots:
                     waiting = list(self.buffered)
                 if jobs or waiting:
                     self.settler.renew(jobs, self.config.lease_s, waiting=waiting)
-            if now >= next_renew:
-                next_renew = now + renew_every
 
     def _autoscale(self, now: float) -> None:
         """Grow under backlog when every slot is busy; shrink by one after idling."""
