@@ -241,17 +241,18 @@ class Settler:
     def ack(
         self, delivery: Delivery, *, nonce_of: Envelope | None = None, job: Job | None = None
     ) -> None:
-        """Ack (batched); with ``nonce_of``, record that message's replay nonce first. With
+        """Ack (batched); with ``nonce_of``, record that message's replay nonce first, in
+        this thread: the task's result is already visible, and a copy re-injected once a
+        caller has seen it must find the nonce taken (the batched ack comes later). With
         ``job`` (whose ``on_acked`` frees its slot), the slot stays taken until the ack was
         sent, so a slot never holds more than one unacknowledged task."""
-        claim = None
-        if nonce_of is not None and self.replay is not None and nonce_of.signature is not None:
-            claim = self.replay.claim_of(nonce_of)
+        if nonce_of is not None:
+            self.consume_nonce(nonce_of)
         done = None
         if job is not None and job.on_acked is not None and self.acks.background:
             job.ack_deferred = True
             done = job.on_acked
-        self.acks.add(delivery, claim, done)
+        self.acks.add(delivery, None, done)
 
     def release(self, delivery: Delivery, delay_s: float = 0.0) -> None:
         self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
