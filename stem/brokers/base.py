@@ -25,6 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+Claim = tuple[str, str, float]
+"""A claim as :meth:`Broker.claim_many` takes it: ``(key, value, ttl_s)``."""
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -88,8 +91,12 @@ class Broker(Protocol):
         """Lease up to ``max_n`` available messages from ``queues`` for ``lease_s`` seconds,
         waiting up to ``wait_s`` seconds for the first one. Returns at most ``max_n``."""
 
-    def ack(self, deliveries: Sequence[Delivery]) -> int:
-        """Remove settled messages. Returns how many leases were still held."""
+    def ack(self, deliveries: Sequence[Delivery], claims: Sequence[Claim] = ()) -> int:
+        """Remove settled messages. Returns how many leases were still held. ``claims``
+        (``(key, value, ttl_s)``, as :meth:`claim_many` takes them: the replay nonces of
+        the messages acked) are recorded in the same atomic step, whether or not the
+        leases were still held: either the claims are set and the messages gone, or
+        neither."""
 
     def nack(self, delivery: Delivery, *, delay_s: float = 0.0, body: bytes | None = None) -> bool:
         """Hand a message back, available again after ``delay_s``. The delivery count goes

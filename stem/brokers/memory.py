@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from stem.brokers.base import DeadLetter, Delivery, Message, QueueStats
+from stem.brokers.base import Claim, DeadLetter, Delivery, Message, QueueStats
 from stem.envelope import new_id, now_ms
 from stem.security.tls import TLSSettings
 
@@ -255,10 +255,12 @@ class MemoryBroker:
             )
         return out
 
-    def ack(self, deliveries: Sequence[Delivery]) -> int:
+    def ack(self, deliveries: Sequence[Delivery], claims: Sequence[Claim] = ()) -> int:
         s = self._store
         n = 0
         with s.cond:
+            for key, value, ttl_s in claims:
+                self._claim_locked(key, value, ttl_s)
             for d in deliveries:
                 entry = s.held(d.receipt)
                 if entry is not None:
@@ -410,18 +412,21 @@ class MemoryBroker:
         return held[0] if held is not None and (held[1] is None or held[1] > now) else None
 
     def claim(self, key: str, value: str, ttl_s: float) -> str:
+        with self._store.cond:
+            return self._claim_locked(key, value, ttl_s)
+
+    def _claim_locked(self, key: str, value: str, ttl_s: float) -> str:
         s = self._store
-        with s.cond:
-            now = now_ms()
-            held = self._held_claim(key, now)
-            if held is not None:
-                return held
-            s.claims[key] = (value, now + int(ttl_s * 1000))
-            s.claim_ops += 1
-            if s.claim_ops % 1024 == 0:  # drop expired claims now and then, not per call
-                for k in [k for k, (_, exp) in s.claims.items() if exp is not None and exp <= now]:
-                    del s.claims[k]
-            return value
+        now = now_ms()
+        held = self._held_claim(key, now)
+        if held is not None:
+            return held
+        s.claims[key] = (value, now + int(ttl_s * 1000))
+        s.claim_ops += 1
+        if s.claim_ops % 1024 == 0:  # drop expired claims now and then, not per call
+            for k in [k for k, (_, exp) in s.claims.items() if exp is not None and exp <= now]:
+                del s.claims[k]
+        return value
 
     def claim_many(self, items: Sequence[tuple[str, str, float]]) -> list[str]:
         return [self.claim(key, value, ttl_s) for key, value, ttl_s in items]

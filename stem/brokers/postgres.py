@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from stem.brokers.base import DeadLetter, Delivery, Message, QueueStats
+from stem.brokers.base import Claim, DeadLetter, Delivery, Message, QueueStats
 from stem.errors import BrokerConnectionError, BrokerError
 from stem.pg import conninfo, queries
 from stem.pg.client import Conn, PgClient
@@ -48,6 +48,20 @@ def _parse_receipt(receipt: str) -> tuple[int, uuid.UUID] | None:
         return int(row_id), uuid.UUID(hex=token)
     except ValueError:
         return None
+
+
+def _claim_params(items: Sequence[Claim]) -> dict[str, list[Any]]:
+    """claim_many's arrays: keys distinct (a repeated key gets the first item's value) and
+    sorted, so two batches never lock the same rows in opposite orders."""
+    first: dict[str, tuple[str, float]] = {}
+    for key, value, ttl_s in items:
+        first.setdefault(key, (value, ttl_s))
+    keys = sorted(first)
+    return {
+        "keys": keys,
+        "values": [first[k][0] for k in keys],
+        "ttls": [_ms(first[k][1]) for k in keys],
+    }
 
 
 def _leases(deliveries: Sequence[Delivery]) -> tuple[list[int], list[uuid.UUID]]:
@@ -164,11 +178,23 @@ class PostgresBroker:
             self._notifier.wait(names, since, sleep_s)
             since = self._notifier.mark()
 
-    def ack(self, deliveries: Sequence[Delivery]) -> int:
+    def ack(self, deliveries: Sequence[Delivery], claims: Sequence[Claim] = ()) -> int:
         ids, tokens = _leases(deliveries)
+        params = {"ids": ids, "tokens": tokens}
+        if claims:
+            self._maybe_sweep_claims()
+            claimed = _claim_params(claims)
+
+            def both(c: Conn) -> int:
+                # One transaction, pipelined into one round trip: claims and acks, or neither.
+                with c.transaction(), c.pipeline():
+                    c.execute(_Q["claim_many"], claimed)
+                    cur = c.execute(_Q["ack"], params)
+                return cur.rowcount
+
+            return self._client.run("acking", both)
         if not ids:
             return 0
-        params = {"ids": ids, "tokens": tokens}
         return self._client.run("acking", lambda c: c.execute(_Q["ack"], params).rowcount)
 
     def nack(self, delivery: Delivery, *, delay_s: float = 0.0, body: bytes | None = None) -> bool:
@@ -295,15 +321,8 @@ class PostgresBroker:
         if not items:
             return []
         self._maybe_sweep_claims()
-        first: dict[str, tuple[str, float]] = {}
-        for key, value, ttl_s in items:
-            first.setdefault(key, (value, ttl_s))  # a repeated key gets the first's value
-        keys = sorted(first)
-        params = {
-            "keys": keys,
-            "values": [first[k][0] for k in keys],
-            "ttls": [_ms(first[k][1]) for k in keys],
-        }
+        params = _claim_params(items)
+        keys = params["keys"]
 
         def attempt(c: Conn) -> dict[str, str]:
             held = {str(k): str(v) for k, v in c.execute(_Q["claim_many"], params).fetchall()}

@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from stem.brokers.base import DeadLetter, Delivery, Message, QueueStats
+from stem.brokers.base import Claim, DeadLetter, Delivery, Message, QueueStats
 from stem.errors import BrokerConnectionError, BrokerError
 from stem.observability.redact import redact_url
 from stem.redis_conn import RedisConn
@@ -163,12 +163,17 @@ class RedisBroker:
         }
         self._conn.client.xread(streams, count=1, block=max(1, _ms(block_s)))
 
-    def ack(self, deliveries: Sequence[Delivery]) -> int:
-        if not deliveries:
+    def ack(self, deliveries: Sequence[Delivery], claims: Sequence[Claim] = ()) -> int:
+        if not deliveries and not claims:
             return 0
+        # The claims ride with the first chunk of acks: one call, so both or neither.
+        head: list[Any] = [len(claims)]
+        for key, value, ttl_s in claims:
+            head += [self._claim_key(key), value, max(1, _ms(ttl_s))]
         calls = []
-        for chunk in _chunks(deliveries, _SETTLE_CHUNK):
-            args: list[Any] = ["ack", self._prefix]
+        for chunk in _chunks(deliveries, _SETTLE_CHUNK) or [()]:
+            args = ["ack", self._prefix, *head]
+            head = [0]
             for d in chunk:
                 args += [d.queue, d.receipt]
             calls.append(args)

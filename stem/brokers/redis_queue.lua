@@ -39,7 +39,9 @@ publisher's not-before time comes from the publisher's clock.
 Commands and their ARGV after COMMAND and PREFIX:
   publish  nonce, then (queue, priority, not_before_ms or "", message id, body) per message
   reserve  lease_ms, max_n, token, queue...   -> {expires, flat deliveries[, due_in_ms, marks]}
-  ack      (queue, receipt)...                -> number of leases that were held
+  ack      n, (claim key, value, ttl_ms) x n, (queue, receipt)...  -> number of leases that
+           were held. The n claims (full keys P.."claim:"..K, see redis_claims.lua; the
+           replay nonces of the acked messages) are set unless live, in the same call.
   extend   lease_ms, (queue, receipt)...      -> {expires, 1|0 per receipt}
   nack     queue, receipt, delay_ms, has_body ("1"/"0"), body -> 1|0
   dead     queue, receipt, reason, detail     -> 1|0
@@ -235,8 +237,15 @@ if cmd == 'reserve' then
 end
 
 if cmd == 'ack' then
+    -- claims first (set unless live, as redis_claims.lua's claim_many), then the acks
+    local first = 4 + 3 * tonumber(ARGV[3])
+    for i = 4, first - 1, 3 do
+        if not redis.call('GET', ARGV[i]) then
+            redis.call('SET', ARGV[i], ARGV[i + 1], 'PX', ARGV[i + 2])
+        end
+    end
     local n = 0
-    for i = 3, #ARGV, 2 do
+    for i = first, #ARGV, 2 do
         if take_leased(ARGV[i], ARGV[i + 1]) then
             n = n + 1
         end

@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from stem.brokers.base import DeadLetter, Delivery, Message, QueueStats
+from stem.brokers.base import Claim, DeadLetter, Delivery, Message, QueueStats
 from stem.envelope import now_ms
 from stem.errors import BrokerConnectionError, BrokerError, ConfigError, StemError
 from stem.security.tls import TLSSettings
@@ -124,12 +124,15 @@ class SQLiteBroker:
             conn.executemany(_Q["lease"], [(token, expires, r[0]) for r in rows])
         return [Delivery(f"{r[0]}:{token}", r[1], r[2], r[3], r[4] + 1, expires) for r in rows]
 
-    def ack(self, deliveries: Sequence[Delivery]) -> int:
+    def ack(self, deliveries: Sequence[Delivery], claims: Sequence[Claim] = ()) -> int:
         keys = [k for k in map(_receipt, deliveries) if k is not None]
-        if not keys:
+        if not keys and not claims:
             return 0
-        with self._db.session("BEGIN IMMEDIATE" if len(keys) > 1 else None) as conn:
-            return conn.executemany(_Q["ack"], keys).rowcount
+        one_statement = len(keys) <= 1 and not claims
+        with self._db.session(None if one_statement else "BEGIN IMMEDIATE") as conn:
+            if claims:
+                self._claim_in(conn, claims)
+            return conn.executemany(_Q["ack"], keys).rowcount if keys else 0
 
     def nack(self, delivery: Delivery, *, delay_s: float = 0.0, body: bytes | None = None) -> bool:
         key = _receipt(delivery)
@@ -236,19 +239,23 @@ class SQLiteBroker:
         if not items:
             return []
         with self._db.session("BEGIN IMMEDIATE") as conn:
-            now = now_ms()
-            if time.monotonic() >= self._next_claim_sweep:
-                # Replay-protection claims arrive one per message: drop dead ones now and then.
-                self._next_claim_sweep = time.monotonic() + _CLAIM_SWEEP_S
-                conn.execute(_Q["expire_claims"], (now,))
-            held: list[str] = []
-            for key, value, ttl_s in items:
-                params = {"key": key, "value": value, "expires_ms": now + int(ttl_s * 1000)}
-                if conn.execute(_Q["claim"], {**params, "now": now}).rowcount == 1:
-                    held.append(value)
-                else:
-                    held.append(str(conn.execute(_Q["peek"], (key, now)).fetchone()[0]))
-            return held
+            return self._claim_in(conn, items)
+
+    def _claim_in(self, conn: sqlite3.Connection, items: Sequence[Claim]) -> list[str]:
+        """claim_many inside the caller's transaction."""
+        now = now_ms()
+        if time.monotonic() >= self._next_claim_sweep:
+            # Replay-protection claims arrive one per message: drop dead ones now and then.
+            self._next_claim_sweep = time.monotonic() + _CLAIM_SWEEP_S
+            conn.execute(_Q["expire_claims"], (now,))
+        held: list[str] = []
+        for key, value, ttl_s in items:
+            params = {"key": key, "value": value, "expires_ms": now + int(ttl_s * 1000)}
+            if conn.execute(_Q["claim"], {**params, "now": now}).rowcount == 1:
+                held.append(value)
+            else:
+                held.append(str(conn.execute(_Q["peek"], (key, now)).fetchone()[0]))
+        return held
 
     def peek_many(self, keys: Sequence[str]) -> list[str | None]:
         now = now_ms()

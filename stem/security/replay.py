@@ -2,7 +2,9 @@
 
 The nonce of a verified message is recorded in the broker's claim store under
 ``nonce:{key_id}:{nonce}`` when a worker *settles* the delivery (success, failure, retry
-re-publish, dead letter), not when it starts running it. So:
+re-publish, dead letter), not when it starts running it: in the same atomic
+``Broker.ack`` call as the ack when the task leaves no result record, else right after
+the result is written (:meth:`stem.worker.settle.Settler.ack`). So:
 
 * a message redelivered because its worker crashed (lease lapsed, nothing settled) still runs
   -- delivery stays at-least-once;

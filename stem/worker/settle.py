@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from stem import states
-from stem.brokers.base import Delivery
+from stem.brokers.base import Claim, Delivery
 from stem.envelope import Envelope, now_ms
 from stem.errors import BackendError, BrokerError, StemError
 from stem.observability import signals
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stem.worker")
 
-Claim = tuple[str, str, float]  # (key, value, ttl_s), as Broker.claim takes them
 Done = Callable[[], None]
 
 
@@ -39,8 +38,8 @@ class AckBatcher:
     Settling threads hand their acks in and go on (a pool slot is never held while an ack
     is in flight); the thread sends everything handed in since its last call in one
     ``Broker.ack``, so under load many acks share a round trip and with one task it is sent
-    at once. An ack may carry the claim that consumes its message's replay nonce: a batch
-    records its nonces (one ``Broker.claim_many``) before it acks.
+    at once. An ack may carry the claim that consumes its message's replay nonce: the batch
+    records its nonces in the same atomic ``Broker.ack`` call.
 
     The result of a task is always written before its ack is handed in. An ack not yet sent
     when the process dies, or one that fails, is lost: the lease lapses and the message is
@@ -50,13 +49,11 @@ class AckBatcher:
 
     def __init__(
         self,
-        ack: Callable[[list[Delivery]], object],
-        claim_many: Callable[[list[Claim]], object] | None = None,
+        ack: Callable[[list[Delivery], list[Claim]], object],
         *,
         background: bool = False,
     ) -> None:
         self._ack = ack
-        self._claim_many = claim_many
         self._background = background
         lock = threading.Lock()
         self._wakeup = threading.Condition(lock)  # the sender waits here for acks
@@ -118,21 +115,12 @@ class AckBatcher:
 
     def _send_batch(self, batch: list[tuple[Delivery, Claim | None, Done | None]]) -> None:
         claims = [c for _, c, _ in batch if c is not None]
-        if claims and self._claim_many is not None:
-            try:
-                self._claim_many(claims)
-            except Exception as exc:
-                log.warning(
-                    "could not record the nonces of %d message(s): %s",
-                    len(claims),
-                    exc,
-                    extra={"event": "nonce-record-failed"},
-                )
         try:
-            self._ack([d for d, _, _ in batch])
+            self._ack([d for d, _, _ in batch], claims)
         except BrokerError as exc:
             log.error(
-                "ack of %d message(s) failed; they will be delivered again: %s",
+                "ack of %d message(s) failed; they will be delivered again "
+                "(their replay nonces were not recorded either): %s",
                 len(batch),
                 exc,
                 extra={"event": "broker-call-failed"},
@@ -171,9 +159,7 @@ class Settler:
     ) -> None:
         self.app = app
         self.acks = AckBatcher(
-            lambda batch: self.app.broker.ack(batch),
-            lambda claims: self.app.broker.claim_many(claims),
-            background=batch_acks,
+            lambda batch, claims: self.app.broker.ack(batch, claims), background=batch_acks
         )
         self.worker_name = worker_name
         self.max_deliveries = max_deliveries
@@ -239,20 +225,31 @@ class Settler:
             log.error("%s failed: %s", what, exc, extra={"event": "broker-call-failed"})
 
     def ack(
-        self, delivery: Delivery, *, nonce_of: Envelope | None = None, job: Job | None = None
+        self,
+        delivery: Delivery,
+        *,
+        nonce_of: Envelope | None = None,
+        job: Job | None = None,
+        result_visible: bool = True,
     ) -> None:
-        """Ack (batched); with ``nonce_of``, record that message's replay nonce first, in
-        this thread: the task's result is already visible, and a copy re-injected once a
-        caller has seen it must find the nonce taken (the batched ack comes later). With
-        ``job`` (whose ``on_acked`` frees its slot), the slot stays taken until the ack was
-        sent, so a slot never holds more than one unacknowledged task."""
+        """Ack (batched); with ``nonce_of``, record that message's replay nonce no later than
+        the ack. Where the task left a result record (``result_visible``), the nonce is
+        recorded here, in this thread: a copy re-injected by someone who saw the result must
+        find the nonce taken, and the batched ack comes later. Otherwise the nonce travels
+        with the ack and the batch records it just before acking, so it costs no round trip
+        of its own. With ``job`` (whose ``on_acked`` frees its slot), the slot stays taken
+        until the ack was sent, so a slot never holds more than one unacknowledged task."""
+        claim = None
         if nonce_of is not None:
-            self.consume_nonce(nonce_of)
+            if result_visible or self.replay is None:
+                self.consume_nonce(nonce_of)
+            else:
+                claim = self.replay.claim_of(nonce_of)
         done = None
         if job is not None and job.on_acked is not None and self.acks.background:
             job.ack_deferred = True
             done = job.on_acked
-        self.acks.add(delivery, None, done)
+        self.acks.add(delivery, claim, done)
 
     def release(self, delivery: Delivery, delay_s: float = 0.0) -> None:
         self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
@@ -355,9 +352,8 @@ class Settler:
             self.finished(job, final=True)
             return
         if outcome.status == "success":
-            if not env.headers.get("ignore_result") and not self.store(
-                env, states.SUCCESS, result=outcome.value
-            ):
+            stores_result = not env.headers.get("ignore_result")
+            if stores_result and not self.store(env, states.SUCCESS, result=outcome.value):
                 self.release(delivery, delay_s=1.0)  # result not written: run it again later
                 return
             try:
@@ -376,7 +372,7 @@ class Settler:
             signals.task_postrun.send(
                 envelope=env, state=states.SUCCESS, runtime_s=outcome.runtime_s
             )
-            self.ack(delivery, nonce_of=env, job=job)
+            self.ack(delivery, nonce_of=env, job=job, result_visible=stores_result)
             self.finished(job, final=True)
             return
         if outcome.status == "retry" or outcome.autoretry:

@@ -487,6 +487,28 @@ def test_claim_many_and_peek_many(broker: Broker, other_broker: Broker, names: N
     assert other_broker.peek(short) == "s2"
 
 
+def test_ack_records_its_claims_in_the_same_call(
+    broker: Broker, other_broker: Broker, q: str, names: Names
+) -> None:
+    held, first, late, alone = (names.key(k) for k in ("held", "first", "late", "alone"))
+    assert other_broker.claim(held, "theirs", LONG_LEASE_S) == "theirs"
+    broker.publish([msg(q, "a"), msg(q, "b")])
+    ds = broker.reserve([q], 2, LONG_LEASE_S)
+    claims = [(first, "a", LONG_LEASE_S), (held, "ours", LONG_LEASE_S)]
+    assert broker.ack(ds, claims) == 2
+    assert depth(broker, q) == (0, 0, 0, 0)
+    assert other_broker.peek_many([first, held]) == ["a", "theirs"]  # a live claim stays
+    # An ack whose lease lapsed acks nothing, but its claims are still recorded: the task ran.
+    broker.publish([msg(q, "c")])
+    [stale] = broker.reserve([q], 1, SHORT_LEASE_S)
+    again = reserve_one(broker, q)
+    assert broker.ack([stale], [(late, "c", LONG_LEASE_S)]) == 0
+    assert other_broker.peek(late) == "c"
+    assert broker.ack([again]) == 1
+    assert broker.ack([], [(alone, "x", LONG_LEASE_S)]) == 0
+    assert other_broker.peek(alone) == "x"
+
+
 def test_concurrent_claim_many_calls_agree(
     broker: Broker, other_broker: Broker, names: Names
 ) -> None:

@@ -75,3 +75,32 @@ def test_enforcement_on_every_broker(app: Stem) -> None:
             letters = sorted(d.reason for d in app.broker.dlq_list(queue))
             time.sleep(0.05)
     assert letters == ["signature-invalid", "signature-missing", "signature-replayed"]
+
+
+def test_a_task_without_a_result_records_its_nonce_with_the_ack(app: Stem) -> None:
+    """With no result record, the nonce travels in the batched ack call: once the message
+    is acked, a re-injected copy is refused, and the task ran once."""
+    queue = f"quiet-{time.monotonic_ns()}"
+    ran: list[int] = []
+
+    @app.task(name="quiet", ignore_result=True)
+    def quiet(n: int) -> None:
+        ran.append(n)
+
+    env = app.build_envelope("quiet", [7], queue=queue)
+    body = app.seal(env)
+    with running_worker(app, queues=(queue,)):
+        app.broker.publish([Message(env.id, queue, body)])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            [stats] = app.broker.stats([queue])
+            if ran and stats.ready == stats.reserved == 0:
+                break  # ran and acked: its nonce was recorded in the same call
+            time.sleep(0.02)
+        app.broker.publish([Message(env.id, queue, body)])
+        letters: list[str] = []
+        while not letters and time.monotonic() < deadline:
+            letters = [d.reason for d in app.broker.dlq_list(queue)]
+            time.sleep(0.05)
+    assert letters == ["signature-replayed"]
+    assert ran == [7]

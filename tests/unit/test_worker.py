@@ -348,10 +348,10 @@ def test_a_slot_is_free_again_only_once_its_ack_was_sent(app: Stem) -> None:
     started: list[int] = []
     real_ack = app.broker.ack
 
-    def slow_ack(deliveries: Any) -> int:
+    def slow_ack(deliveries: Any, claims: Any = ()) -> int:
         gate.wait(10)
         acked.append(len(deliveries))
-        return real_ack(deliveries)
+        return real_ack(deliveries, claims)
 
     app.broker.ack = slow_ack  # type: ignore[method-assign]
 
