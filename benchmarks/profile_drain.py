@@ -70,6 +70,11 @@ def main() -> int:
     parser.add_argument("--signing", choices=["none", *run.SIGNING], default="none")
     parser.add_argument("--results", action="store_true", help="tasks store their results")
     parser.add_argument("--url-options", default="", help="query options for the broker URL")
+    parser.add_argument(
+        "--parent-only",
+        action="store_true",
+        help="sample the worker process alone, not its pool processes",
+    )
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", default=str(HERE / "results" / "profile.txt"))
     args = parser.parse_args()
@@ -97,7 +102,7 @@ def main() -> int:
                         "record",
                         "-p",
                         str(proc.pid),
-                        "--subprocesses",
+                        *([] if args.parent_only else ["--subprocesses"]),
                         "-r",
                         "1000",
                         "--gil",

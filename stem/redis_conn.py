@@ -326,6 +326,33 @@ class RedisConn:
         except (redis.RedisError, OSError) as exc:
             raise self.fail(exc, doing) from None
 
+    def evalsha(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """``script(keys=keys, args=args)``, the same reply and the same redis-py errors, by a
+        shorter path: send and read on a pooled connection. redis-py's per-command layers
+        (retry wrapper, deprecation and observability hooks, argument filtering) cost more
+        CPU than a small script's round trip, and a worker or producer makes one such call
+        per batch or per message. A connection error drops that connection and hands the
+        call to the full path, which reconnects with backoff (a call whose reply was lost
+        may then be applied twice: at-least-once, as documented above); a script missing
+        after a restart is loaded again by the full path."""
+        pool = self.pool
+        conn: Any = pool.get_connection()  # redis-py's connection methods are untyped
+        try:
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return conn.read_response()
+        except NoScriptError:
+            pass  # the connection is fine; the full path loads the script
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            conn.disconnect()
+        except redis.ResponseError:
+            raise  # an error reply: the connection read it whole and is fine
+        except BaseException:
+            conn.disconnect()  # interrupted mid-reply: never reuse a half-read connection
+            raise
+        finally:
+            pool.release(conn)
+        return script(keys=list(keys), args=list(args))
+
     def eval_many(
         self, doing: str, script: Script, arg_lists: Sequence[Sequence[Any]]
     ) -> list[Any]:
@@ -333,7 +360,7 @@ class RedisConn:
         atomic on its own). A script missing after a server restart is loaded and only the
         calls that failed for that reason are sent again."""
         if len(arg_lists) == 1:
-            return [self.run(doing, lambda c: script(args=arg_lists[0]))]
+            return [self.run(doing, lambda c: self.evalsha(script, (), arg_lists[0]))]
 
         def send(indexes: list[int]) -> list[Any]:
             pipe = self.client.pipeline(transaction=False)

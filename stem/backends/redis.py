@@ -55,7 +55,8 @@ class RedisBackend:
         key = self._key(task_id)
         ready = "1" if state in READY_STATES else "0"
         args: list[Any] = ["store", state, bytes(body), _ttl_ms(ttl_s), ready]
-        self._conn.run("storing a result", lambda c: self._script(keys=[key], args=[*args, key]))
+        args.append(key)
+        self._conn.run("storing a result", lambda c: self._conn.evalsha(self._script, [key], args))
 
     def fetch(self, task_id: str) -> bytes | None:
         key = self._key(task_id)

@@ -87,7 +87,8 @@ class RedisBroker:
 
     def _call(self, doing: str, command: str, *args: Any) -> Any:
         """One atomic ``redis_queue.lua`` call."""
-        return self._conn.run(doing, lambda c: self._queue(args=[command, self._prefix, *args]))
+        call = [command, self._prefix, *args]
+        return self._conn.run(doing, lambda c: self._conn.evalsha(self._queue, (), call))
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -134,7 +135,8 @@ class RedisBroker:
         self, names: list[str], max_n: int, lease_ms: int
     ) -> tuple[list[Delivery], int, list[bytes]]:
         token = secrets.token_hex(6)
-        res = self._queue(args=["reserve", self._prefix, lease_ms, max_n, token, *names])
+        args = ["reserve", self._prefix, lease_ms, max_n, token, *names]
+        res = self._conn.evalsha(self._queue, (), args)
         expires = int(res[0])
         flat = res[1]
         got = [
@@ -295,7 +297,7 @@ class RedisBroker:
 
     def _claim_call(self, doing: str, key: str, *args: Any) -> Any:
         return self._conn.run(
-            doing, lambda c: self._claims(keys=[self._claim_key(key)], args=list(args))
+            doing, lambda c: self._conn.evalsha(self._claims, [self._claim_key(key)], args)
         )
 
     def claim(self, key: str, value: str, ttl_s: float) -> str:
@@ -310,7 +312,7 @@ class RedisBroker:
                 args += [value, max(1, _ms(ttl_s)) if ttl_s > 0 else 0]
 
             def call(c: Any, keys: list[str] = keys, args: list[Any] = args) -> Any:
-                return self._claims(keys=keys, args=args)
+                return self._conn.evalsha(self._claims, keys, args)
 
             held += [_str(v) for v in self._conn.run("claiming keys", call)]
         return held

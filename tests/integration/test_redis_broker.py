@@ -8,11 +8,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from stem.brokers.base import Delivery, Message
 from stem.brokers.redis import RedisBroker
 from stem.envelope import now_ms
-from stem.errors import BrokerConnectionError, ConfigError
+from stem.errors import BrokerConnectionError, BrokerError, ConfigError
 from tests.fixtures.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -208,6 +209,53 @@ def test_scripts_flushed_from_the_server_are_loaded_again(
     with redis_server.admin() as admin:
         admin.script_flush()
     assert len(drain(broker, "q", until_n=1202)) == 1202
+
+
+def test_a_pooled_connection_the_server_dropped_is_replaced_on_the_next_call(
+    private: tuple[RedisServer, RedisBroker],
+) -> None:
+    server, b = private
+    b.publish([msg("q", "before")])  # leaves a connection in the pool
+    with server.admin() as admin:
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+    b.publish([msg("q", "after")])  # sent on the dead connection first: retried, not an error
+    assert sorted(d.message_id for d in drain(b, "q", until_n=2)) == ["after", "before"]
+
+
+def test_a_call_whose_connection_breaks_before_the_reply_is_retried(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The short call path (RedisConn.evalsha) hands a broken call to redis-py's full path,
+    which reconnects and sends it again."""
+    from redis.connection import AbstractConnection
+
+    real = AbstractConnection.read_response
+    broken: list[int] = []
+
+    def once_broken(self: AbstractConnection, *args: object, **kw: object) -> object:
+        if not broken:
+            broken.append(1)
+            self.disconnect()
+            raise redis.ConnectionError("Connection closed by server.")
+        return real(self, *args, **kw)  # type: ignore[arg-type]
+
+    broker.stats(["q"])  # a connected connection in the pool: the break comes mid-call
+    monkeypatch.setattr(AbstractConnection, "read_response", once_broken)
+    broker.publish([msg("q", "sent-twice-at-most")])
+    monkeypatch.undo()
+    assert broken == [1]
+    got = drain(broker, "q", until_n=2, timeout_s=1.0)
+    # The first send reached Redis before its reply was lost: at-least-once, so 1 or 2.
+    assert {d.message_id for d in got} == {"sent-twice-at-most"} and 1 <= len(got) <= 2
+
+
+def test_an_error_reply_is_a_clear_error_and_the_connection_stays_usable(
+    broker: RedisBroker,
+) -> None:
+    with pytest.raises(BrokerError, match="unknown Stem broker command"):
+        broker._call("testing", "no-such-command")
+    broker.publish([msg("q", "next")])
+    assert [d.message_id for d in drain(broker, "q", until_n=1)] == ["next"]
 
 
 def test_prefixes_keep_apps_apart(redis_url: str) -> None:
