@@ -327,18 +327,32 @@ class RedisConn:
             raise self.fail(exc, doing) from None
 
     def evalsha(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """``script(keys=keys, args=args)``, the same reply and the same redis-py errors, by a
-        shorter path: send and read on a pooled connection. redis-py's per-command layers
-        (retry wrapper, deprecation and observability hooks, argument filtering) cost more
-        CPU than a small script's round trip, and a worker or producer makes one such call
-        per batch or per message. A connection error drops that connection and hands the
-        call to the full path, which reconnects with backoff (a call whose reply was lost
-        may then be applied twice: at-least-once, as documented above); a script missing
-        after a restart is loaded again by the full path."""
+        """``script(keys=keys, args=args)``, the same reply and the same redis-py errors, by
+        the short path of :meth:`command`; a script missing after a restart is loaded again
+        by the full path."""
+        return self._short(
+            ("EVALSHA", script.sha, len(keys), *keys, *args),
+            lambda: script(keys=list(keys), args=list(args)),
+        )
+
+    def command(self, *args: Any) -> Any:
+        """``client.execute_command(*args)`` for commands whose raw reply is what the caller
+        wants (no response callback), by a shorter path: send and read on a pooled
+        connection. redis-py's per-command layers (retry wrapper, deprecation and
+        observability hooks, argument filtering) cost more CPU than a small command's round
+        trip, and a worker or producer makes one such call per batch or per message."""
+        client: Any = self.client  # execute_command is untyped
+        return self._short(args, lambda: client.execute_command(*args))
+
+    def _short(self, args: Sequence[Any], full: Callable[[], T]) -> Any:
+        """Send ``args`` on a pooled connection and read the reply. A connection error drops
+        that connection and hands the call to ``full``, which reconnects with backoff (a
+        call whose reply was lost may then be applied twice: at-least-once, as documented
+        above); so does a missing script."""
         pool = self.pool
         conn: Any = pool.get_connection()  # redis-py's connection methods are untyped
         try:
-            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            conn.send_command(*args)
             return conn.read_response()
         except NoScriptError:
             pass  # the connection is fine; the full path loads the script
@@ -351,7 +365,7 @@ class RedisConn:
             raise
         finally:
             pool.release(conn)
-        return script(keys=list(keys), args=list(args))
+        return full()
 
     def eval_many(
         self, doing: str, script: Script, arg_lists: Sequence[Sequence[Any]]

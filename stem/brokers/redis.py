@@ -321,7 +321,7 @@ class RedisBroker:
         if not keys:
             return []
         full = [self._claim_key(key) for key in keys]
-        values = self._conn.run("reading keys", lambda c: c.mget(full))
+        values = self._conn.run("reading keys", lambda c: self._conn.command("MGET", *full))
         return [None if v is None else _str(v) for v in values]
 
     def release(self, key: str, value: str | None = None) -> bool:

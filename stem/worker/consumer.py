@@ -93,7 +93,13 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self.paused: set[str] = set()
         self.revoked: set[str] = set()
-        self.settler = Settler(app, self.name, self.config.max_deliveries, batch_acks=True)
+        self.settler = Settler(
+            app,
+            self.name,
+            self.config.max_deliveries,
+            batch_acks=True,
+            running=lambda: len(self.inflight),
+        )
         self.admission = Admission(
             app, self.settler, self.config.max_deliveries, is_revoked=self.revoked.__contains__
         )

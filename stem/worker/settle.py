@@ -21,6 +21,7 @@ from stem.observability.logs import task_log_fields
 from stem.result import ErrorInfo
 from stem.security.replay import ReplayGuard
 from stem.worker.canvas_hooks import CanvasHooks
+from stem.worker.cpu import CpuGauge
 from stem.worker.job import Job, Outcome
 from stem.worker.limit_gate import LimitGate
 
@@ -41,6 +42,14 @@ class AckBatcher:
     at once. An ack may carry the claim that consumes its message's replay nonce: the batch
     records its nonces in the same atomic ``Broker.ack`` call.
 
+    Lingering: when the process is short of CPU (``busy()``) and other tasks are still
+    running (``running()`` counts the tasks whose ack is not sent yet, these included), the
+    sender waits up to ``linger_s`` for their acks before it sends, so that they share one
+    call. Short tasks on a small pool (four process-pool children, say) otherwise finish one
+    at a time and each ack is a round trip of its own. A lone task's ack, or any ack on a
+    process with CPU to spare, goes at once: lingering holds slots a little longer, which
+    only pays when the CPU, not the slots, is what limits the worker.
+
     The result of a task is always written before its ack is handed in. An ack not yet sent
     when the process dies, or one that fails, is lost: the lease lapses and the message is
     delivered again (at-least-once), as when an unbatched ack fails. With
@@ -52,9 +61,15 @@ class AckBatcher:
         ack: Callable[[list[Delivery], list[Claim]], object],
         *,
         background: bool = False,
+        linger_s: float = 0.0,
+        running: Callable[[], int] | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self._ack = ack
         self._background = background
+        self._linger_s = linger_s if running is not None and busy is not None else 0.0
+        self._running = running or (lambda: 0)
+        self._busy = busy or (lambda: False)
         lock = threading.Lock()
         self._wakeup = threading.Condition(lock)  # the sender waits here for acks
         self._idle = threading.Condition(lock)  # wait_idle waits here for the sender
@@ -91,6 +106,8 @@ class AckBatcher:
                     self._wakeup.wait()
                 if not self._pending:
                     return  # stopping, and everything was sent
+                if self._linger_s and self._busy():
+                    self._linger()
                 batch, self._pending = self._pending, []
                 self._sending = True
             try:
@@ -101,6 +118,16 @@ class AckBatcher:
                 with self._idle:
                     self._sending = False
                     self._idle.notify_all()
+
+    def _linger(self) -> None:
+        """Wait (lock held by the caller) until every running task's ack is in, at most
+        ``linger_s``."""
+        deadline = time.monotonic() + self._linger_s
+        while not self._stopping and len(self._pending) < self._running():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wakeup.wait(left)
 
     def _send(self, batch: list[tuple[Delivery, Claim | None, Done | None]]) -> None:
         try:
@@ -153,13 +180,27 @@ class AckBatcher:
             return not self._pending and not self._sending
 
 
+ACK_LINGER_S = 0.001  # how long a busy worker's ack sender waits for running tasks' acks
+
+
 class Settler:
     def __init__(
-        self, app: Stem, worker_name: str, max_deliveries: int, *, batch_acks: bool = False
+        self,
+        app: Stem,
+        worker_name: str,
+        max_deliveries: int,
+        *,
+        batch_acks: bool = False,
+        running: Callable[[], int] | None = None,
     ) -> None:
+        """``running``: how many tasks hold a slot (for :class:`AckBatcher`'s lingering)."""
         self.app = app
         self.acks = AckBatcher(
-            lambda batch, claims: self.app.broker.ack(batch, claims), background=batch_acks
+            lambda batch, claims: self.app.broker.ack(batch, claims),
+            background=batch_acks,
+            linger_s=ACK_LINGER_S,
+            running=running,
+            busy=CpuGauge().busy,
         )
         self.worker_name = worker_name
         self.max_deliveries = max_deliveries

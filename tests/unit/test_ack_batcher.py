@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from stem.brokers.base import Claim, Delivery
 from stem.errors import BrokerConnectionError
+from stem.worker.cpu import CpuGauge
 from stem.worker.settle import AckBatcher
 
 
@@ -119,3 +121,74 @@ def test_a_failed_ack_is_logged_and_the_sender_keeps_working(caplog) -> None:  #
     assert calls == [1, 1, 1]
     assert "delivered again" in caplog.text and "127.0.0.1:1" in caplog.text
     assert acks.stop()
+
+
+def _recording() -> tuple[list[list[str]], Any]:
+    calls: list[list[str]] = []
+
+    def ack(batch: list[Delivery], claims: list[Claim]) -> None:
+        calls.append([d.receipt for d in batch])
+
+    return calls, ack
+
+
+def test_a_busy_sender_waits_for_the_acks_of_the_tasks_still_running() -> None:
+    calls, ack = _recording()
+    running = [3]
+    acks = AckBatcher(
+        ack, background=True, linger_s=10.0, running=lambda: running[0], busy=lambda: True
+    )
+    acks.add(_d(1))
+    time.sleep(0.1)
+    assert calls == []  # two more tasks are running: their acks are worth waiting for
+    acks.add(_d(2))
+    acks.add(_d(3))  # every running task's ack is in: sent at once, not after 10 s
+    assert acks.wait_idle(5)
+    assert calls == [["r1", "r2", "r3"]]
+    assert acks.stop()
+
+
+def test_lingering_ends_at_its_deadline_and_at_stop() -> None:
+    calls, ack = _recording()
+    acks = AckBatcher(ack, background=True, linger_s=0.05, running=lambda: 5, busy=lambda: True)
+    acks.add(_d(1))
+    assert acks.wait_idle(5)  # the others never finished: sent after 50 ms anyway
+    assert calls == [["r1"]]
+    slow = AckBatcher(ack, background=True, linger_s=60.0, running=lambda: 5, busy=lambda: True)
+    slow.add(_d(2))
+    started = time.monotonic()
+    assert slow.stop(5)
+    assert calls[-1] == ["r2"] and time.monotonic() - started < 5
+
+
+def test_a_sender_with_cpu_to_spare_never_lingers() -> None:
+    calls, ack = _recording()
+    acks = AckBatcher(ack, background=True, linger_s=60.0, running=lambda: 5, busy=lambda: False)
+    acks.add(_d(1))
+    assert acks.wait_idle(5)
+    assert calls == [["r1"]]
+    assert acks.stop()
+
+
+def test_cpu_gauge_turns_busy_above_its_threshold_and_back_only_below_release() -> None:
+    now = {"wall": 0.0, "cpu": 0.0}
+    reads: list[float] = []
+
+    def cpu() -> float:
+        reads.append(now["cpu"])
+        return now["cpu"]
+
+    gauge = CpuGauge(0.75, 0.375, 0.125, clock=lambda: now["wall"], cpu=cpu)
+
+    def run(cores: float) -> bool:  # binary fractions: exact sums, no rounding at the edges
+        now["wall"] += 0.125
+        now["cpu"] += 0.125 * cores
+        return gauge.busy()
+
+    assert not run(0.5)
+    assert run(0.875)  # busy from 0.75 cores
+    assert run(0.5)  # and still busy until below 0.375
+    assert not run(0.25)
+    assert not run(0.625)  # not busy again until 0.75
+    before = len(reads)
+    assert not gauge.busy() and len(reads) == before  # within a window: no clock read
