@@ -8,7 +8,9 @@ delivery without running it (dead letter, EXPIRED, REVOKED, or back to the broke
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from stem import envelope as codec
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stem.worker")
 
+# Helper threads for Ed25519 verification: the other cores (none on one core).
+_HELPERS = min(3, (os.cpu_count() or 1) - 1)
+
 
 class Admission:
     """Decode, verify and classify a delivery; return a Job to run, or None if settled."""
@@ -41,6 +46,7 @@ class Admission:
         self.settler = settler
         self.max_deliveries = max_deliveries
         self.is_revoked = is_revoked or (lambda task_id: False)
+        self._verifier: ThreadPoolExecutor | None = None
 
     def _decode_verified(self, delivery: Delivery) -> Envelope | None:
         try:
@@ -59,14 +65,45 @@ class Admission:
                 return None
         return env
 
+    def _verify_all(self, deliveries: Sequence[Delivery]) -> list[Envelope | None]:
+        """:meth:`_decode_verified` for each delivery, in order. With Ed25519, whose
+        verification (about 100 µs, in OpenSSL) runs without the GIL, a batch is split
+        with a helper thread so both halves verify at once on a machine with cores to
+        spare; HMAC is too cheap to gain from it."""
+        keyring = self.app.keyring
+        if (
+            keyring is None
+            or keyring.algorithm != "ed25519"
+            or len(deliveries) < 2
+            or _HELPERS == 0
+        ):
+            return self._decode_chunk(deliveries)
+        if self._verifier is None:
+            self._verifier = ThreadPoolExecutor(_HELPERS, thread_name_prefix="stem-verify")
+        step = -(-len(deliveries) // (_HELPERS + 1))
+        chunks = [deliveries[i : i + step] for i in range(0, len(deliveries), step)]
+        futures = [self._verifier.submit(self._decode_chunk, chunk) for chunk in chunks[1:]]
+        out = self._decode_chunk(chunks[0])
+        for future in futures:
+            out += future.result()
+        return out
+
+    def _decode_chunk(self, chunk: Sequence[Delivery]) -> list[Envelope | None]:
+        return [self._decode_verified(d) for d in chunk]
+
+    def close(self) -> None:
+        """End the verification helpers (after the consumer loop stopped)."""
+        if self._verifier is not None:
+            self._verifier.shutdown(wait=False, cancel_futures=True)
+
     def decode_many(self, deliveries: Sequence[Delivery]) -> list[tuple[Delivery, Envelope]]:
         """Decode and verify each delivery, then check the replay guard for all the signed
         ones in one broker call. Those that fail are settled here; the rest are returned."""
-        decoded = []
-        for delivery in deliveries:
-            env = self._decode_verified(delivery)
-            if env is not None:
-                decoded.append((delivery, env))
+        decoded = [
+            (delivery, env)
+            for delivery, env in zip(deliveries, self._verify_all(deliveries), strict=True)
+            if env is not None
+        ]
         replay = self.settler.replay
         signed = [(d, env) for d, env in decoded if env.signature is not None]
         if replay is None or not signed:

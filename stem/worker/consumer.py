@@ -279,6 +279,7 @@ class Worker:
         grace = 0.5 if self._stop_now.is_set() else self.config.poll_wait_s + 5
         for t in self._threads:
             t.join(timeout=grace)
+        self.admission.close()
         if self._control is not None:
             self._control.join(timeout=grace)
         signals.worker_shutdown.send(worker=self)
