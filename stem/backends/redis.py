@@ -8,11 +8,15 @@ ready state, publishes on the task's channel in the same atomic call.
 ``wait`` reads the record first (a finished task costs one round trip). Otherwise it
 subscribes, waits for the subscription to be confirmed, and only then reads again, so a
 record stored at any moment is either seen by that read or announced on the channel: no
-polling and no lost wake-up. Redis expires records itself, so ``cleanup`` has nothing to do.
+polling and no lost wake-up. Each waiting thread keeps its subscriber connection between
+waits (a fresh one costs a connect and a handshake, several times a round trip), subscribes
+to one task's channel at a time, and ignores what arrives for channels it left. Redis
+expires records itself, so ``cleanup`` has nothing to do.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +48,9 @@ class RedisBackend:
         self._conn = RedisConn(url, tls, error=BackendError, conn_error=BackendConnectionError)
         self._prefix = self._conn.prefix
         self._script = self._conn.load_script(_HERE / "redis_results.lua")
+        self._local = threading.local()  # each waiting thread's subscriber (see wait)
+        self._subscribers: list[Any] = []
+        self._subscribers_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<RedisBackend {redact_url(self.url)}>"
@@ -103,31 +110,58 @@ class RedisBackend:
                 time.sleep(min(backoff_s, remaining_s))  # Redis restarting: try again
                 backoff_s = min(backoff_s * 2, 1.0)
 
+    def _subscriber(self) -> Any:
+        """This thread's subscriber connection, made on first use."""
+        ps = getattr(self._local, "pubsub", None)
+        if ps is None:
+            ps = self._conn.client.pubsub()  # type: ignore[no-untyped-call]
+            self._local.pubsub = ps
+            with self._subscribers_lock:
+                self._subscribers.append(ps)
+        return ps
+
+    def _drop_subscriber(self) -> None:
+        ps = getattr(self._local, "pubsub", None)
+        self._local.pubsub = None
+        if ps is not None:
+            with self._subscribers_lock:
+                if ps in self._subscribers:
+                    self._subscribers.remove(ps)
+            ps.close()
+
     def _wait_subscribed(self, key: str, deadline: float) -> tuple[bytes | None, bytes | None]:
-        with self._conn.client.pubsub() as ps:  # type: ignore[no-untyped-call]
+        ps = self._subscriber()
+        channel = key.encode()
+        try:
             ps.subscribe(key)
             while True:  # the confirmation means the server will tell us of any later store
                 remaining_s = deadline - time.monotonic()
                 if remaining_s <= 0:
                     return self._read(key)
                 msg = ps.get_message(timeout=min(remaining_s, self._conn.max_block_s))
-                if msg is not None and msg["type"] == "subscribe":
+                if msg is not None and msg["type"] == "subscribe" and msg["channel"] == channel:
                     break
             while True:
                 state, body = self._read(key)
                 remaining_s = deadline - time.monotonic()
                 if state in _READY or remaining_s <= 0:
                     return state, body
-                msg = ps.get_message(
-                    ignore_subscribe_messages=True,
-                    timeout=min(remaining_s, self._conn.max_block_s),
-                )
-                if msg is not None and msg["type"] == "message":
+                msg = ps.get_message(timeout=min(remaining_s, self._conn.max_block_s))
+                if msg is not None and msg["type"] == "message" and msg["channel"] == channel:
                     # "state\nbody": the record as stored, no read needed. A bare state
                     # (an older worker) falls through to the read above.
                     state, sep, body = bytes(msg["data"]).partition(b"\n")
                     if sep and state in _READY:
                         return state, body
+        except BaseException:
+            self._drop_subscriber()  # a broken or half-read connection is not kept
+            raise
+        finally:
+            if self._local.pubsub is ps:
+                try:
+                    ps.unsubscribe(key)  # its confirmation is skipped by the next wait
+                except (redis.RedisError, OSError):
+                    self._drop_subscriber()
 
     def add_member(self, key: str, member: str, ttl_s: float | None) -> int:
         full = f"{self._prefix}members:{key}"
@@ -148,4 +182,8 @@ class RedisBackend:
         self._conn.ping()
 
     def close(self) -> None:
+        with self._subscribers_lock:
+            subscribers, self._subscribers = self._subscribers, []
+        for ps in subscribers:
+            ps.close()
         self._conn.close()

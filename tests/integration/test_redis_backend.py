@@ -69,6 +69,38 @@ def test_wait_times_out_with_a_not_ready_record(pair: tuple[RedisBackend, RedisB
     assert waiter.wait("missing", 0.0) is None
 
 
+def test_a_thread_keeps_its_subscriber_and_ignores_channels_it_left(
+    pair: tuple[RedisBackend, RedisBackend],
+) -> None:
+    waiter, writer = pair
+    assert waiter.wait("old", 0.2) is None  # subscribed to "old", then left it
+    subscriber = waiter._local.pubsub
+    assert subscriber is not None
+    writer.store("old", SUCCESS, b"old result", 60)  # announced on a channel nobody waits on
+    t, out, errors = _wait_in_thread(waiter, "new", 0.5)  # another thread: its own subscriber
+    t.join(10)
+    assert not errors and out == [None]
+    writer.store("other", SUCCESS, b"x", 60)
+    threading.Timer(0.3, lambda: writer.store("new2", SUCCESS, b"new result", 60)).start()
+    assert waiter.wait("new2", 10.0) == b"new result"  # not "old result", read from the socket
+    assert waiter._local.pubsub is subscriber  # the same connection, no reconnect
+
+
+def test_a_subscriber_the_server_dropped_is_replaced(fresh_redis_server: RedisServer) -> None:
+    waiter = RedisBackend(fresh_redis_server.url)
+    writer = RedisBackend(fresh_redis_server.url)
+    try:
+        assert waiter.wait("a", 0.1) is None
+        with fresh_redis_server.admin() as admin:
+            # every other connection, the idle subscriber among them (no channel: "normal")
+            assert admin.client_kill_filter(_type="normal", skipme=True) >= 2
+        threading.Timer(0.3, lambda: writer.store("b", SUCCESS, b"b done", 60)).start()
+        assert waiter.wait("b", 10.0) == b"b done"
+    finally:
+        waiter.close()
+        writer.close()
+
+
 def test_wait_survives_a_restart(fresh_redis_server: RedisServer) -> None:
     server = fresh_redis_server
     waiter = RedisBackend(server.url)
