@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stem import states
@@ -44,8 +44,23 @@ class ResultRecord:
     group_id: str | None = None
 
     def encode(self) -> bytes:
-        d = asdict(self)
-        return dumps({k: v for k, v in d.items() if v is not None})
+        """Canonical JSON of the fields that are set. Built by hand: ``dataclasses.asdict``
+        deep-copies the result, which costs more than encoding it."""
+        d: dict[str, Any] = {
+            "task_id": self.task_id,
+            "state": self.state,
+            "task": self.task,
+            "attempt": self.attempt,
+            "updated_ms": self.updated_ms,
+        }
+        for name in ("result", "progress", "worker", "group_id"):
+            value = getattr(self, name)
+            if value is not None:
+                d[name] = value
+        if self.error is not None:
+            e = self.error
+            d["error"] = {"type": e.type, "message": e.message, "traceback": e.traceback}
+        return dumps(d)
 
     @classmethod
     def decode(cls, data: bytes) -> ResultRecord:
