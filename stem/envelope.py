@@ -118,13 +118,26 @@ def signature_dict(block: SignatureBlock, *, with_value: bool = True) -> dict[st
     return d
 
 
+_DUMPS_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def _fields_of(obj: Any) -> dict[str, Any]:
+    """orjson's hook for what it cannot write itself. A dataclass becomes the dict of its
+    fields, as ``dataclasses.asdict`` would make it, so that its keys are sorted like any
+    dict's (orjson writes dataclasses in field order, and a worker that re-encodes the
+    decoded dict to check a signature must get the same bytes)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    raise TypeError(f"Type is not JSON serializable: {type(obj).__name__}")
+
+
 def dumps(value: Any, *, user_data: Any = None) -> bytes:
     """Canonical JSON bytes (sorted keys, compact) for any JSON-able value. NaN and
     infinities are refused (orjson would silently write them as null). ``user_data``: the
     only part of ``value`` that may hold floats (the rest is known to be ints, strings and
     None), so only that part is searched when the output holds a null."""
     try:
-        data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        data = orjson.dumps(value, default=_fields_of, option=_DUMPS_OPTIONS)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise EncodeError(f"value cannot be encoded as JSON: {exc}") from None
     if b"null" in data and not _finite(value if user_data is None else user_data):
@@ -159,6 +172,8 @@ def _finite(value: Any) -> bool:
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
             stack.extend(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(_fields_of(item).values())
     return True
 
 

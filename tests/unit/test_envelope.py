@@ -119,6 +119,30 @@ def test_signing_bytes_exclude_only_the_signature_value() -> None:
     assert b"value-a" not in a
 
 
+@dataclasses.dataclass
+class _Unsorted:
+    zeta: float
+    alpha: int
+    _private: int = 0
+
+    def __post_init__(self) -> None:
+        self.derived = "not a field"
+
+
+def test_a_dataclass_argument_is_written_as_the_sorted_dict_of_its_fields() -> None:
+    sig = SignatureBlock("hmac-sha256", "v1", 3, "nonce", "value")
+    env = make(args=(_Unsorted(1.5, 2),), kwargs={"p": [_Unsorted(0.5, 1)]}, signature=sig)
+    decoded = codec.decode(codec.encode(env))
+    assert decoded.args == ({"_private": 0, "alpha": 2, "zeta": 1.5},)
+    # the worker re-encodes the decoded dicts: the signed bytes must not change
+    assert codec.signing_bytes(decoded) == codec.signing_bytes(env)
+
+
+def test_a_non_finite_float_inside_a_dataclass_is_refused() -> None:
+    with pytest.raises(EncodeError, match="NaN or infinity"):
+        codec.encode(make(args=(_Unsorted(float("nan"), 1),)))
+
+
 def test_expiry() -> None:
     assert make(expires_ms=100).is_expired(at_ms=100)
     assert not make(expires_ms=100).is_expired(at_ms=99)

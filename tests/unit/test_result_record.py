@@ -13,8 +13,12 @@ from stem.result import ErrorInfo, ResultRecord
 
 @dataclass
 class Point:
+    y: tuple[int, ...]  # fields out of order, a private field and a non-field attribute
     x: int
-    y: tuple[int, ...]
+    _seen: bool = False
+
+    def __post_init__(self) -> None:
+        self.cache = "not a field"
 
 
 def _reference(record: ResultRecord) -> bytes:
@@ -26,7 +30,7 @@ FULL = ResultRecord(
     "t1",
     "SUCCESS",
     task="a.b",
-    result={"nested": [1, 2.5, ("t", None)], "p": Point(1, (2, 3))},
+    result={"nested": [1, 2.5, ("t", None)], "p": Point((2, 3), 1)},
     error=ErrorInfo("ValueError", "bad", None),
     progress={"done": 3},
     attempt=2,
