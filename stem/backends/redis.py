@@ -16,8 +16,10 @@ expires records itself, so ``cleanup`` has nothing to do.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,8 @@ class RedisBackend:
         self._prefix = self._conn.prefix
         self._script = self._conn.load_script(_HERE / "redis_results.lua")
         self._local = threading.local()  # each waiting thread's subscriber (see wait)
-        self._subscribers: list[Any] = []
+        # Weak: a thread that ends drops its subscriber, and redis-py closes it.
+        self._subscribers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._subscribers_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -111,13 +114,19 @@ class RedisBackend:
                 backoff_s = min(backoff_s * 2, 1.0)
 
     def _subscriber(self) -> Any:
-        """This thread's subscriber connection, made on first use."""
+        """This thread's subscriber connection, made on first use.
+
+        One made before a fork belongs to the parent: the child leaves its socket alone
+        (redis-py closes it without a shutdown) and makes its own.
+        """
         ps = getattr(self._local, "pubsub", None)
+        if ps is not None and getattr(self._local, "pid", None) != os.getpid():
+            ps = self._local.pubsub = None
         if ps is None:
             ps = self._conn.client.pubsub()  # type: ignore[no-untyped-call]
-            self._local.pubsub = ps
+            self._local.pubsub, self._local.pid = ps, os.getpid()
             with self._subscribers_lock:
-                self._subscribers.append(ps)
+                self._subscribers.add(ps)
         return ps
 
     def _drop_subscriber(self) -> None:
@@ -125,14 +134,18 @@ class RedisBackend:
         self._local.pubsub = None
         if ps is not None:
             with self._subscribers_lock:
-                if ps in self._subscribers:
-                    self._subscribers.remove(ps)
+                self._subscribers.discard(ps)
             ps.close()
 
     def _wait_subscribed(self, key: str, deadline: float) -> tuple[bytes | None, bytes | None]:
         ps = self._subscriber()
         channel = key.encode()
         try:
+            # A channel left just before a reconnect is subscribed again by redis-py's
+            # reconnect hook, and its unsubscribe is forgotten: leave it now.
+            stale = [c for c in ps.channels if c not in ps.pending_unsubscribe_channels]
+            if stale:
+                ps.unsubscribe(*stale)
             ps.subscribe(key)
             while True:  # the confirmation means the server will tell us of any later store
                 remaining_s = deadline - time.monotonic()
@@ -183,7 +196,8 @@ class RedisBackend:
 
     def close(self) -> None:
         with self._subscribers_lock:
-            subscribers, self._subscribers = self._subscribers, []
+            subscribers = list(self._subscribers)
+            self._subscribers.clear()
         for ps in subscribers:
             ps.close()
         self._conn.close()

@@ -3,6 +3,8 @@ restarts, expiry across restarts, and errors while the server is down."""
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -99,6 +101,68 @@ def test_a_subscriber_the_server_dropped_is_replaced(fresh_redis_server: RedisSe
     finally:
         waiter.close()
         writer.close()
+
+
+def test_a_channel_resubscribed_by_a_reconnect_is_left_on_the_next_wait(redis_url: str) -> None:
+    waiter = RedisBackend(redis_url)
+    writer = RedisBackend(redis_url)
+    try:
+        assert waiter.wait("a", 0.1) is None  # "a" left, its confirmation not read yet
+        # the connection drops; redis-py's reconnect hook subscribes to "a" again and
+        # forgets that it was being left
+        waiter._local.pubsub.connection.disconnect()
+        threading.Timer(0.3, lambda: writer.store("b", SUCCESS, b"b done", 60)).start()
+        assert waiter.wait("b", 10.0) == b"b done"
+        assert waiter.wait("c", 0.1) is None
+        subscribed = dict(writer._conn.client.pubsub_numsub(waiter._key("a"), waiter._key("b")))
+        assert list(subscribed.values()) == [0, 0]
+    finally:
+        waiter.close()
+        writer.close()
+
+
+def test_a_finished_thread_gives_its_subscriber_back(redis_url: str) -> None:
+    waiter = RedisBackend(redis_url)
+    try:
+        assert waiter.wait("warm", 0.05) is None  # this thread's subscriber, kept
+        t, out, errors = _wait_in_thread(waiter, "gone", 0.1)
+        t.join(10)
+        assert not errors and out == [None]
+        gc.collect()
+        assert len(waiter._subscribers) == 1  # only this thread's
+
+        def subscribers_on_server() -> int:  # connections whose last command was a (un)sub
+            clients = waiter._conn.client.client_list()
+            return sum(c["cmd"] in ("subscribe", "unsubscribe") for c in clients)
+
+        deadline = time.monotonic() + 5.0  # the server sees the close a moment later
+        while subscribers_on_server() > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert subscribers_on_server() == 1  # the ended thread's connection is closed
+    finally:
+        waiter.close()
+
+
+def test_a_forked_child_makes_its_own_subscriber(
+    pair: tuple[RedisBackend, RedisBackend],
+) -> None:
+    waiter, writer = pair
+    assert waiter.wait("before", 0.1) is None
+    parents = waiter._local.pubsub
+    writer.store("child", SUCCESS, b"child done", 60)
+    pid = os.fork()
+    if pid == 0:  # the child: waits on a subscriber of its own, leaves the parent's alone
+        ok = False
+        try:
+            threading.Timer(0.2, lambda: writer.store("c2", SUCCESS, b"c2", 60)).start()
+            ok = waiter.wait("c2", 10.0) == b"c2" and waiter._local.pubsub is not parents
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    threading.Timer(0.2, lambda: writer.store("after", SUCCESS, b"after", 60)).start()
+    assert waiter.wait("after", 10.0) == b"after"
+    assert waiter._local.pubsub is parents  # the parent's connection was not disturbed
 
 
 def test_wait_survives_a_restart(fresh_redis_server: RedisServer) -> None:
