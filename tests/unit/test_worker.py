@@ -448,3 +448,39 @@ def test_routes_send_tasks_to_queues_by_pattern() -> None:
     send.delay()
     assert {s.queue: s.ready for s in app.broker.stats()}["mail"] == 1
     app.close()
+
+
+def test_a_broker_whose_ack_predates_claims_still_works() -> None:
+    from stem.backends.memory import MemoryBackend
+    from stem.brokers.memory import MemoryBroker
+
+    acked: list[str] = []
+
+    class OldBroker(MemoryBroker):
+        def ack(self, deliveries: Any) -> int:  # type: ignore[override]
+            acked.extend(d.message_id for d in deliveries)
+            return super().ack(deliveries)
+
+    url = "memory://old-ack"
+    old = Stem("old", broker=OldBroker(url), backend=MemoryBackend(url))
+    try:
+
+        @old.task(name="twice")
+        def twice(x: int) -> int:
+            return 2 * x
+
+        @old.task(name="quiet", ignore_result=True)
+        def quiet() -> None:
+            return None
+
+        with Running(old):
+            res = twice.delay(21)
+            assert res.get(timeout=5) == 42
+            quiet.delay()
+            deadline = time.monotonic() + 5
+            while len(acked) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert len(acked) == 2  # both acked by the old signature, nothing redelivered
+        assert all(s.ready == 0 and s.reserved == 0 for s in old.broker.stats())
+    finally:
+        old.close()
