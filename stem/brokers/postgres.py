@@ -186,8 +186,12 @@ class PostgresBroker:
             claimed = _claim_params(claims)
 
             def both(c: Conn) -> int:
-                # One transaction, pipelined into one round trip: claims and acks, or neither.
-                with c.transaction(), c.pipeline():
+                # One round trip, one transaction: on an autocommit connection the two
+                # statements of a pipeline share the implicit transaction that its one Sync
+                # ends (committed if both succeed, rolled back if either fails; PostgreSQL's
+                # protocol docs, "Pipelining"). c.transaction() would add a Sync at BEGIN
+                # and another at COMMIT.
+                with c.pipeline():
                     c.execute(_Q["claim_many"], claimed)
                     cur = c.execute(_Q["ack"], params)
                 return cur.rowcount

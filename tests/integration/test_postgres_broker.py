@@ -7,6 +7,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -268,3 +270,55 @@ class socket_closed_port:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def _claim_keys(postgres_url: str) -> set[str]:
+    with psycopg.connect(postgres_url) as conn:
+        return {r[0] for r in conn.execute("SELECT key FROM stem_claims").fetchall()}
+
+
+def test_ack_with_claims_is_one_round_trip(
+    broker: PostgresBroker, postgres_url: str, tmp_path: Path
+) -> None:
+    broker.publish([Message("m1", "q", b"x"), Message("m2", "q", b"y")])
+    got = broker.reserve(["q"], 2, 30)
+    trace = tmp_path / "trace"
+    run = broker._client.run
+
+    def traced(doing: str, fn: Any) -> Any:
+        def go(c: Any) -> Any:
+            with trace.open("w") as f:
+                c.pgconn.trace(f.fileno())
+                try:
+                    return fn(c)
+                finally:
+                    c.pgconn.untrace()
+
+        return run(doing, go)
+
+    broker._client.run = traced  # type: ignore[method-assign]
+    try:
+        assert broker.ack(got, [("nonce:a", "1", 60), ("nonce:b", "1", 60)]) == 2
+    finally:
+        broker._client.run = run  # type: ignore[method-assign]
+    rows = [line.split("\t") for line in trace.read_text().splitlines()]
+    sides = [row[1] for row in rows if len(row) > 2 and row[1] in ("F", "B")]
+    turns = [side for i, side in enumerate(sides) if i == 0 or sides[i - 1] != side]
+    assert turns == ["F", "B"], trace.read_text()  # sent everything, then read every reply
+    assert {"nonce:a", "nonce:b"} <= _claim_keys(postgres_url)
+
+
+def test_ack_that_fails_records_none_of_its_claims(
+    broker: PostgresBroker, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker.publish([Message("m1", "q", b"x")])
+    got = broker.reserve(["q"], 1, 30)
+    from stem.brokers import postgres as module
+
+    monkeypatch.setitem(module._Q, "ack", "SELECT 1 / 0, %(ids)s, %(tokens)s")
+    with pytest.raises(BrokerError):
+        broker.ack(got, [("nonce:lost", "1", 60)])
+    assert "nonce:lost" not in _claim_keys(postgres_url)
+    monkeypatch.undo()
+    assert broker.ack(got, [("nonce:kept", "1", 60)]) == 1  # the connection is usable again
+    assert "nonce:kept" in _claim_keys(postgres_url)
