@@ -168,12 +168,14 @@ class RedisBroker:
     def ack(self, deliveries: Sequence[Delivery], claims: Sequence[Claim] = ()) -> int:
         if not deliveries and not claims:
             return 0
-        # The claims ride with the first chunk of acks: one call, so both or neither.
+        # Claims and acks in one script call, so both or neither; without claims, a large
+        # batch is cut into calls that each hold the server for a bounded time.
         head: list[Any] = [len(claims)]
         for key, value, ttl_s in claims:
             head += [self._claim_key(key), value, max(1, _ms(ttl_s))]
         calls = []
-        for chunk in _chunks(deliveries, _SETTLE_CHUNK) or [()]:
+        chunks = [deliveries] if claims else _chunks(deliveries, _SETTLE_CHUNK)
+        for chunk in chunks or [()]:
             args = ["ack", self._prefix, *head]
             head = [0]
             for d in chunk:

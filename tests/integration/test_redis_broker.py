@@ -353,3 +353,26 @@ def test_no_published_message_is_lost_when_redis_is_killed_mid_flow(
     assert not errors, errors
     assert 0 < len(published)
     assert set(published) <= seen  # at least once: duplicates allowed, losses not
+
+
+def test_a_large_ack_with_claims_is_one_atomic_call(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = 1500  # more than one chunk of settles
+    broker.publish([msg("bigack", f"m{i}") for i in range(n)])
+    got = drain(broker, "bigack", until_n=n)
+    assert len(got) == n
+    calls: list[int] = []
+    eval_many = broker._conn.eval_many
+
+    def counted(doing: str, script: object, arg_lists: list[list[object]]) -> list[object]:
+        calls.append(len(arg_lists))
+        return eval_many(doing, script, arg_lists)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(broker._conn, "eval_many", counted)
+    claims = [(f"nonce:{i}", "1", 60.0) for i in range(n)]
+    assert broker.ack(got[:n], claims) == n
+    assert calls == [1]  # claims and acks in one script call: both or neither
+    assert broker.claim("nonce:1499", "other", 60) == "1"
+    assert broker.ack(got[:n]) == 0  # already gone; without claims it may be cut in chunks
+    assert calls == [1, 2]
