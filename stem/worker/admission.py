@@ -92,9 +92,11 @@ class Admission:
         return [self._decode_verified(d) for d in chunk]
 
     def close(self) -> None:
-        """End the verification helpers (after the consumer loop stopped)."""
+        """End the verification helpers (after the consumer loop stopped). Chunks already
+        queued still run: a consumer thread that outlived its join at shutdown may be
+        waiting on them, and a cancelled chunk would end it with an error instead."""
         if self._verifier is not None:
-            self._verifier.shutdown(wait=False, cancel_futures=True)
+            self._verifier.shutdown(wait=False)
 
     def decode_many(self, deliveries: Sequence[Delivery]) -> list[tuple[Delivery, Envelope]]:
         """Decode and verify each delivery, then check the replay guard for all the signed
