@@ -161,6 +161,9 @@ def _user_data(d: dict[str, Any]) -> list[Any]:
     ]
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def _finite(value: Any) -> bool:
     stack = [value]
     while stack:
@@ -172,7 +175,7 @@ def _finite(value: Any) -> bool:
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
             stack.extend(item)
-        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+        elif type(item) not in _PLAIN and dataclasses.is_dataclass(item):
             stack.extend(_fields_of(item).values())
     return True
 
