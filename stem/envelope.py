@@ -9,6 +9,7 @@ nothing else ever escapes the decoder. Nothing here imports code named by a mess
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -168,14 +169,17 @@ def _finite(value: Any) -> bool:
     stack = [value]
     while stack:
         item = stack.pop()
+        kind = type(item)
+        if kind in _PLAIN:  # most items: one set lookup
+            continue
         if isinstance(item, float):
-            if item != item or item in (float("inf"), float("-inf")):
+            if not math.isfinite(item):
                 return False
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
             stack.extend(item)
-        elif type(item) not in _PLAIN and dataclasses.is_dataclass(item):
+        elif dataclasses.is_dataclass(item):
             stack.extend(_fields_of(item).values())
     return True
 
