@@ -272,6 +272,7 @@ def translate(
 # -- client ------------------------------------------------------------------------------------
 
 _LIVE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+_SPARES = 8  # most connections the short path keeps idle between calls
 
 
 class RedisConn:
@@ -299,6 +300,11 @@ class RedisConn:
             )
         self.pool = redis.ConnectionPool(retry=retry, **self.options.pool_kwargs)
         self.client = redis.Redis(connection_pool=self.pool)
+        # Connections the short path keeps between calls (see _short). Not with a pool
+        # size limit: idle here, they would count as in use against it.
+        self._spares: list[Any] = []
+        self._spares_pid = os.getpid()
+        self._keep_spares = "max_connections" not in self.options.pool_kwargs
 
     @property
     def prefix(self) -> str:
@@ -345,27 +351,50 @@ class RedisConn:
         return self._short(args, lambda: client.execute_command(*args))
 
     def _short(self, args: Sequence[Any], full: Callable[[], T]) -> Any:
-        """Send ``args`` on a pooled connection and read the reply. A connection error drops
-        that connection and hands the call to ``full``, which reconnects with backoff (a
-        call whose reply was lost may then be applied twice: at-least-once, as documented
-        above); so does a missing script."""
-        pool = self.pool
-        conn: Any = pool.get_connection()  # redis-py's connection methods are untyped
+        """Send ``args`` on a connection and read the reply. A connection error drops that
+        connection and hands the call to ``full``, which reconnects with backoff (a call
+        whose reply was lost may then be applied twice: at-least-once, as documented
+        above); so does a missing script.
+
+        The connection comes from a short free list of this object's own, refilled from
+        the pool: the pool's checkout and return (a lock, metrics hooks and a readiness
+        poll of the socket) cost about 5 us, which a no-op ``delay()`` notices. A
+        connection goes back on the list only after a whole reply was read, so one on the
+        list has nothing unread."""
+        conn = self._checkout()
         try:
             conn.send_command(*args)
-            return conn.read_response()
+            reply = conn.read_response()
         except NoScriptError:
-            pass  # the connection is fine; the full path loads the script
+            self._checkin(conn)  # the connection is fine; the full path loads the script
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             conn.disconnect()
+            self.pool.release(conn)
         except redis.ResponseError:
-            raise  # an error reply: the connection read it whole and is fine
+            self._checkin(conn)  # an error reply: the connection read it whole and is fine
+            raise
         except BaseException:
             conn.disconnect()  # interrupted mid-reply: never reuse a half-read connection
+            self.pool.release(conn)
             raise
-        finally:
-            pool.release(conn)
+        else:
+            self._checkin(conn)
+            return reply
         return full()
+
+    def _checkout(self) -> Any:
+        if self._spares_pid != os.getpid():  # forked: the parent's sockets are not ours
+            self._spares, self._spares_pid = [], os.getpid()
+        try:
+            return self._spares.pop()  # list.pop and append are atomic: no lock needed
+        except IndexError:
+            return self.pool.get_connection()
+
+    def _checkin(self, conn: Any) -> None:
+        if self._keep_spares and conn.pid == os.getpid() and len(self._spares) < _SPARES:
+            self._spares.append(conn)
+        else:
+            self.pool.release(conn)
 
     def eval_many(
         self, doing: str, script: Script, arg_lists: Sequence[Sequence[Any]]
@@ -400,4 +429,7 @@ class RedisConn:
         self.run("pinging", lambda c: c.ping())
 
     def close(self) -> None:
+        spares, self._spares = self._spares, []
+        for conn in spares:
+            self.pool.release(conn)
         self.pool.disconnect()

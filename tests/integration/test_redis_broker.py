@@ -376,3 +376,56 @@ def test_a_large_ack_with_claims_is_one_atomic_call(
     assert broker.claim("nonce:1499", "other", 60) == "1"
     assert broker.ack(got[:n]) == 0  # already gone; without claims it may be cut in chunks
     assert calls == [1, 2]
+
+
+def test_short_calls_from_many_threads_each_get_their_own_reply(broker: RedisBroker) -> None:
+    errors: list[BaseException] = []
+
+    def publish(t: int) -> None:
+        try:
+            for i in range(200):
+                broker.publish([msg(f"mt{t}", f"{t}-{i}")])
+                assert broker.stats([f"mt{t}"])[0].ready == i + 1  # this thread's own count
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert 1 <= len(broker._conn._spares) <= 8  # connections kept between calls, bounded
+
+
+def test_a_forked_child_opens_its_own_connections(broker: RedisBroker) -> None:
+    import os
+
+    broker.publish([msg("fork", "parent-1")])
+    kept = list(broker._conn._spares)
+    assert kept  # the parent keeps a connection between calls
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            broker.publish([msg("fork", "child")])
+            ok = all(c not in kept for c in broker._conn._spares)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    broker.publish([msg("fork", "parent-2")])  # the parent's connection was not disturbed
+    assert broker._conn._spares == kept
+    got = sorted(d.message_id for d in drain(broker, "fork", until_n=3))
+    assert got == ["child", "parent-1", "parent-2"]
+
+
+def test_with_a_pool_size_limit_no_connection_is_kept_aside(redis_url: str) -> None:
+    b = RedisBroker(redis_url + "?max_connections=2")
+    try:
+        for i in range(5):
+            b.publish([msg("lim", f"m{i}")])
+        assert b._conn._spares == []
+        assert len(drain(b, "lim", until_n=5)) == 5
+    finally:
+        b.close()
