@@ -386,12 +386,21 @@ class RedisConn:
         if self._spares_pid != os.getpid():  # forked: the parent's sockets are not ours
             self._spares, self._spares_pid = [], os.getpid()
         try:
-            return self._spares.pop()  # list.pop and append are atomic: no lock needed
+            conn = self._spares.pop()  # list.pop and append are atomic: no lock needed
         except IndexError:
             return self.pool.get_connection()
+        if conn.should_reconnect():  # marked while idle (a server maintenance notice)
+            self.pool.release(conn)  # the pool reconnects it as redis-py intends
+            return self.pool.get_connection()
+        return conn
 
     def _checkin(self, conn: Any) -> None:
-        if self._keep_spares and conn.pid == os.getpid() and len(self._spares) < _SPARES:
+        if (
+            self._keep_spares
+            and conn.pid == os.getpid()
+            and not conn.should_reconnect()
+            and len(self._spares) < _SPARES
+        ):
             self._spares.append(conn)
         else:
             self.pool.release(conn)

@@ -409,7 +409,8 @@ def test_a_forked_child_opens_its_own_connections(broker: RedisBroker) -> None:
         ok = False
         try:
             broker.publish([msg("fork", "child")])
-            ok = all(c not in kept for c in broker._conn._spares)
+            mine = broker._conn._spares  # the child's own connection, kept for its next call
+            ok = bool(mine) and all(c.pid == os.getpid() and c not in kept for c in mine)
         finally:
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
@@ -429,3 +430,35 @@ def test_with_a_pool_size_limit_no_connection_is_kept_aside(redis_url: str) -> N
         assert len(drain(b, "lim", until_n=5)) == 5
     finally:
         b.close()
+
+
+def test_a_call_interrupted_mid_reply_never_reuses_its_connection(
+    broker: RedisBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.connection import AbstractConnection
+
+    broker.stats(["q"])
+    (conn,) = broker._conn._spares
+
+    def interrupted(self: AbstractConnection, *args: object, **kw: object) -> object:
+        raise KeyboardInterrupt  # as a soft time limit would, between send and reply
+
+    monkeypatch.setattr(AbstractConnection, "read_response", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        broker.stats(["q"])
+    monkeypatch.undo()
+    assert conn not in broker._conn._spares and conn._sock is None  # dropped, not kept
+    broker.publish([msg("q", "after")])  # a fresh connection
+    assert [d.message_id for d in drain(broker, "q", until_n=1)] == ["after"]
+
+
+def test_a_kept_connection_marked_for_reconnect_goes_back_to_the_pool(
+    broker: RedisBroker,
+) -> None:
+    before = broker._conn.command("CLIENT", "ID")  # on the one kept connection
+    (conn,) = broker._conn._spares
+    conn.mark_for_reconnect()  # what a server maintenance notice does to idle connections
+    broker.publish([msg("q", "moved")])
+    assert not conn.should_reconnect()
+    assert broker._conn.command("CLIENT", "ID") != before  # a new server-side connection
+    assert [d.message_id for d in drain(broker, "q", until_n=1)] == ["moved"]
