@@ -191,6 +191,8 @@ class PostgresBroker:
                 # ends (committed if both succeed, rolled back if either fails; PostgreSQL's
                 # protocol docs, "Pipelining"). c.transaction() would add a Sync at BEGIN
                 # and another at COMMIT.
+                if not c.autocommit:  # without it nothing would commit: refuse, lose nothing
+                    raise BrokerError("acking with claims needs an autocommit connection")
                 with c.pipeline():
                     c.execute(_Q["claim_many"], claimed)
                     cur = c.execute(_Q["ack"], params)

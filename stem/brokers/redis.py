@@ -168,8 +168,10 @@ class RedisBroker:
     def ack(self, deliveries: Sequence[Delivery], claims: Sequence[Claim] = ()) -> int:
         if not deliveries and not claims:
             return 0
-        # Claims and acks in one script call, so both or neither; without claims, a large
-        # batch is cut into calls that each hold the server for a bounded time.
+        # Claims and acks in one script call: one atomic step, never split between calls
+        # (a script has no rollback, but this one's commands fail only on keys of the wrong
+        # type, which Stem never writes). Without claims, a large batch is cut into calls
+        # that each hold the server for a bounded time.
         head: list[Any] = [len(claims)]
         for key, value, ttl_s in claims:
             head += [self._claim_key(key), value, max(1, _ms(ttl_s))]

@@ -322,3 +322,27 @@ def test_ack_that_fails_records_none_of_its_claims(
     monkeypatch.undo()
     assert broker.ack(got, [("nonce:kept", "1", 60)]) == 1  # the connection is usable again
     assert "nonce:kept" in _claim_keys(postgres_url)
+
+
+def test_ack_with_claims_refuses_a_connection_outside_autocommit(
+    broker: PostgresBroker, postgres_url: str
+) -> None:
+    broker.publish([Message("m1", "q", b"x")])
+    got = broker.reserve(["q"], 1, 30)
+    run = broker._client.run
+
+    def not_autocommit(doing: str, fn: Any) -> Any:
+        def go(c: Any) -> Any:
+            c.autocommit = False  # nothing in Stem does this; the ack must not trust it
+            return fn(c)
+
+        return run(doing, go)
+
+    broker._client.run = not_autocommit  # type: ignore[method-assign]
+    try:
+        with pytest.raises(BrokerError, match="autocommit"):
+            broker.ack(got, [("nonce:never", "1", 60)])
+    finally:
+        broker._client.run = run  # type: ignore[method-assign]
+    assert "nonce:never" not in _claim_keys(postgres_url)
+    assert broker.ack(got, [("nonce:later", "1", 60)]) == 1  # still leased, acked now
