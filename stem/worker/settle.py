@@ -6,6 +6,7 @@ a delay and a fresh signature; exhausted retries are dead-lettered.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from stem import states
 from stem.brokers.base import Claim, Delivery
 from stem.envelope import Envelope, now_ms
-from stem.errors import BackendError, BrokerError, StemError
+from stem.errors import BackendError, BrokerError, ConfigError, StemError
 from stem.observability import signals
 from stem.observability.logs import task_log_fields
 from stem.result import ErrorInfo
@@ -183,6 +184,20 @@ class AckBatcher:
 ACK_LINGER_S = 0.001  # how long a busy worker's ack sender waits for running tasks' acks
 
 
+def _require_ack_with_claims(broker: Any) -> None:
+    """Fail at startup, not on the first signed task, when a broker of the user's own has
+    an ``ack`` written before it took claims (replay protection passes them)."""
+    try:
+        inspect.signature(broker.ack).bind([], [])
+    except TypeError:
+        raise ConfigError(
+            f"{type(broker).__name__}.ack() takes no claims: replay protection needs "
+            "ack(deliveries, claims=()) (see stem.brokers.base.Broker.ack)"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (a C function): take it on trust
+
+
 class Settler:
     def __init__(
         self,
@@ -209,6 +224,8 @@ class Settler:
         self.replay = (
             ReplayGuard.for_keyring(app.broker, app.keyring) if app.keyring is not None else None
         )
+        if self.replay is not None:
+            _require_ack_with_claims(app.broker)
         self.counts: dict[str, int] = {
             "succeeded": 0,
             "failed": 0,

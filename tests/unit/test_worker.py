@@ -484,3 +484,24 @@ def test_a_broker_whose_ack_predates_claims_still_works() -> None:
         assert all(s.ready == 0 and s.reserved == 0 for s in old.broker.stats())
     finally:
         old.close()
+
+
+def test_a_broker_whose_ack_takes_no_claims_is_refused_at_start_when_signing() -> None:
+    from stem.backends.memory import MemoryBackend
+    from stem.brokers.memory import MemoryBroker
+    from stem.errors import ConfigError
+    from stem.security.signing import Keyring
+
+    class OldBroker(MemoryBroker):
+        def ack(self, deliveries: Any) -> int:  # type: ignore[override]
+            return super().ack(deliveries)
+
+    url = "memory://old-ack-signed"
+    ring = Keyring.build("hmac-sha256", {"v1": b"k" * 32}, active_key="v1")
+    old = Stem("old", broker=OldBroker(url), backend=MemoryBackend(url), keyring=ring)
+    try:
+        with pytest.raises(ConfigError, match=r"OldBroker\.ack\(\) takes no claims"):
+            with Running(old):
+                pass
+    finally:
+        old.close()
