@@ -368,14 +368,12 @@ class RedisConn:
         except NoScriptError:
             self._checkin(conn)  # the connection is fine; the full path loads the script
         except (redis.ConnectionError, redis.TimeoutError, OSError):
-            conn.disconnect()
-            self.pool.release(conn)
+            self._discard(conn)
         except redis.ResponseError:
             self._checkin(conn)  # an error reply: the connection read it whole and is fine
             raise
         except BaseException:
-            conn.disconnect()  # interrupted mid-reply: never reuse a half-read connection
-            self.pool.release(conn)
+            self._discard(conn)  # interrupted mid-reply: never reuse a half-read connection
             raise
         else:
             self._checkin(conn)
@@ -395,15 +393,20 @@ class RedisConn:
         return conn
 
     def _checkin(self, conn: Any) -> None:
+        # _checkout already set _spares_pid to this process's pid: no second getpid
         if (
             self._keep_spares
-            and conn.pid == os.getpid()
+            and conn.pid == self._spares_pid
             and not conn.should_reconnect()
             and len(self._spares) < _SPARES
         ):
             self._spares.append(conn)
         else:
             self.pool.release(conn)
+
+    def _discard(self, conn: Any) -> None:
+        conn.disconnect()
+        self.pool.release(conn)
 
     def eval_many(
         self, doing: str, script: Script, arg_lists: Sequence[Sequence[Any]]
