@@ -178,8 +178,7 @@ class RedisBroker:
         calls = []
         chunks = [deliveries] if claims else _chunks(deliveries, _SETTLE_CHUNK)
         for chunk in chunks or [()]:
-            args = ["ack", self._prefix, *head]
-            head = [0]
+            args = ["ack", self._prefix, *head]  # claims make one chunk; else head is [0]
             for d in chunk:
                 args += [d.queue, d.receipt]
             calls.append(args)
