@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 
 from stem import Stem, TaskError, states
+from stem.backends.memory import MemoryBackend
 from stem.brokers.base import Message
-from stem.errors import ResultTimeout
+from stem.brokers.memory import MemoryBroker
+from stem.errors import ConfigError, ResultTimeout
+from stem.security.signing import Keyring
 from stem.testing import memory_app, running_worker
 
 
@@ -450,19 +453,23 @@ def test_routes_send_tasks_to_queues_by_pattern() -> None:
     app.close()
 
 
+class OldBroker(MemoryBroker):
+    """A broker of a user's own whose ack was written before acks took claims."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.acked: list[str] = []
+
+    def ack(self, deliveries: Any) -> int:  # type: ignore[override]
+        self.acked.extend(d.message_id for d in deliveries)
+        return super().ack(deliveries)
+
+
 def test_a_broker_whose_ack_predates_claims_still_works() -> None:
-    from stem.backends.memory import MemoryBackend
-    from stem.brokers.memory import MemoryBroker
-
-    acked: list[str] = []
-
-    class OldBroker(MemoryBroker):
-        def ack(self, deliveries: Any) -> int:  # type: ignore[override]
-            acked.extend(d.message_id for d in deliveries)
-            return super().ack(deliveries)
-
     url = "memory://old-ack"
-    old = Stem("old", broker=OldBroker(url), backend=MemoryBackend(url))
+    broker = OldBroker(url)
+    acked = broker.acked
+    old = Stem("old", broker=broker, backend=MemoryBackend(url))
     try:
 
         @old.task(name="twice")
@@ -487,15 +494,6 @@ def test_a_broker_whose_ack_predates_claims_still_works() -> None:
 
 
 def test_a_broker_whose_ack_takes_no_claims_is_refused_at_start_when_signing() -> None:
-    from stem.backends.memory import MemoryBackend
-    from stem.brokers.memory import MemoryBroker
-    from stem.errors import ConfigError
-    from stem.security.signing import Keyring
-
-    class OldBroker(MemoryBroker):
-        def ack(self, deliveries: Any) -> int:  # type: ignore[override]
-            return super().ack(deliveries)
-
     url = "memory://old-ack-signed"
     ring = Keyring.build("hmac-sha256", {"v1": b"k" * 32}, active_key="v1")
     old = Stem("old", broker=OldBroker(url), backend=MemoryBackend(url), keyring=ring)
