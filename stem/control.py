@@ -74,7 +74,7 @@ def open_envelope(app: Stem, body: bytes) -> Envelope:
     env = codec.decode(body, max_bytes=app.max_message_bytes)
     keyring = app.keyring
     if keyring is not None and keyring.required:
-        keyring.verify(env)
+        keyring.verify(env, body=body)
     return env
 
 

@@ -211,6 +211,21 @@ def signing_bytes(env: Envelope) -> bytes:
     return dumps(d, user_data=_user_data(d))
 
 
+def signed_part(body: bytes, value: str) -> bytes | None:
+    """The bytes a signature with ``value`` covered, read off a body as :func:`encode`
+    writes it: the body less ``,"value":"..."``, which sorted keys put last in the
+    signature block. None if the body holds no such member (it was written otherwise).
+
+    Only the last such member is cut out. Whatever is cut, the result passes only if it is
+    exactly what a key holder signed; a body whose ``value`` member sits anywhere but in the
+    signature block leaves that block without a value, and such a body does not decode."""
+    tail = b',"value":"' + value.encode("utf-8", "replace") + b'"}'
+    at = body.rfind(tail)
+    if at < 0:
+        return None
+    return body[:at] + body[at + len(tail) - 1 :]
+
+
 def _depth_ok(value: Any, limit: int) -> bool:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:

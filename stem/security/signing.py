@@ -4,6 +4,8 @@ An envelope signature covers :func:`stem.envelope.signing_bytes` -- every envelo
 (routing, ETA, expiry, retries, headers, ids) plus the signature block less its value, so the
 algorithm, key id, issue time and nonce cannot be swapped either. Values are base64url without
 padding, and only the canonical encoding is accepted (no second spelling of one signature).
+A worker verifies the body as received, less its signature value
+(:func:`stem.envelope.signed_part`), and re-encodes only a body written otherwise.
 
 Byte payloads (result records, control messages) are signed with the same keys over a
 different, domain-separated input, so no envelope signature is ever a valid byte signature or
@@ -29,7 +31,6 @@ import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from hashlib import sha256
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -97,9 +98,10 @@ class Signer(Protocol):
 
 
 class Verifier(Protocol):
-    """Checks raw signatures for one key id. Never raises on a bad signature."""
+    """Checks signatures for one key id, given as sent: base64url without padding, in its
+    one canonical form (anything else does not match). Never raises on a bad signature."""
 
-    def verify(self, data: bytes, signature: bytes) -> bool: ...
+    def verify(self, data: bytes, value: str) -> bool: ...
 
 
 class _HmacKey:
@@ -112,10 +114,12 @@ class _HmacKey:
         return "<HMAC-SHA256 key>"
 
     def sign(self, data: bytes) -> bytes:
-        return hmac.new(self._secret, data, sha256).digest()
+        return hmac.digest(self._secret, data, "sha256")  # OpenSSL's one-shot HMAC
 
-    def verify(self, data: bytes, signature: bytes) -> bool:
-        return hmac.compare_digest(self.sign(data), signature)
+    def verify(self, data: bytes, value: str) -> bool:
+        # Compared in base64url: only the canonical spelling of the right MAC matches, and
+        # the value is never decoded (compare_digest takes str only when it is ASCII).
+        return value.isascii() and hmac.compare_digest(b64url(self.sign(data)), value)
 
 
 class _Ed25519Signer:
@@ -140,7 +144,10 @@ class _Ed25519Verifier:
     def __repr__(self) -> str:
         return "<Ed25519 public key>"
 
-    def verify(self, data: bytes, signature: bytes) -> bool:
+    def verify(self, data: bytes, value: str) -> bool:
+        signature = _decode_value(value, ED25519)
+        if signature is None:
+            return False
         try:
             self._key.verify(signature, data)
         except InvalidSignature:
@@ -164,6 +171,10 @@ def _decode_value(value: str, algorithm: str) -> bytes | None:
 def _short(text: str) -> str:
     """A message-supplied string made safe to show in an error (bounded, repr-quoted)."""
     return repr(text[:64] + ("..." if len(text) > 64 else ""))
+
+
+def _mismatch(sig: SignatureBlock) -> SignatureError:
+    return SignatureError("signature-invalid", f"signature by key {sig.key_id!r} does not match")
 
 
 def _bytes_input(block: SignatureBlock, context: str, payload: bytes) -> bytes:
@@ -455,34 +466,34 @@ class Keyring:
         value = b64url(signer.sign(codec.signing_bytes(unsigned)))
         return unsigned.replace(signature=dataclasses.replace(unsigned.signature, value=value))
 
-    def verify(self, env: Envelope, *, now_ms: int | None = None) -> None:
+    def verify(
+        self, env: Envelope, *, body: bytes | None = None, now_ms: int | None = None
+    ) -> None:
         """Return if the envelope is signed by a key of this keyring and fresh; otherwise
         raise :class:`SignatureError` with reason ``signature-missing``, ``-invalid``,
-        ``-unknown-key`` or ``-expired``. Replays are :class:`ReplayGuard`'s job."""
+        ``-unknown-key`` or ``-expired``. Replays are :class:`ReplayGuard`'s job.
+
+        ``body``: the bytes ``env`` was decoded from. As Stem writes them, they are the
+        signed bytes plus the signature value (:func:`stem.envelope.signed_part`), so the
+        check needs no re-encoding; a body written any other way is re-encoded."""
         sig = env.signature
         if sig is None:
             raise SignatureError("signature-missing", "the message is not signed")
-        try:
-            data = codec.signing_bytes(env)
-        except (EncodeError, DecodeError):
-            raise SignatureError("signature-invalid", "the message cannot be re-encoded") from None
-        self._check(
-            sig,
-            data,
-            now_ms=now_ms,
-            max_age_s=self.replay_window_s,
-            not_before_ms=env.not_before_ms,
-        )
+        verifier = self._verifier(sig)
+        sent = None if body is None else codec.signed_part(body, sig.value)
+        if sent is None or not verifier.verify(sent, sig.value):
+            try:
+                data = codec.signing_bytes(env)
+            except (EncodeError, DecodeError):
+                raise SignatureError(
+                    "signature-invalid", "the message cannot be re-encoded"
+                ) from None
+            if data == sent or not verifier.verify(data, sig.value):
+                raise _mismatch(sig)
+        self._check_time(sig, now_ms, self.replay_window_s, env.not_before_ms)
 
-    def _check(
-        self,
-        sig: SignatureBlock,
-        data: bytes,
-        *,
-        now_ms: int | None,
-        max_age_s: float | None,
-        not_before_ms: int | None = None,
-    ) -> None:
+    def _verifier(self, sig: SignatureBlock) -> Verifier:
+        """The verifier for the block's key, once its algorithm, key id and nonce pass."""
         if sig.algorithm != self.algorithm:
             raise SignatureError(
                 "signature-invalid",
@@ -497,11 +508,27 @@ class Keyring:
             )
         if not 0 < len(sig.nonce) <= _NONCE_MAX:
             raise SignatureError("signature-invalid", "the signature nonce is malformed")
-        raw = _decode_value(sig.value, self.algorithm)
-        if raw is None or not verifier.verify(data, raw):
-            raise SignatureError(
-                "signature-invalid", f"signature by key {sig.key_id!r} does not match"
-            )
+        return verifier
+
+    def _check(
+        self,
+        sig: SignatureBlock,
+        data: bytes,
+        *,
+        now_ms: int | None,
+        max_age_s: float | None,
+    ) -> None:
+        if not self._verifier(sig).verify(data, sig.value):
+            raise _mismatch(sig)
+        self._check_time(sig, now_ms, max_age_s, None)
+
+    def _check_time(
+        self,
+        sig: SignatureBlock,
+        now_ms: int | None,
+        max_age_s: float | None,
+        not_before_ms: int | None,
+    ) -> None:
         now = codec.now_ms() if now_ms is None else now_ms
         skew_ms = self.clock_skew_s * 1000
         if sig.issued_at_ms - now > skew_ms:

@@ -59,7 +59,7 @@ class Admission:
         # only while signing is not required (a rollout).
         if keyring is not None and (keyring.required or env.signature is not None):
             try:
-                keyring.verify(env)
+                keyring.verify(env, body=delivery.body)
             except SignatureError as exc:
                 self.settler.dead_letter(delivery, exc.reason, str(exc), env)
                 return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,52 @@ def test_signed_envelope_survives_the_wire_and_verifies(make) -> None:  # type: 
     assert "=" not in sig.value
     assert len(base64.urlsafe_b64decode(sig.nonce + "==")) == 16
     ring.verify(codec.decode(codec.encode(signed)), now_ms=NOW + 1000)
+
+
+@pytest.mark.parametrize("make", RINGS)
+def test_a_body_as_stem_writes_it_verifies_without_re_encoding(  # type: ignore[no-untyped-def]
+    make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ring = make()
+    wire = codec.encode(ring.sign(env(), now_ms=NOW))
+    decoded = codec.decode(wire)
+
+    def no_re_encoding(env: Envelope) -> bytes:
+        raise AssertionError("the body should have been checked as received")
+
+    monkeypatch.setattr(codec, "signing_bytes", no_re_encoding)
+    ring.verify(decoded, body=wire, now_ms=NOW)
+
+
+@pytest.mark.parametrize("make", RINGS)
+def test_a_body_written_otherwise_is_re_encoded_and_verifies(make) -> None:  # type: ignore[no-untyped-def]
+    # Another writer (other key order, whitespace) signed the canonical bytes all the same.
+    ring = make()
+    signed = ring.sign(env(), now_ms=NOW)
+    pretty = json.dumps(codec.to_dict(signed), indent=1).encode()
+    assert codec.signed_part(pretty, signed.signature.value) is None  # type: ignore[union-attr]
+    ring.verify(codec.decode(pretty), body=pretty, now_ms=NOW)
+    tampered = pretty.replace(b'"a@example.com"', b'"b@example.com"')
+    with pytest.raises(SignatureError) as exc:
+        ring.verify(codec.decode(tampered), body=tampered, now_ms=NOW)
+    assert reason(exc) == "signature-invalid"
+
+
+@pytest.mark.parametrize("make", RINGS)
+def test_a_body_with_the_value_moved_out_of_the_signature_block_is_refused(  # type: ignore[no-untyped-def]
+    make,
+) -> None:
+    ring = make()
+    signed = ring.sign(env(kwargs={}), now_ms=NOW)
+    wire = codec.encode(signed)
+    member = b',"value":"' + signed.signature.value.encode() + b'"'  # type: ignore[union-attr]
+    # kwargs {} gets the value; the block keeps one too, so the body still decodes
+    moved = wire.replace(b'"kwargs":{}', b'"kwargs":{"k":1' + member + b"}")
+    decoded = codec.decode(moved)
+    assert decoded.kwargs == {"k": 1, "value": signed.signature.value}  # type: ignore[union-attr]
+    with pytest.raises(SignatureError) as exc:
+        ring.verify(decoded, body=moved, now_ms=NOW)
+    assert reason(exc) == "signature-invalid"
 
 
 @pytest.mark.parametrize("make", RINGS)

@@ -115,7 +115,10 @@ def test_changing_any_envelope_field_is_rejected(algorithm: str, field: str, dat
     signed = ring.sign(data.draw(envelopes()), now_ms=NOW)
     ring.verify(signed, now_ms=NOW)
     value = other(data.draw, ENVELOPE_FIELDS[field], getattr(signed, field))
-    tampered = codec.decode(codec.encode(signed.replace(**{field: value})))
+    wire = codec.encode(signed.replace(**{field: value}))
+    tampered = codec.decode(wire)
+    with pytest.raises(SignatureError):
+        ring.verify(tampered, body=wire, now_ms=NOW)
     with pytest.raises(SignatureError):
         ring.verify(tampered, now_ms=NOW)
 
@@ -130,9 +133,10 @@ def test_changing_any_signature_field_is_rejected(algorithm: str, field: str, da
     sig = signed.signature
     assert sig is not None
     value = other(data.draw, SIGNATURE_FIELDS[field], getattr(sig, field))
-    tampered = codec.decode(
-        codec.encode(signed.replace(signature=dataclasses.replace(sig, **{field: value})))
-    )
+    wire = codec.encode(signed.replace(signature=dataclasses.replace(sig, **{field: value})))
+    tampered = codec.decode(wire)
+    with pytest.raises(SignatureError):
+        ring.verify(tampered, body=wire, now_ms=NOW)
     with pytest.raises(SignatureError):
         ring.verify(tampered, now_ms=NOW)
 
@@ -149,13 +153,18 @@ def test_a_flipped_byte_never_yields_a_different_valid_message(
     index = data.draw(st.integers(0, len(wire) - 1))
     byte = data.draw(st.integers(0, 255).filter(lambda b: b != wire[index]))
     flipped = wire[:index] + bytes([byte]) + wire[index + 1 :]
-    try:
-        decoded = codec.decode(flipped)
-        ring.verify(decoded, now_ms=NOW)
-    except (DecodeError, SignatureError):
-        return
     # Only a second spelling of the very same JSON may pass (e.g. "1e+20" -> "1E+20", or
     # "\u001f" -> "\u001F"): the message the worker sees is then identical.
+    assert_refused_or_same(ring, flipped, signed)
+
+
+def assert_refused_or_same(ring: Keyring, body: bytes, signed: Envelope) -> None:
+    """The worker's check of ``body`` (decode, then verify) fails, or yields ``signed``."""
+    try:
+        decoded = codec.decode(body)
+        ring.verify(decoded, body=body, now_ms=NOW)
+    except (DecodeError, SignatureError):
+        return
     assert decoded == signed
 
 
@@ -166,6 +175,34 @@ def test_second_spellings_of_the_same_json_are_the_same_message(algorithm: str) 
     wire = codec.encode(signed)
     assert b"1e+20" in wire and b"\\u001f" in wire
     for old, new in ((b"1e+20", b"1E+20"), (b"\\u001f", b"\\u001F")):
-        decoded = codec.decode(wire.replace(old, new))
-        ring.verify(decoded, now_ms=NOW)
+        respelled = wire.replace(old, new)
+        decoded = codec.decode(respelled)
+        ring.verify(decoded, body=respelled, now_ms=NOW)
         assert decoded == signed
+
+
+@pytest.mark.parametrize("algorithm", sorted(RINGS))
+@settings(PROPS, max_examples=100)
+@given(env=envelopes(), data=st.data())
+def test_the_signature_value_moved_anywhere_never_yields_a_different_valid_message(
+    algorithm: str, env: Envelope, data: Any
+) -> None:
+    # The worker checks the received bytes less the signature's value member. Cut out and
+    # put back before any other closing brace (another object, or a brace inside a string),
+    # or put in twice, that member never makes a message that decodes as something else
+    # and verifies.
+    ring = RINGS[algorithm]
+    signed = ring.sign(env, now_ms=NOW)
+    assert signed.signature is not None
+    wire = codec.encode(signed)
+    member = b',"value":"' + signed.signature.value.encode() + b'"'
+    bare = wire.replace(member, b"")
+    assert len(bare) == len(wire) - len(member)
+    braces = [i for i, b in enumerate(bare) if b == ord("}")]
+    at = data.draw(st.sampled_from(braces))
+    moved = bare[:at] + member + bare[at:]
+    if data.draw(st.booleans()):
+        again = data.draw(st.sampled_from(braces))
+        again += len(member) if again >= at else 0
+        moved = moved[:again] + member + moved[again:]
+    assert_refused_or_same(ring, moved, signed)
