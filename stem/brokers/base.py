@@ -42,7 +42,12 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One leased delivery of a message. ``delivery_count`` is 1 on the first delivery."""
+    """One leased delivery of a message. ``delivery_count`` is 1 on the first delivery.
+
+    ``peeked``: on a broker that :class:`PeeksOnReserve`, the replay claim it read off the
+    body in the same step as the lease, as ``(key, value or None)``; None where it read
+    none. Only a hint, read before any signature was checked: the worker uses it only when
+    the key is the one of the nonce it verified."""
 
     receipt: str
     message_id: str
@@ -50,6 +55,7 @@ class Delivery:
     body: bytes
     delivery_count: int
     lease_expires_ms: int
+    peeked: tuple[str, str | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +164,13 @@ class Broker(Protocol):
         """Raise :class:`~stem.errors.BrokerConnectionError` unless the broker answers."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class PeeksOnReserve(Protocol):
+    """A broker that can read each signed message's replay claim while it reserves it,
+    sparing the worker a round trip per batch (:attr:`Delivery.peeked`). Optional."""
+
+    def peek_on_reserve(self, prefix: str) -> None:
+        """From now on, fill :attr:`Delivery.peeked` with the claim ``prefix + key id + ":"
+        + nonce`` of each delivery whose body holds a signature block as Stem writes it."""

@@ -67,6 +67,13 @@ def _xrange(c: redis.Redis, *, key: str, start: str, count: int) -> Any:
     return c.xrange(key, min=start, max="+", count=count)
 
 
+def _peeked(key: Any, value: Any) -> tuple[str, str | None] | None:
+    """A reserve's (claim key, value) pair; the script sends 0 for none."""
+    if key == 0:
+        return None
+    return _str(key), None if value == 0 else _str(value)
+
+
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -81,6 +88,7 @@ class RedisBroker:
         self._queue = self._conn.load_script(_HERE / "redis_queue.lua")
         self._claims = self._conn.load_script(_HERE / "redis_claims.lua")
         self._eviction_checked = False
+        self._peek = ""  # claim key prefix of the replay nonces reserve reads ("" for none)
 
     def __repr__(self) -> str:
         return f"<RedisBroker {redact_url(self.url)}>"
@@ -135,10 +143,11 @@ class RedisBroker:
         self, names: list[str], max_n: int, lease_ms: int
     ) -> tuple[list[Delivery], int, list[bytes]]:
         token = secrets.token_hex(6)
-        args = ["reserve", self._prefix, lease_ms, max_n, token, *names]
+        args = ["reserve", self._prefix, lease_ms, max_n, token, self._peek, *names]
         res = self._conn.evalsha(self._queue, (), args)
         expires = int(res[0])
         flat = res[1]
+        step = 7 if self._peek else 5
         got = [
             Delivery(
                 receipt=_str(flat[i + 1]),
@@ -147,8 +156,9 @@ class RedisBroker:
                 body=bytes(flat[i + 3]),
                 delivery_count=int(flat[i + 4]),
                 lease_expires_ms=expires,
+                peeked=_peeked(flat[i + 5], flat[i + 6]) if step == 7 else None,
             )
-            for i in range(0, len(flat), 5)
+            for i in range(0, len(flat), step)
         ]
         if got:
             return got, -1, []
@@ -164,6 +174,13 @@ class RedisBroker:
             f"{self._prefix}q:{q}:notify": mark for q, mark in zip(names, marks, strict=True)
         }
         self._conn.client.xread(streams, count=1, block=max(1, _ms(block_s)))
+
+    def peek_on_reserve(self, prefix: str) -> None:
+        """See :class:`~stem.brokers.base.PeeksOnReserve`: the reserve script reads the
+        nonce off the body and the claim in the same call."""
+        if not prefix:
+            raise ValueError("peek_on_reserve needs a non-empty claim key prefix")
+        self._peek = prefix
 
     def ack(self, deliveries: Sequence[Delivery], claims: Sequence[Claim] = ()) -> int:
         if not deliveries and not claims:

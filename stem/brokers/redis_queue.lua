@@ -38,7 +38,12 @@ publisher's not-before time comes from the publisher's clock.
 
 Commands and their ARGV after COMMAND and PREFIX:
   publish  nonce, then (queue, priority, not_before_ms or "", message id, body) per message
-  reserve  lease_ms, max_n, token, queue...   -> {expires, flat deliveries[, due_in_ms, marks]}
+  reserve  lease_ms, max_n, token, peek, queue...  -> {expires, flat deliveries[, due_in_ms,
+           marks]}. Each delivery is queue, receipt, message id, body, delivery count; with
+           peek (a claim key prefix, "" for none) two more: the claim key K = peek..kid..":"..
+           nonce read off the body's last "key_id":"kid","nonce":"nonce" pair (a signed body's
+           signature block, as Stem writes it), and the value of P.."claim:"..K, or 0 for
+           either when there is none. The caller compares K with the nonce it verified.
   ack      n, (claim key, value, ttl_ms) x n, (queue, receipt)...  -> number of leases that
            were held. The n claims (full keys P.."claim:"..K, see redis_claims.lua; the
            replay nonces of the acked messages) are set unless live, in the same call.
@@ -180,9 +185,30 @@ if cmd == 'publish' then
     return (#ARGV - 3) / 5
 end
 
+-- The claim key of a signed body's replay nonce, and the claim's value (see reserve).
+local function peek_nonce(body, peek)
+    local at, from = nil, 1
+    while true do
+        local found = string.find(body, '"key_id":"', from, true)
+        if not found then
+            break
+        end
+        at, from = found, found + 1
+    end
+    local kid, nonce
+    if at then
+        kid, nonce = string.match(body, '^"key_id":"([^"\\]+)","nonce":"([^"\\]+)"', at)
+    end
+    if not kid then
+        return 0, 0
+    end
+    local k = peek .. kid .. ':' .. nonce
+    return k, redis.call('GET', P .. 'claim:' .. k) or 0
+end
+
 if cmd == 'reserve' then
-    local lease_ms, max_n, token = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-    local queues = queue_args(6)
+    local lease_ms, max_n, token, peek = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
+    local queues = queue_args(7)
     local now = now_ms()
     local expires = now + lease_ms
     for _, q in ipairs(queues) do
@@ -208,6 +234,11 @@ if cmd == 'reserve' then
                         out[#out + 1] = f.m
                         out[#out + 1] = f.b
                         out[#out + 1] = tonumber(f.n) + 1
+                        if peek ~= '' then
+                            local k, held = peek_nonce(f.b, peek)
+                            out[#out + 1] = k
+                            out[#out + 1] = held
+                        end
                         got = got + 1
                     end
                 end

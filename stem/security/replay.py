@@ -19,6 +19,12 @@ Older copies are refused by :meth:`Keyring.verify` as ``signature-expired`` inst
 
 Call :meth:`ReplayGuard.check` only after :meth:`Keyring.verify` succeeded: the key id and
 nonce are only trustworthy (and bounded in size) once the signature covering them is checked.
+
+A worker checks the nonces of a reserved batch in one read. A broker that
+:class:`~stem.brokers.base.PeeksOnReserve` (Redis) reads each claim in the reserve call
+itself, off the unverified body; :meth:`ReplayGuard.replayed` takes such a reading only
+for the nonce it names, so a body that misleads the broker's reading costs one more read,
+not a replay.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from stem.errors import SignatureError
 from stem.security.signing import DEFAULT_CLOCK_SKEW_S, Keyring
 
 DEFAULT_MARGIN_S = 60.0
+NONCE_PREFIX = "nonce:"  # claim keys: NONCE_PREFIX + key id + ":" + nonce
 
 
 class ClaimStore(Protocol):
@@ -72,7 +79,7 @@ class ReplayGuard:
 
     @staticmethod
     def key(block: SignatureBlock) -> str:
-        return f"nonce:{block.key_id}:{block.nonce}"
+        return f"{NONCE_PREFIX}{block.key_id}:{block.nonce}"
 
     def check(self, item: Envelope | SignatureBlock) -> None:
         """Raise ``SignatureError("signature-replayed")`` if this nonce was consumed.
@@ -81,26 +88,41 @@ class ReplayGuard:
         if err is not None:
             raise err
 
-    def replayed(self, items: Sequence[Envelope | SignatureBlock]) -> list[SignatureError | None]:
+    def replayed(
+        self,
+        items: Sequence[Envelope | SignatureBlock],
+        peeked: Sequence[tuple[str, str | None] | None] = (),
+    ) -> list[SignatureError | None]:
         """:meth:`check` for many messages in one broker call: for each, the error it would
-        raise, or None."""
+        raise, or None. ``peeked``: what the broker read while reserving each message
+        (:attr:`~stem.brokers.base.Delivery.peeked`), used where its key is this nonce's;
+        only the others are read, in one call."""
         blocks = [_block(item) for item in items]
-        keys = [self.key(b) for b in blocks if b is not None]
-        holders = iter(self.broker.peek_many(keys) if keys else [])
-        out: list[SignatureError | None] = []
-        for block in blocks:
-            holder = None if block is None else next(holders)
-            if block is None or holder is None:
-                out.append(None)
+        holders: list[str | None] = [None] * len(blocks)
+        unread: dict[int, str] = {}  # index -> key, for the broker to read
+        for i, block in enumerate(blocks):
+            if block is None:
                 continue
-            out.append(
-                SignatureError(
-                    "signature-replayed",
-                    f"replayed: the nonce of key {block.key_id!r} was already used "
-                    f"by message {holder[:64]!r}",
-                )
+            key = self.key(block)
+            hint = peeked[i] if i < len(peeked) else None
+            if hint is not None and hint[0] == key:
+                holders[i] = hint[1]
+            else:
+                unread[i] = key
+        if unread:
+            read = self.broker.peek_many(list(unread.values()))
+            for i, holder in zip(unread, read, strict=True):
+                holders[i] = holder
+        return [
+            None
+            if block is None or holder is None
+            else SignatureError(
+                "signature-replayed",
+                f"replayed: the nonce of key {block.key_id!r} was already used "
+                f"by message {holder[:64]!r}",
             )
-        return out
+            for block, holder in zip(blocks, holders, strict=True)
+        ]
 
     def ttl_s(self, item: Envelope | SignatureBlock, *, now_ms: int | None = None) -> float:
         """How long the nonce must be remembered from now."""

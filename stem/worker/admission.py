@@ -111,7 +111,7 @@ class Admission:
         if replay is None or not signed:
             return decoded
         try:
-            verdicts = replay.replayed([env for _, env in signed])
+            verdicts = replay.replayed([env for _, env in signed], [d.peeked for d, _ in signed])
         except BrokerError as exc:
             log.warning(
                 "replay check unavailable, retrying later: %s",

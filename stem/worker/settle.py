@@ -14,13 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from stem import states
-from stem.brokers.base import Claim, Delivery
+from stem.brokers.base import Claim, Delivery, PeeksOnReserve
 from stem.envelope import Envelope, now_ms
 from stem.errors import BackendError, BrokerError, ConfigError, StemError
 from stem.observability import signals
 from stem.observability.logs import task_log_fields
 from stem.result import ErrorInfo
-from stem.security.replay import ReplayGuard
+from stem.security.replay import NONCE_PREFIX, ReplayGuard
 from stem.worker.canvas_hooks import CanvasHooks
 from stem.worker.cpu import CpuGauge
 from stem.worker.job import Job, Outcome
@@ -226,6 +226,8 @@ class Settler:
         )
         if self.replay is not None:
             _require_ack_with_claims(app.broker)
+            if isinstance(app.broker, PeeksOnReserve):
+                app.broker.peek_on_reserve(NONCE_PREFIX)
         self.counts: dict[str, int] = {
             "succeeded": 0,
             "failed": 0,

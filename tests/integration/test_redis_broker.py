@@ -12,8 +12,10 @@ import redis
 
 from stem.brokers.base import Delivery, Message
 from stem.brokers.redis import RedisBroker
-from stem.envelope import now_ms
+from stem.envelope import Envelope, encode, now_ms
 from stem.errors import BrokerConnectionError, BrokerError, ConfigError
+from stem.security.replay import NONCE_PREFIX, ReplayGuard
+from stem.security.signing import Keyring
 from tests.fixtures.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -462,3 +464,37 @@ def test_a_kept_connection_marked_for_reconnect_goes_back_to_the_pool(
     assert not conn.should_reconnect()
     assert broker._conn.command("CLIENT", "ID") != before  # a new server-side connection
     assert [d.message_id for d in drain(broker, "q", until_n=1)] == ["moved"]
+
+
+def test_reserve_reads_the_replay_claim_off_each_signed_body(broker: RedisBroker) -> None:
+    ring = Keyring.build("hmac-sha256", {"v1": b"s" * 32})
+    used = ring.sign(Envelope(id="used", task="x"))
+    fresh = ring.sign(Envelope(id="fresh", task="x"))
+    # a key_id/nonce pair in the caller's data comes before the signature block: the
+    # block's pair, the last one, is the one read
+    decoy = ring.sign(Envelope(id="decoy", task="x", kwargs={"key_id": "v1", "nonce": "n"}))
+    assert b'{"key_id":"v1","nonce":"n"}' in encode(decoy)
+    q = f"peek-{time.monotonic_ns()}"
+    broker.publish(
+        [Message(e.id, q, encode(e)) for e in (used, fresh, decoy)]
+        + [Message("plain", q, b"not a signed body")]
+    )
+    broker.claim(ReplayGuard.key(used.signature), "used", 60)  # type: ignore[arg-type]
+    assert {d.message_id: d.peeked for d in broker.reserve([q], 10, LONG_S)} == {
+        "used": None,
+        "fresh": None,
+        "decoy": None,
+        "plain": None,
+    }  # not asked to: nothing read
+    broker.purge(q)
+    broker.publish([Message(e.id, q, encode(e)) for e in (used, fresh, decoy)])
+    broker.publish([Message("plain", q, b"not a signed body")])
+    broker.peek_on_reserve(NONCE_PREFIX)
+    got = {d.message_id: d.peeked for d in broker.reserve([q], 10, LONG_S)}
+    key = ReplayGuard.key
+    assert got == {
+        "used": (key(used.signature), "used"),  # type: ignore[arg-type]
+        "fresh": (key(fresh.signature), None),  # type: ignore[arg-type]
+        "decoy": (key(decoy.signature), None),  # type: ignore[arg-type]
+        "plain": None,
+    }

@@ -4,7 +4,7 @@ replayed messages are dead-lettered with their reason. Both algorithms."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -104,3 +104,36 @@ def test_a_task_without_a_result_records_its_nonce_with_the_ack(app: Stem) -> No
             time.sleep(0.05)
     assert letters == ["signature-replayed"]
     assert ran == [7]
+
+
+@pytest.mark.parametrize("url", ["redis"], indirect=True)
+def test_redis_checks_nonces_while_reserving(app: Stem, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Redis the reserve call reads each signed message's nonce claim itself: the worker
+    makes no separate read per batch, and a replayed copy is still refused."""
+    reads: list[int] = []
+    real_peek_many = app.broker.peek_many
+
+    def peek_many(keys: Sequence[str]) -> list[str | None]:
+        reads.append(len(keys))
+        return real_peek_many(keys)
+
+    monkeypatch.setattr(app.broker, "peek_many", peek_many)
+    queue = f"peeked-{time.monotonic_ns()}"
+    env = app.build_envelope("sq", [4], queue=queue)
+    body = app.seal(env)
+    with running_worker(app, queues=(queue,)):
+        assert [app.send_task("sq", [n], queue=queue).get(timeout=20) for n in range(3)] == [
+            0,
+            1,
+            4,
+        ]
+        app.broker.publish([Message(env.id, queue, body)])
+        assert app.AsyncResult(env.id).get(timeout=20) == 16
+        app.broker.publish([Message(env.id, queue, body)])
+        deadline = time.monotonic() + 20
+        letters: list[str] = []
+        while not letters and time.monotonic() < deadline:
+            letters = [d.reason for d in app.broker.dlq_list(queue)]
+            time.sleep(0.05)
+    assert letters == ["signature-replayed"]
+    assert reads == []

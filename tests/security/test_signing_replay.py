@@ -177,3 +177,35 @@ def test_control_message_blocks_are_guarded_too() -> None:
     assert guard.consume(block, now_ms=NOW)
     with pytest.raises(SignatureError, match="replayed"):
         guard.check(block)
+
+
+def test_what_the_broker_peeked_is_used_only_for_the_nonce_it_names() -> None:
+    # A broker may read the claim off the body while reserving (before any signature was
+    # checked). The guard takes that reading only when its key is the verified nonce's; a
+    # body that made the broker read another pair is read again, from the store.
+    fake = FakeClaims()
+    guard = ReplayGuard(fake, WINDOW_S)
+    used, fresh, decoy = signed(), RING.sign(Envelope(id="t2", task="x"), now_ms=NOW), signed()
+    for env in (used, decoy):
+        guard.consume(env, now_ms=NOW)
+    reads: list[Sequence[str]] = []
+    real_peek_many = fake.peek_many
+
+    def peek_many(keys: Sequence[str]) -> list[str | None]:
+        reads.append(list(keys))
+        return real_peek_many(keys)
+
+    fake.peek_many = peek_many  # type: ignore[method-assign]
+    key = ReplayGuard.key
+    verdicts = guard.replayed(
+        [used, fresh, decoy],
+        [
+            (key(used.signature), "t1"),  # type: ignore[arg-type]
+            (key(fresh.signature), None),  # type: ignore[arg-type]
+            ("nonce:v1:something-else", None),  # the broker read another pair
+        ],
+    )
+    assert [v and v.reason for v in verdicts] == ["signature-replayed", None, "signature-replayed"]
+    assert reads == [[key(decoy.signature)]]  # type: ignore[arg-type]
+    assert guard.replayed([fresh], [(key(fresh.signature), None)]) == [None]  # type: ignore[arg-type]
+    assert len(reads) == 1  # everything peeked: no broker call
