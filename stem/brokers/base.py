@@ -102,7 +102,8 @@ class Broker(Protocol):
         (``(key, value, ttl_s)``, as :meth:`claim_many` takes them: the replay nonces of
         the messages acked) are recorded in the same atomic step, whether or not the
         leases were still held: either the claims are set and the messages gone, or
-        neither."""
+        neither. A claim may be kept longer than its ``ttl_s``, never shorter (Redis keeps
+        all of one call's claims for the longest ``ttl_s`` among them)."""
 
     def nack(self, delivery: Delivery, *, delay_s: float = 0.0, body: bytes | None = None) -> bool:
         """Hand a message back, available again after ``delay_s``. The delivery count goes

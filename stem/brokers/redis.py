@@ -189,13 +189,16 @@ class RedisBroker:
         # (a script has no rollback, but this one's commands fail only on keys of the wrong
         # type, which Stem never writes). Without claims, a large batch is cut into calls
         # that each hold the server for a bounded time.
-        head: list[Any] = [len(claims)]
-        for key, value, ttl_s in claims:
-            head += [self._claim_key(key), value, max(1, _ms(ttl_s))]
+        # One ttl for the batch, the longest asked for: remembering a nonce longer than
+        # needed costs only memory, and it spares a number per claim.
+        ttl_ms = max(1, int(max(c[2] for c in claims) * 1000)) if claims else 0
+        head: list[Any] = [len(claims), ttl_ms]
+        for key, value, _ in claims:
+            head += [key, value]
         calls = []
         chunks = [deliveries] if claims else _chunks(deliveries, _SETTLE_CHUNK)
         for chunk in chunks or [()]:
-            args = ["ack", self._prefix, *head]  # claims make one chunk; else head is [0]
+            args = ["ack", self._prefix, *head]  # claims make one chunk; else head is [0, 0]
             for d in chunk:
                 args += [d.queue, d.receipt]
             calls.append(args)

@@ -44,9 +44,10 @@ Commands and their ARGV after COMMAND and PREFIX:
            nonce read off the body's last "key_id":"kid","nonce":"nonce" pair (a signed body's
            signature block, as Stem writes it), and the value of P.."claim:"..K, or 0 for
            either when there is none. The caller compares K with the nonce it verified.
-  ack      n, (claim key, value, ttl_ms) x n, (queue, receipt)...  -> number of leases that
-           were held. The n claims (full keys P.."claim:"..K, see redis_claims.lua; the
-           replay nonces of the acked messages) are set unless live, in the same call.
+  ack      n, ttl_ms, (claim key K, value) x n, (queue, receipt)...  -> number of leases
+           that were held. The n claims (keys P.."claim:"..K, see redis_claims.lua; the
+           replay nonces of the acked messages) are set unless live, all for ttl_ms, in the
+           same call.
   extend   lease_ms, (queue, receipt)...      -> {expires, 1|0 per receipt}
   nack     queue, receipt, delay_ms, has_body ("1"/"0"), body -> 1|0
   dead     queue, receipt, reason, detail     -> 1|0
@@ -269,11 +270,9 @@ end
 
 if cmd == 'ack' then
     -- claims first (set unless live, as redis_claims.lua's claim_many), then the acks
-    local first = 4 + 3 * tonumber(ARGV[3])
-    for i = 4, first - 1, 3 do
-        if not redis.call('GET', ARGV[i]) then
-            redis.call('SET', ARGV[i], ARGV[i + 1], 'PX', ARGV[i + 2])
-        end
+    local first = 5 + 2 * tonumber(ARGV[3])
+    for i = 5, first - 1, 2 do
+        redis.call('SET', P .. 'claim:' .. ARGV[i], ARGV[i + 1], 'PX', ARGV[4], 'NX')
     end
     local n = 0
     for i = first, #ARGV, 2 do

@@ -498,3 +498,20 @@ def test_reserve_reads_the_replay_claim_off_each_signed_body(broker: RedisBroker
         "decoy": (key(decoy.signature), None),  # type: ignore[arg-type]
         "plain": None,
     }
+
+
+def test_ack_keeps_each_claim_at_least_its_ttl_and_a_live_one_untouched(
+    broker: RedisBroker, redis_url: str
+) -> None:
+    broker.publish([msg("ttlack", f"m{i}") for i in range(3)])
+    got = drain(broker, "ttlack", until_n=3)
+    assert broker.claim("nonce:live", "first", 5) == "first"
+    claims = [("nonce:short", "a", 10.0), ("nonce:long", "b", 300.0), ("nonce:live", "c", 300.0)]
+    assert broker.ack(got, claims) == 3
+    with redis.Redis.from_url(redis_url) as r:
+        ttl = {k: r.pttl(f"stem:claim:nonce:{k}") for k in ("short", "long", "live")}
+    assert 10_000 <= ttl["short"] <= 300_000  # the batch's longest ttl: never shorter
+    assert 299_000 <= ttl["long"] <= 300_000
+    assert ttl["live"] <= 5_000  # a live claim keeps its value and its expiry
+    assert broker.peek("nonce:live") == "first"
+    assert broker.peek("nonce:short") == "a"
