@@ -31,6 +31,7 @@ import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from hashlib import sha256
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -67,6 +68,7 @@ __all__ = [
 DEFAULT_REPLAY_WINDOW_S = 3600.0
 DEFAULT_CLOCK_SKEW_S = 60.0
 NONCE_BYTES = 16
+_SHA256_BLOCK = 64
 _NONCE_MAX = 128
 _SIG_LEN = {HMAC_SHA256: 32, ED25519: 64}
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]{1,200}")
@@ -105,16 +107,28 @@ class Verifier(Protocol):
 
 
 class _HmacKey:
-    __slots__ = ("_secret",)
+    """HMAC-SHA256 (RFC 2104) with the key's inner and outer hash states computed once: each
+    message then costs two copies of a SHA-256 state, instead of the key set-up that a
+    one-shot ``hmac.digest`` repeats per call (about a third of its cost on small
+    messages). The same bytes as ``hmac.digest(secret, data, "sha256")``."""
+
+    __slots__ = ("_inner", "_outer")
 
     def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+        block = sha256(secret).digest() if len(secret) > _SHA256_BLOCK else secret
+        block = block.ljust(_SHA256_BLOCK, b"\0")
+        self._inner = sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = sha256(bytes(b ^ 0x5C for b in block))
 
     def __repr__(self) -> str:
         return "<HMAC-SHA256 key>"
 
     def sign(self, data: bytes) -> bytes:
-        return hmac.digest(self._secret, data, "sha256")  # OpenSSL's one-shot HMAC
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def verify(self, data: bytes, value: str) -> bool:
         # Compared in base64url: only the canonical spelling of the right MAC matches, and

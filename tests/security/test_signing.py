@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hmac
 import json
 from pathlib import Path
 
@@ -512,3 +513,15 @@ def test_key_file_that_cannot_be_read_is_named(
     monkeypatch.setattr(Path, "read_bytes", denied)
     with pytest.raises(ConfigError, match=f"cannot read key file {path}: Permission denied"):
         Keyring.from_env({"STEM_SIGNING_KEYS": str(path)})
+
+
+@pytest.mark.parametrize("length", [1, 16, 32, 63, 64, 65, 100, 300])
+def test_hmac_keys_sign_as_the_standard_library_does(length: int) -> None:
+    # the key's inner and outer states are computed once; the MAC must stay RFC 2104's
+    secret = bytes((7 * i + length) % 256 for i in range(length))
+    ring = Keyring.build("hmac-sha256", {"v1": secret})
+    key = ring.verifiers["v1"]
+    for data in (b"", b"x", bytes(range(256)) * 3):
+        mac = hmac.digest(secret, data, "sha256")
+        assert key.sign(data) == mac  # type: ignore[attr-defined]
+        assert key.verify(data, b64url(mac)) and not key.verify(data + b".", b64url(mac))
