@@ -33,9 +33,9 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 import run  # noqa: E402
 import servers  # noqa: E402
 from common import ReadySocket, wait_drained, worker_process  # noqa: E402
+from stem_bench import QUEUE, worker_argv  # noqa: E402
 
 _COLLECTED = re.compile(rb"Collected\s*:\s*(\d+)")
-QUEUE = "bench"
 TASK = "bench.noop_quiet"
 
 
@@ -52,25 +52,8 @@ def count_one(url: str, pool: str, concurrency: int, n: int) -> int:
     log_path = RESULTS / "logs" / f"callgrind-{pool}-{n}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.unlink(missing_ok=True)
-    argv = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        "-m",
-        "stem.cli.main",
-        "--app",
-        "bench_tasks:app",
-        "--log-level",
-        "warning",
-        "worker",
-        "--pool",
-        pool,
-        "-c",
-        str(concurrency),
-        "-Q",
-        QUEUE,
-    ]
+    argv = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    argv += worker_argv(pool, concurrency)
     env = {
         **os.environ,
         **ready.env(),

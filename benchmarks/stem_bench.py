@@ -71,6 +71,28 @@ def config_name(pool: str, conc: int, prefetch: int) -> str:
     return f"{pool} c={conc}" + (f" prefetch={prefetch}" if prefetch else "")
 
 
+def worker_argv(pool: str, concurrency: int, prefetch: int = 0) -> list[str]:
+    """The command of a benchmark worker on the drain queue."""
+    return [
+        sys.executable,
+        "-m",
+        "stem.cli.main",
+        "--app",
+        "bench_tasks:app",
+        "--log-level",
+        "warning",
+        "worker",
+        "--pool",
+        pool,
+        "-c",
+        str(concurrency),
+        "--prefetch",
+        str(prefetch),
+        "-Q",
+        QUEUE,
+    ]
+
+
 class StemBench:
     def __init__(self, broker: str, tasks: int, log_dir: Path) -> None:
         os.environ["STEM_BENCH_BROKER"] = broker
@@ -117,24 +139,7 @@ class StemBench:
         return r
 
     def worker_argv(self, pool: str, concurrency: int, prefetch: int = 0) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "stem.cli.main",
-            "--app",
-            "bench_tasks:app",
-            "--log-level",
-            "warning",
-            "worker",
-            "--pool",
-            pool,
-            "-c",
-            str(concurrency),
-            "--prefetch",
-            str(prefetch),
-            "-Q",
-            QUEUE,
-        ]
+        return worker_argv(pool, concurrency, prefetch)
 
     def worker_env(self) -> dict[str, str]:
         return {
