@@ -10,6 +10,7 @@ back after ``lease_s``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging
 import os
@@ -357,7 +358,12 @@ class Worker:
                 if self._stop_reserving.is_set():
                     later: list[Delivery] = list(deliveries[free:])
                 else:
-                    self.buffered.extend(deliveries[free:])
+                    # A claim read while reserving is stale by the time a buffered delivery
+                    # is admitted (the original may have settled since): read it again then.
+                    self.buffered.extend(
+                        d if d.peeked is None else dataclasses.replace(d, peeked=None)
+                        for d in deliveries[free:]
+                    )
                     later = []
             for delivery in later:
                 self.settler.release(delivery)  # stopping: shutdown already emptied the buffer

@@ -137,3 +137,28 @@ def test_redis_checks_nonces_while_reserving(app: Stem, monkeypatch: pytest.Monk
             time.sleep(0.05)
     assert letters == ["signature-replayed"]
     assert reads == []
+
+
+@pytest.mark.parametrize("url", ["redis"], indirect=True)
+def test_prefetched_copies_are_checked_again_when_admitted(app: Stem) -> None:
+    """A claim read while reserving is stale by the time a prefetched delivery is admitted:
+    copies reserved in the same call as the original are refused once it settled."""
+    queue = f"prefetched-{time.monotonic_ns()}"
+    ran: list[int] = []
+
+    @app.task(name="once")
+    def once(n: int) -> int:
+        ran.append(n)
+        return n
+
+    env = app.build_envelope("once", [5], queue=queue)
+    body = app.seal(env)
+    app.broker.publish([Message(env.id, queue, body) for _ in range(6)])
+    with running_worker(app, queues=(queue,), concurrency=1, prefetch=8):
+        deadline = time.monotonic() + 20
+        letters: list[str] = []
+        while len(letters) < 5 and time.monotonic() < deadline:
+            letters = [d.reason for d in app.broker.dlq_list(queue)]
+            time.sleep(0.05)
+    assert ran == [5]
+    assert letters == ["signature-replayed"] * 5
