@@ -71,7 +71,10 @@ def _peeked(key: Any, value: Any) -> tuple[str, str | None] | None:
     """A reserve's (claim key, value) pair; the script sends 0 for none."""
     if key == 0:
         return None
-    return _str(key), None if value == 0 else _str(value)
+    try:  # read off an unverified body: bytes that are not UTF-8 mean nothing was read
+        return key.decode(), None if value == 0 else value.decode()
+    except (AttributeError, UnicodeDecodeError):
+        return None
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -143,11 +146,12 @@ class RedisBroker:
         self, names: list[str], max_n: int, lease_ms: int
     ) -> tuple[list[Delivery], int, list[bytes]]:
         token = secrets.token_hex(6)
-        args = ["reserve", self._prefix, lease_ms, max_n, token, self._peek, *names]
+        peek = self._peek
+        args = ["reserve", self._prefix, lease_ms, max_n, token, peek, *names]
         res = self._conn.evalsha(self._queue, (), args)
         expires = int(res[0])
         flat = res[1]
-        step = 7 if self._peek else 5
+        step = 7 if peek else 5
         got = [
             Delivery(
                 receipt=_str(flat[i + 1]),

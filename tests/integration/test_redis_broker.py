@@ -515,3 +515,14 @@ def test_ack_keeps_each_claim_at_least_its_ttl_and_a_live_one_untouched(
     assert ttl["live"] <= 5_000  # a live claim keeps its value and its expiry
     assert broker.peek("nonce:live") == "first"
     assert broker.peek("nonce:short") == "a"
+
+
+def test_a_body_whose_nonce_pair_is_not_utf8_is_reserved_with_nothing_read(
+    broker: RedisBroker,
+) -> None:
+    # the pair is read off an unverified body: junk bytes must not break the reserve
+    q = f"junkpeek-{time.monotonic_ns()}"
+    broker.publish([Message("junk", q, b'{"key_id":"\xff","nonce":"a"}')])
+    broker.peek_on_reserve(NONCE_PREFIX)
+    [d] = broker.reserve([q], 10, LONG_S)
+    assert (d.message_id, d.peeked) == ("junk", None)
