@@ -119,7 +119,7 @@ def signature_dict(block: SignatureBlock, *, with_value: bool = True) -> dict[st
     return d
 
 
-_DUMPS_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
+_DUMPS_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 def _fields_of(obj: Any) -> dict[str, Any]:
@@ -139,11 +139,49 @@ def dumps(value: Any, *, user_data: Any = None) -> bytes:
     None), so only that part is searched when the output holds a null."""
     try:
         data = orjson.dumps(value, default=_fields_of, option=_DUMPS_OPTIONS)
-    except (TypeError, orjson.JSONEncodeError) as exc:
-        raise EncodeError(f"value cannot be encoded as JSON: {exc}") from None
+    except (TypeError, orjson.JSONEncodeError):
+        data = _dumps_non_str_keys(value)
     if b"null" in data and not _finite(value if user_data is None else user_data):
         raise EncodeError("value cannot be encoded as JSON: NaN or infinity is not JSON")
     return data
+
+
+def _dumps_non_str_keys(value: Any) -> bytes:
+    """:func:`dumps` for a value whose dicts have keys that are not strings (1, True, None,
+    ...): written as strings, unless two keys of one dict would then be the same string
+    (``{1: "a", "1": "b"}``). Such a body would hold a duplicate key, and a reader keeps
+    only one of them: a signed message could then run with a value its signer never saw."""
+    try:
+        data = orjson.dumps(
+            value, default=_fields_of, option=_DUMPS_OPTIONS | orjson.OPT_NON_STR_KEYS
+        )
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise EncodeError(f"value cannot be encoded as JSON: {exc}") from None
+    if _key_count(value) != _key_count(orjson.loads(data)):
+        raise EncodeError(
+            "value cannot be encoded as JSON: two keys of one dict are the same once "
+            "written as strings (such as 1 and '1')"
+        )
+    return data
+
+
+def _key_count(value: Any) -> int:
+    """How many dict keys ``value`` holds, at every depth."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if type(item) in _PLAIN:
+            continue
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            fields = _fields_of(item)
+            count += len(fields)
+            stack.extend(fields.values())
+    return count
 
 
 def _user_data(d: dict[str, Any]) -> list[Any]:
@@ -219,6 +257,7 @@ def signed_part(body: bytes, value: str) -> bytes | None:
     Only the last such member is cut out. Whatever is cut, the result passes only if it is
     exactly what a key holder signed; a body whose ``value`` member sits anywhere but in the
     signature block leaves that block without a value, and such a body does not decode."""
+    body = bytes(body)
     tail = b',"value":"' + value.encode("utf-8", "replace") + b'"}'
     at = body.rfind(tail)
     if at < 0:

@@ -12,7 +12,7 @@ import pytest
 
 from stem import envelope as codec
 from stem.envelope import Envelope
-from stem.errors import ConfigError, SignatureError
+from stem.errors import ConfigError, EncodeError, SignatureError
 from stem.security import keys
 from stem.security.keys import b64url
 from stem.security.signing import DEFAULT_REPLAY_WINDOW_S, Keyring
@@ -104,11 +104,12 @@ def test_a_body_with_the_value_moved_out_of_the_signature_block_is_refused(  # t
     make,
 ) -> None:
     ring = make()
-    signed = ring.sign(env(kwargs={}), now_ms=NOW)
+    signed = ring.sign(env(kwargs={"k": 1}), now_ms=NOW)
     wire = codec.encode(signed)
     member = b',"value":"' + signed.signature.value.encode() + b'"'  # type: ignore[union-attr]
-    # kwargs {} gets the value; the block keeps one too, so the body still decodes
-    moved = wire.replace(b'"kwargs":{}', b'"kwargs":{"k":1' + member + b"}")
+    # kwargs gets the value too; the block keeps its own, so the body still decodes
+    moved = wire.replace(b'"kwargs":{"k":1}', b'"kwargs":{"k":1' + member + b"}")
+    assert moved != wire
     decoded = codec.decode(moved)
     assert decoded.kwargs == {"k": 1, "value": signed.signature.value}  # type: ignore[union-attr]
     with pytest.raises(SignatureError) as exc:
@@ -525,3 +526,17 @@ def test_hmac_keys_sign_as_the_standard_library_does(length: int) -> None:
         mac = hmac.digest(secret, data, "sha256")
         assert key.sign(data) == mac  # type: ignore[attr-defined]
         assert key.verify(data, b64url(mac)) and not key.verify(data + b".", b64url(mac))
+
+
+@pytest.mark.parametrize("make", RINGS)
+def test_keys_that_collide_as_strings_are_refused_when_signing(make) -> None:  # type: ignore[no-untyped-def]
+    # {1: "safe", "1": "evil"} would be written with the key "1" twice, and a reader keeps
+    # the last: the worker would run with a value the signer never saw
+    ring = make()
+    for clash in ({1: "safe", "1": "evil"}, {True: 1, "true": 2}, {None: 1, "null": 2}):
+        with pytest.raises(EncodeError, match="same once written as strings"):
+            codec.encode(ring.sign(env(args=([clash],)), now_ms=NOW))
+    ok = ring.sign(env(args=({1: "a", 2: {True: None}},)), now_ms=NOW)
+    wire = codec.encode(ok)
+    ring.verify(codec.decode(wire), body=wire, now_ms=NOW)
+    assert codec.decode(wire).args == ({"1": "a", "2": {"true": None}},)
