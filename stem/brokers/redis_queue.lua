@@ -41,9 +41,10 @@ Commands and their ARGV after COMMAND and PREFIX:
   reserve  lease_ms, max_n, token, peek, queue...  -> {expires, flat deliveries[, due_in_ms,
            marks]}. Each delivery is queue, receipt, message id, body, delivery count; with
            peek (a claim key prefix, "" for none) two more: the claim key K = peek..kid..":"..
-           nonce read off the body's last "key_id":"kid","nonce":"nonce" pair (a signed body's
-           signature block, as Stem writes it), and the value of P.."claim:"..K, or 0 for
-           either when there is none. The caller compares K with the nonce it verified.
+           nonce read off the last "key_id":"kid","nonce":"nonce" pair in the body's last
+           4 KB (a signed body's signature block, as Stem writes it), and the value of
+           P.."claim:"..K, or 0 for either when there is none (or K holds no string). The
+           caller compares K with the nonce it verified.
   ack      n, ttl_ms, (claim key K, value) x n, (queue, receipt)...  -> number of leases
            that were held. The n claims (keys P.."claim:"..K, see redis_claims.lua; the
            replay nonces of the acked messages) are set unless live, all for ttl_ms, in the
@@ -186,9 +187,16 @@ if cmd == 'publish' then
     return (#ARGV - 3) / 5
 end
 
--- The claim key of a signed body's replay nonce, and the claim's value (see reserve).
+-- The claim key of a signed body's replay nonce, and the claim's value (see reserve). Only
+-- the body's last PEEK_TAIL bytes are searched: as Stem writes a body, only the rest of the
+-- signature block, "task" (at most 255 characters) and "version" follow the pair, and a
+-- long body must not cost a scan of all of it on every reserve. A pair further up is not
+-- read (the worker then reads its claim itself). A claim key holding something other than a
+-- string (only a writer to the store can put one there) reads as nothing, instead of an
+-- error that would stop the reserve after some leases were taken.
+local PEEK_TAIL = 4096
 local function peek_nonce(body, peek)
-    local at, from = nil, 1
+    local at, from = nil, math.max(1, #body - PEEK_TAIL + 1)
     while true do
         local found = string.find(body, '"key_id":"', from, true)
         if not found then
@@ -204,7 +212,11 @@ local function peek_nonce(body, peek)
         return 0, 0
     end
     local k = peek .. kid .. ':' .. nonce
-    return k, redis.call('GET', P .. 'claim:' .. k) or 0
+    local held = redis.pcall('GET', P .. 'claim:' .. k)
+    if type(held) == 'table' then
+        return 0, 0
+    end
+    return k, held or 0
 end
 
 if cmd == 'reserve' then

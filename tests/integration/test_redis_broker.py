@@ -526,3 +526,34 @@ def test_a_body_whose_nonce_pair_is_not_utf8_is_reserved_with_nothing_read(
     broker.peek_on_reserve(NONCE_PREFIX)
     [d] = broker.reserve([q], 10, LONG_S)
     assert (d.message_id, d.peeked) == ("junk", None)
+
+
+def test_reserve_reads_the_pair_only_near_the_end_of_the_body(broker: RedisBroker) -> None:
+    # Stem's longest tail after the pair: a 255-character task name of 4-byte characters
+    ring = Keyring.build("hmac-sha256", {"v1": b"s" * 32})
+    long_name = ring.sign(Envelope(id="long", task="\U0001f600" * 255, args=("x" * 50_000,)))
+    q = f"tailpeek-{time.monotonic_ns()}"
+    far = b'{"key_id":"v1","nonce":"far"}' + b" " * 4096 + b"{}"
+    broker.publish([Message("long", q, encode(long_name)), Message("far", q, far)])
+    broker.peek_on_reserve(NONCE_PREFIX)
+    got = {d.message_id: d.peeked for d in broker.reserve([q], 10, LONG_S)}
+    assert got == {"long": (ReplayGuard.key(long_name.signature), None), "far": None}  # type: ignore[arg-type]
+
+
+def test_a_claim_key_that_holds_no_string_reads_as_nothing_and_every_message_is_reserved(
+    broker: RedisBroker, redis_url: str
+) -> None:
+    ring = Keyring.build("hmac-sha256", {"v1": b"s" * 32})
+    envs = [ring.sign(Envelope(id=f"m{i}", task="x")) for i in range(3)]
+    q = f"wrongtype-{time.monotonic_ns()}"
+    broker.publish([Message(e.id, q, encode(e)) for e in envs])
+    with redis.Redis.from_url(redis_url) as r:  # only a writer to the store can do this
+        r.hset(f"stem:claim:{ReplayGuard.key(envs[1].signature)}", "x", "y")  # type: ignore[arg-type]
+    broker.peek_on_reserve(NONCE_PREFIX)
+    got = {d.message_id: d.peeked for d in broker.reserve([q], 10, LONG_S)}
+    assert got == {
+        "m0": (ReplayGuard.key(envs[0].signature), None),  # type: ignore[arg-type]
+        "m1": None,  # read again by the worker, whose MGET sees no claim there
+        "m2": (ReplayGuard.key(envs[2].signature), None),  # type: ignore[arg-type]
+    }
+    assert broker.peek_many([ReplayGuard.key(envs[1].signature)]) == [None]  # type: ignore[arg-type]
