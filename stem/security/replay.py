@@ -3,15 +3,17 @@
 The nonce of a verified message is recorded in the broker's claim store under
 ``nonce:{key_id}:{nonce}`` when a worker *settles* the delivery (success, failure, retry
 re-publish, dead letter), not when it starts running it: in the same atomic
-``Broker.ack`` call as the ack when the task leaves no result record, else right after
-the result is written (:meth:`stem.worker.settle.Settler.ack`). So:
+``Broker.ack`` call as the ack, after any result record was written
+(:meth:`stem.worker.settle.Settler.ack`). So:
 
 * a message redelivered because its worker crashed (lease lapsed, nothing settled) still runs
   -- delivery stays at-least-once;
 * a copy re-injected into the broker after the original settled is rejected with
   ``signature-replayed``;
 * two copies in flight at the same moment may both run (the guard is not a lock; tasks are
-  idempotent under at-least-once anyway).
+  idempotent under at-least-once anyway). That includes a copy re-injected as soon as the
+  original's result appears, if a worker checks it before the ack is sent (at once, or
+  within the ack batcher's linger of 1 ms while the worker is short of CPU).
 
 A nonce is remembered for as long as its message could still pass verification: until
 ``max(issued_at, not_before) + replay window`` plus the clock skew allowance and a margin.

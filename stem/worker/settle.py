@@ -295,21 +295,18 @@ class Settler:
         *,
         nonce_of: Envelope | None = None,
         job: Job | None = None,
-        result_visible: bool = True,
     ) -> None:
-        """Ack (batched); with ``nonce_of``, record that message's replay nonce no later than
-        the ack. Where the task left a result record (``result_visible``), the nonce is
-        recorded here, in this thread: a copy re-injected by someone who saw the result must
-        find the nonce taken, and the batched ack comes later. Otherwise the nonce travels
-        with the ack and the batch records it just before acking, so it costs no round trip
-        of its own. With ``job`` (whose ``on_acked`` frees its slot), the slot stays taken
-        until the ack was sent, so a slot never holds more than one unacknowledged task."""
+        """Ack (batched); with ``nonce_of``, record that message's replay nonce in the same
+        atomic broker call as the ack, so the two happen together or not at all, and cost no
+        round trip of their own. A task's result, when it has one, is written before this
+        call: a copy re-injected by someone who saw the result runs only if a worker checks
+        it before the ack is sent (at once, or within the batcher's linger when the worker
+        is short of CPU). With ``job`` (whose ``on_acked`` frees its slot), the slot stays
+        taken until the ack was sent, so a slot never holds more than one unacknowledged
+        task."""
         claim = None
-        if nonce_of is not None:
-            if result_visible or self.replay is None:
-                self.consume_nonce(nonce_of)
-            else:
-                claim = self.replay.claim_of(nonce_of)
+        if nonce_of is not None and self.replay is not None:
+            claim = self.replay.claim_of(nonce_of)
         done = None
         if job is not None and job.on_acked is not None and self.acks.background:
             job.ack_deferred = True
@@ -437,7 +434,7 @@ class Settler:
             signals.task_postrun.send(
                 envelope=env, state=states.SUCCESS, runtime_s=outcome.runtime_s
             )
-            self.ack(delivery, nonce_of=env, job=job, result_visible=stores_result)
+            self.ack(delivery, nonce_of=env, job=job)
             self.finished(job, final=True)
             return
         if outcome.status == "retry" or outcome.autoretry:

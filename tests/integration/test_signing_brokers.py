@@ -52,6 +52,27 @@ def app(request: pytest.FixtureRequest, url: str) -> Iterator[Stem]:
     a.close()
 
 
+def wait_settled(app: Stem, queue: str, timeout_s: float = 20.0) -> None:
+    """Until nothing on ``queue`` is ready or reserved: every delivery was acked, and with
+    its ack its nonce recorded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        [stats] = app.broker.stats([queue])
+        if stats.ready == stats.reserved == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{queue}: still {stats} after {timeout_s}s")
+
+
+def wait_letters(app: Stem, queue: str, n: int, timeout_s: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    letters: list[str] = []
+    while len(letters) < n and time.monotonic() < deadline:
+        letters = sorted(d.reason for d in app.broker.dlq_list(queue))
+        time.sleep(0.05)
+    return letters
+
+
 def test_enforcement_on_every_broker(app: Stem) -> None:
     queue = f"signed-{time.monotonic_ns()}"
     with running_worker(app, queues=(queue,)):
@@ -68,42 +89,45 @@ def test_enforcement_on_every_broker(app: Stem) -> None:
             ]
         )
         assert app.AsyncResult(replay.id).get(timeout=20) == 9
+        wait_settled(app, queue)
         app.broker.publish([Message(replay.id, queue, replay_body)])
-        deadline = time.monotonic() + 20
-        letters: list[str] = []
-        while len(letters) < 3 and time.monotonic() < deadline:
-            letters = sorted(d.reason for d in app.broker.dlq_list(queue))
-            time.sleep(0.05)
+        letters = wait_letters(app, queue, 3)
     assert letters == ["signature-invalid", "signature-missing", "signature-replayed"]
 
 
-def test_a_task_without_a_result_records_its_nonce_with_the_ack(app: Stem) -> None:
-    """With no result record, the nonce travels in the batched ack call: once the message
-    is acked, a re-injected copy is refused, and the task ran once."""
+@pytest.mark.parametrize("ignore_result", [True, False])
+def test_a_settled_task_records_its_nonce_in_its_ack_call(
+    app: Stem, ignore_result: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With or without a result record, the nonce travels in the batched ack call (no
+    claim call of its own): once the message is acked, a re-injected copy is refused, and
+    the task ran once."""
     queue = f"quiet-{time.monotonic_ns()}"
     ran: list[int] = []
+    own_claims: list[object] = []
+    monkeypatch.setattr(app.broker, "claim", lambda *a, **kw: own_claims.append(a))
+    monkeypatch.setattr(app.broker, "claim_many", lambda *a, **kw: own_claims.append(a))
 
-    @app.task(name="quiet", ignore_result=True)
-    def quiet(n: int) -> None:
+    @app.task(name="quiet", ignore_result=ignore_result)
+    def quiet(n: int) -> int:
         ran.append(n)
+        return n
 
     env = app.build_envelope("quiet", [7], queue=queue)
     body = app.seal(env)
     with running_worker(app, queues=(queue,)):
         app.broker.publish([Message(env.id, queue, body)])
+        if not ignore_result:
+            assert app.AsyncResult(env.id).get(timeout=20) == 7
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            [stats] = app.broker.stats([queue])
-            if ran and stats.ready == stats.reserved == 0:
-                break  # ran and acked: its nonce was recorded in the same call
+        while not ran and time.monotonic() < deadline:
             time.sleep(0.02)
+        wait_settled(app, queue)  # acked: its nonce was recorded in the same call
         app.broker.publish([Message(env.id, queue, body)])
-        letters: list[str] = []
-        while not letters and time.monotonic() < deadline:
-            letters = [d.reason for d in app.broker.dlq_list(queue)]
-            time.sleep(0.05)
+        letters = wait_letters(app, queue, 1)
     assert letters == ["signature-replayed"]
     assert ran == [7]
+    assert own_claims == []
 
 
 @pytest.mark.parametrize("url", ["redis"], indirect=True)
@@ -129,12 +153,9 @@ def test_redis_checks_nonces_while_reserving(app: Stem, monkeypatch: pytest.Monk
         ]
         app.broker.publish([Message(env.id, queue, body)])
         assert app.AsyncResult(env.id).get(timeout=20) == 16
+        wait_settled(app, queue)
         app.broker.publish([Message(env.id, queue, body)])
-        deadline = time.monotonic() + 20
-        letters: list[str] = []
-        while not letters and time.monotonic() < deadline:
-            letters = [d.reason for d in app.broker.dlq_list(queue)]
-            time.sleep(0.05)
+        letters = wait_letters(app, queue, 1)
     assert letters == ["signature-replayed"]
     assert reads == []
 
