@@ -4,6 +4,7 @@ different message that verifies. Both algorithms."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from stem import envelope as codec
 from stem.envelope import Envelope
-from stem.errors import DecodeError, SignatureError
+from stem.errors import DecodeError, EncodeError, SignatureError
 from stem.security.signing import Keyring
 
 NOW = 1_800_000_000_000
@@ -206,3 +207,38 @@ def test_the_signature_value_moved_anywhere_never_yields_a_different_valid_messa
         again += len(member) if again >= at else 0
         moved = moved[:again] + member + moved[again:]
     assert_refused_or_same(ring, moved, signed)
+
+
+# Producer-side values whose dicts may have keys that are not strings: JSON writes them as
+# strings, so 1, True and None can collide with "1", "true" and "null".
+loose_keys = st.one_of(
+    st.sampled_from(["1", "true", "null", "a"]), st.integers(0, 2), st.booleans(), st.none()
+)
+loose_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(loose_keys, inner, max_size=4),
+    max_leaves=10,
+)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), f"duplicate keys on the wire: {keys}"
+    return dict(pairs)
+
+
+@pytest.mark.parametrize("algorithm", sorted(RINGS))
+@settings(PROPS, max_examples=100)
+@given(args=st.lists(loose_values, max_size=3), kwargs=st.dictionaries(names, loose_values))
+def test_non_string_keys_are_refused_or_signed_without_duplicate_keys(
+    algorithm: str, args: list[Any], kwargs: dict[str, Any]
+) -> None:
+    # A body with a duplicate key verifies as bytes but runs with whichever value the
+    # reader keeps: encoding must refuse such a value, never write it.
+    ring = RINGS[algorithm]
+    try:
+        wire = codec.encode(ring.sign(Envelope(id="t", task="x", args=tuple(args), kwargs=kwargs)))
+    except EncodeError:
+        return
+    json.loads(wire, object_pairs_hook=_no_duplicate_keys)
+    ring.verify(codec.decode(wire), body=wire)
