@@ -9,6 +9,7 @@ nothing else ever escapes the decoder. Nothing here imports code named by a mess
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import time
 import uuid
@@ -181,6 +182,8 @@ def _key_count(value: Any) -> int:
             fields = _fields_of(item)
             count += len(fields)
             stack.extend(fields.values())
+        elif isinstance(item, enum.Enum):
+            stack.append(item.value)
     return count
 
 
@@ -219,6 +222,8 @@ def _finite(value: Any) -> bool:
             stack.extend(item)
         elif dataclasses.is_dataclass(item):
             stack.extend(_fields_of(item).values())
+        elif isinstance(item, enum.Enum):  # orjson writes an enum as its value
+            stack.append(item.value)
     return True
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import orjson
 import pytest
@@ -141,6 +142,20 @@ def test_a_dataclass_argument_is_written_as_the_sorted_dict_of_its_fields() -> N
 def test_a_non_finite_float_inside_a_dataclass_is_refused() -> None:
     with pytest.raises(EncodeError, match="NaN or infinity"):
         codec.encode(make(args=(_Unsorted(float("nan"), 1),)))
+
+
+class _Reading(enum.Enum):
+    MISSING = float("nan")
+    NESTED = {"limit": [float("inf")]}
+
+
+@pytest.mark.parametrize("member", list(_Reading))
+def test_a_non_finite_float_inside_an_enum_value_is_refused(member: _Reading) -> None:
+    # orjson writes an Enum as its value, NaN as null: an enum is searched like a container
+    with pytest.raises(EncodeError, match="NaN or infinity"):
+        codec.encode(make(args=(member,)))
+    with pytest.raises(EncodeError, match="NaN or infinity"):
+        codec.dumps({"reading": member})
 
 
 def test_expiry() -> None:
