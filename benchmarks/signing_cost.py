@@ -12,8 +12,9 @@ result seal   worker: sealing the result record (``record_sealers``, context "re
 result unseal producer: checking a sealed result record in ``get()``.
 encode/decode the envelope codec alone, for scale (paid with or without signing).
 
-The replay guard's two broker calls per message (check the nonce on admission, record it
-on settlement) are not CPU here; they show in the drain rates of ``run.py --signing``.
+The replay guard's broker work per message (reading the nonce's claim: in the reserve call
+on Redis, one read per batch elsewhere; recording it: in the ack call) is not CPU here; it
+shows in the drain rates of ``run.py --signing``.
 """
 
 from __future__ import annotations
