@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from stem import envelope as codec
 from stem import states
@@ -32,6 +32,14 @@ log = logging.getLogger("stem.worker")
 _HELPERS = min(3, (os.cpu_count() or 1) - 1)
 
 
+class _Refusal(NamedTuple):
+    """Why a delivery must not run: its dead letter's reason and detail."""
+
+    reason: str
+    detail: str
+    env: Envelope | None
+
+
 class Admission:
     """Decode, verify and classify a delivery; return a Job to run, or None if settled."""
 
@@ -48,12 +56,13 @@ class Admission:
         self.is_revoked = is_revoked or (lambda task_id: False)
         self._verifier: ThreadPoolExecutor | None = None
 
-    def _decode_verified(self, delivery: Delivery) -> Envelope | None:
+    def _decode_verified(self, delivery: Delivery) -> Envelope | _Refusal:
+        """The delivery's envelope, or why it must not run. Settles nothing: it may run on
+        a helper thread, and the caller dead-letters refusals on its own thread."""
         try:
             env = codec.decode(delivery.body, max_bytes=self.app.max_message_bytes)
         except DecodeError as exc:
-            self.settler.dead_letter(delivery, "malformed", str(exc))
-            return None
+            return _Refusal("malformed", str(exc), None)
         keyring = self.app.keyring
         # With keys configured, a signed message is always verified; an unsigned one passes
         # only while signing is not required (a rollout).
@@ -61,15 +70,14 @@ class Admission:
             try:
                 keyring.verify(env, body=delivery.body)
             except SignatureError as exc:
-                self.settler.dead_letter(delivery, exc.reason, str(exc), env)
-                return None
+                return _Refusal(exc.reason, str(exc), env)
         return env
 
     def _verify_all(self, deliveries: Sequence[Delivery]) -> list[Envelope | None]:
-        """:meth:`_decode_verified` for each delivery, in order. With Ed25519, whose
-        verification (about 100 µs, in OpenSSL) runs without the GIL, a batch is split
-        with a helper thread so both halves verify at once on a machine with cores to
-        spare; HMAC is too cheap to gain from it."""
+        """Each delivery's envelope, in order, or None for one that was dead-lettered (on
+        this thread). With Ed25519, whose verification (about 100 µs, in OpenSSL) runs
+        without the GIL, a batch is split with a helper thread so both halves verify at
+        once on a machine with cores to spare; HMAC is too cheap to gain from it."""
         keyring = self.app.keyring
         if (
             keyring is None
@@ -77,18 +85,26 @@ class Admission:
             or len(deliveries) < 2
             or _HELPERS == 0
         ):
-            return self._decode_chunk(deliveries)
-        if self._verifier is None:
-            self._verifier = ThreadPoolExecutor(_HELPERS, thread_name_prefix="stem-verify")
-        step = -(-len(deliveries) // (_HELPERS + 1))
-        chunks = [deliveries[i : i + step] for i in range(0, len(deliveries), step)]
-        futures = [self._verifier.submit(self._decode_chunk, chunk) for chunk in chunks[1:]]
-        out = self._decode_chunk(chunks[0])
-        for future in futures:
-            out += future.result()
+            checked = self._decode_chunk(deliveries)
+        else:
+            if self._verifier is None:
+                self._verifier = ThreadPoolExecutor(_HELPERS, thread_name_prefix="stem-verify")
+            step = -(-len(deliveries) // (_HELPERS + 1))
+            chunks = [deliveries[i : i + step] for i in range(0, len(deliveries), step)]
+            futures = [self._verifier.submit(self._decode_chunk, chunk) for chunk in chunks[1:]]
+            checked = self._decode_chunk(chunks[0])
+            for future in futures:
+                checked += future.result()
+        out: list[Envelope | None] = []
+        for delivery, item in zip(deliveries, checked, strict=True):
+            if isinstance(item, _Refusal):
+                self.settler.dead_letter(delivery, item.reason, item.detail, item.env)
+                out.append(None)
+            else:
+                out.append(item)
         return out
 
-    def _decode_chunk(self, chunk: Sequence[Delivery]) -> list[Envelope | None]:
+    def _decode_chunk(self, chunk: Sequence[Delivery]) -> list[Envelope | _Refusal]:
         return [self._decode_verified(d) for d in chunk]
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import pytest
 from stem import Stem
 from stem.brokers.base import Message
 from stem.envelope import decode, encode
+from stem.observability import signals
 from stem.security.signing import Keyring
 from stem.worker import admission as admission_mod
 from stem.worker.admission import Admission
@@ -62,10 +63,20 @@ def test_a_split_batch_keeps_order_and_dead_letters_the_bad_ones(
     assert len(deliveries) == 9
     settler = Settler(app, "test", 5)
     admission = Admission(app, settler, 5)
+    rejected_on: list[str] = []
+
+    def on_rejected(**kw: object) -> None:
+        rejected_on.append(threading.current_thread().name)
+
+    signals.task_rejected.connect(on_rejected)
     try:
         got = admission.decode_many(deliveries)
     finally:
+        signals.task_rejected.disconnect(on_rejected)
         admission.close()
+    # refusals are settled by the consumer's thread, whichever thread verified them
+    assert rejected_on == [threading.current_thread().name] * 2
+    assert settler.counts["dead_lettered"] == 2
     assert [env.id for _, env in got] == good
     assert sorted(d.reason for d in app.broker.dlq_list("q")) == [
         "signature-invalid",
