@@ -54,6 +54,7 @@ class RedisBackend:
         # Weak: a thread that ends drops its subscriber, and redis-py closes it.
         self._subscribers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._subscribers_lock = threading.Lock()
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<RedisBackend {redact_url(self.url)}>"
@@ -106,7 +107,13 @@ class RedisBackend:
                     return None if body is None else bytes(body)
                 state, body = self._wait_subscribed(key, deadline)
                 backoff_s = 0.05
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:
+                if self._closed:  # close() took the subscriber from under this thread
+                    raise BackendError(
+                        f"{self!r} was closed while waiting for the result of {task_id}"
+                    ) from None
+                if not isinstance(exc, redis.RedisError | OSError):
+                    raise
                 remaining_s = deadline - time.monotonic()
                 if not self._conn.is_connection_error(exc) or remaining_s <= 0:
                     raise self._conn.fail(exc, "waiting for a result") from None
@@ -195,6 +202,8 @@ class RedisBackend:
         self._conn.ping()
 
     def close(self) -> None:
+        """Close the connections. A thread still in :meth:`wait` gets a BackendError."""
+        self._closed = True
         with self._subscribers_lock:
             subscribers = list(self._subscribers)
             self._subscribers.clear()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from stem.backends.redis import RedisBackend
-from stem.errors import BackendConnectionError
+from stem.errors import BackendConnectionError, BackendError
 from stem.states import STARTED, SUCCESS
 from tests.fixtures.redis_server import RedisServer
 
@@ -60,6 +60,19 @@ def test_wait_wakes_on_a_store_from_another_connection(
         assert not errors, errors
         assert out == [b"done"]
     assert time.monotonic() - started < 5.0
+
+
+def test_a_wait_cut_short_by_close_raises_a_backend_error(redis_url: str) -> None:
+    backend = RedisBackend(redis_url)
+    threads = [_wait_in_thread(backend, f"closing-{i}", 20.0) for i in range(3)]
+    time.sleep(0.5)  # subscribed and waiting
+    backend.close()
+    for t, out, errors in threads:
+        t.join(10)
+        assert not t.is_alive()
+        assert out == []
+        assert [type(e) for e in errors] == [BackendError], errors
+        assert "was closed while waiting for the result of closing-" in str(errors[0])
 
 
 def test_wait_times_out_with_a_not_ready_record(pair: tuple[RedisBackend, RedisBackend]) -> None:
