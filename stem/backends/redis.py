@@ -131,9 +131,11 @@ class RedisBackend:
             ps = self._local.pubsub = None
         if ps is None:
             ps = self._conn.client.pubsub()  # type: ignore[no-untyped-call]
-            self._local.pubsub, self._local.pid = ps, os.getpid()
             with self._subscribers_lock:
+                if self._closed:
+                    raise BackendError(f"{self!r} is closed")
                 self._subscribers.add(ps)
+            self._local.pubsub, self._local.pid = ps, os.getpid()
         return ps
 
     def _drop_subscriber(self) -> None:
@@ -141,8 +143,10 @@ class RedisBackend:
         self._local.pubsub = None
         if ps is not None:
             with self._subscribers_lock:
+                owned = ps in self._subscribers  # else close() took it, and closes it
                 self._subscribers.discard(ps)
-            ps.close()
+            if owned:  # never two threads closing one PubSub (it is not thread-safe)
+                ps.close()
 
     def _wait_subscribed(self, key: str, deadline: float) -> tuple[bytes | None, bytes | None]:
         ps = self._subscriber()
@@ -203,8 +207,8 @@ class RedisBackend:
 
     def close(self) -> None:
         """Close the connections. A thread still in :meth:`wait` gets a BackendError."""
-        self._closed = True
         with self._subscribers_lock:
+            self._closed = True
             subscribers = list(self._subscribers)
             self._subscribers.clear()
         for ps in subscribers:
