@@ -73,11 +73,11 @@ class Admission:
                 return _Refusal(exc.reason, str(exc), env)
         return env
 
-    def _verify_all(self, deliveries: Sequence[Delivery]) -> list[Envelope | None]:
-        """Each delivery's envelope, in order, or None for one that was dead-lettered (on
-        this thread). With Ed25519, whose verification (about 100 µs, in OpenSSL) runs
-        without the GIL, a batch is split with a helper thread so both halves verify at
-        once on a machine with cores to spare; HMAC is too cheap to gain from it."""
+    def _verify_all(self, deliveries: Sequence[Delivery]) -> list[Envelope | _Refusal]:
+        """:meth:`_decode_verified` for each delivery, in order. With Ed25519, whose
+        verification (about 100 µs, in OpenSSL) runs without the GIL, a batch is split
+        with a helper thread so both halves verify at once on a machine with cores to
+        spare; HMAC is too cheap to gain from it."""
         keyring = self.app.keyring
         if (
             keyring is None
@@ -85,23 +85,15 @@ class Admission:
             or len(deliveries) < 2
             or _HELPERS == 0
         ):
-            checked = self._decode_chunk(deliveries)
-        else:
-            if self._verifier is None:
-                self._verifier = ThreadPoolExecutor(_HELPERS, thread_name_prefix="stem-verify")
-            step = -(-len(deliveries) // (_HELPERS + 1))
-            chunks = [deliveries[i : i + step] for i in range(0, len(deliveries), step)]
-            futures = [self._verifier.submit(self._decode_chunk, chunk) for chunk in chunks[1:]]
-            checked = self._decode_chunk(chunks[0])
-            for future in futures:
-                checked += future.result()
-        out: list[Envelope | None] = []
-        for delivery, item in zip(deliveries, checked, strict=True):
-            if isinstance(item, _Refusal):
-                self.settler.dead_letter(delivery, item.reason, item.detail, item.env)
-                out.append(None)
-            else:
-                out.append(item)
+            return self._decode_chunk(deliveries)
+        if self._verifier is None:
+            self._verifier = ThreadPoolExecutor(_HELPERS, thread_name_prefix="stem-verify")
+        step = -(-len(deliveries) // (_HELPERS + 1))
+        chunks = [deliveries[i : i + step] for i in range(0, len(deliveries), step)]
+        futures = [self._verifier.submit(self._decode_chunk, chunk) for chunk in chunks[1:]]
+        out = self._decode_chunk(chunks[0])
+        for future in futures:
+            out += future.result()
         return out
 
     def _decode_chunk(self, chunk: Sequence[Delivery]) -> list[Envelope | _Refusal]:
@@ -116,12 +108,14 @@ class Admission:
 
     def decode_many(self, deliveries: Sequence[Delivery]) -> list[tuple[Delivery, Envelope]]:
         """Decode and verify each delivery, then check the replay guard for all the signed
-        ones in one broker call. Those that fail are settled here; the rest are returned."""
-        decoded = [
-            (delivery, env)
-            for delivery, env in zip(deliveries, self._verify_all(deliveries), strict=True)
-            if env is not None
-        ]
+        ones in one broker call. Those that fail are settled here, on this thread (never on
+        a verification helper); the rest are returned."""
+        decoded: list[tuple[Delivery, Envelope]] = []
+        for delivery, item in zip(deliveries, self._verify_all(deliveries), strict=True):
+            if isinstance(item, _Refusal):
+                self.settler.dead_letter(delivery, item.reason, item.detail, item.env)
+            else:
+                decoded.append((delivery, item))
         replay = self.settler.replay
         signed = [(d, env) for d, env in decoded if env.signature is not None]
         if replay is None or not signed:
