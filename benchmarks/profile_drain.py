@@ -26,7 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import run  # noqa: E402
 from common import wait_drained, worker_process  # noqa: E402
-from stem_bench import QUEUE, StemBench  # noqa: E402
+from stem_bench import QUEUE, StemBench, worker_argv  # noqa: E402
 
 
 def summarize(raw: Path, top: int) -> str:
@@ -92,7 +92,7 @@ def main() -> int:
         try:
             bench.app.broker.purge(QUEUE)
             bench.enqueue_bulk(bench.task_name(args.pool, results=args.results))
-            argv = bench.worker_argv(args.pool, args.concurrency)
+            argv = worker_argv(args.pool, args.concurrency)
             log_path = out.parent / "profile-worker.log"
             with worker_process(argv, bench.worker_env(), log_path) as proc:
                 t0 = bench.ready.wait_ready(1, 60, alive=lambda: proc.poll() is None)

@@ -138,9 +138,6 @@ class StemBench:
         self.bulk_rates.append(r)
         return r
 
-    def worker_argv(self, pool: str, concurrency: int, prefetch: int = 0) -> list[str]:
-        return worker_argv(pool, concurrency, prefetch)
-
     def worker_env(self) -> dict[str, str]:
         return {
             **os.environ,
@@ -164,7 +161,7 @@ class StemBench:
         self.ready.drain_pending()
         log_path = self.log_dir / f"worker-{pool}-{concurrency}-{prefetch}.log"
         with worker_process(
-            self.worker_argv(pool, concurrency, prefetch), self.worker_env(), log_path, cwd=ROOT
+            worker_argv(pool, concurrency, prefetch), self.worker_env(), log_path, cwd=ROOT
         ) as proc:
             t0 = self.ready.wait_ready(1, READY_TIMEOUT_S, alive=lambda: proc.poll() is None)
             cpu0 = group_cpu_s(proc.pid), self.server_cpu_s()
