@@ -21,6 +21,7 @@ from tests.fixtures.redis_server import RedisServer
 pytestmark = pytest.mark.redis
 
 LONG_S = 30.0
+RING = Keyring.build("hmac-sha256", {"v1": b"s" * 32})  # for signed bodies
 
 
 def msg(queue: str, mid: str, **kw: int) -> Message:
@@ -467,12 +468,11 @@ def test_a_kept_connection_marked_for_reconnect_goes_back_to_the_pool(
 
 
 def test_reserve_reads_the_replay_claim_off_each_signed_body(broker: RedisBroker) -> None:
-    ring = Keyring.build("hmac-sha256", {"v1": b"s" * 32})
-    used = ring.sign(Envelope(id="used", task="x"))
-    fresh = ring.sign(Envelope(id="fresh", task="x"))
+    used = RING.sign(Envelope(id="used", task="x"))
+    fresh = RING.sign(Envelope(id="fresh", task="x"))
     # a key_id/nonce pair in the caller's data comes before the signature block: the
     # block's pair, the last one, is the one read
-    decoy = ring.sign(Envelope(id="decoy", task="x", kwargs={"key_id": "v1", "nonce": "n"}))
+    decoy = RING.sign(Envelope(id="decoy", task="x", kwargs={"key_id": "v1", "nonce": "n"}))
     assert b'{"key_id":"v1","nonce":"n"}' in encode(decoy)
     q = f"peek-{time.monotonic_ns()}"
     broker.publish(
@@ -530,8 +530,7 @@ def test_a_body_whose_nonce_pair_is_not_utf8_is_reserved_with_nothing_read(
 
 def test_reserve_reads_the_pair_only_near_the_end_of_the_body(broker: RedisBroker) -> None:
     # Stem's longest tail after the pair: a 255-character task name of 4-byte characters
-    ring = Keyring.build("hmac-sha256", {"v1": b"s" * 32})
-    long_name = ring.sign(Envelope(id="long", task="\U0001f600" * 255, args=("x" * 50_000,)))
+    long_name = RING.sign(Envelope(id="long", task="\U0001f600" * 255, args=("x" * 50_000,)))
     q = f"tailpeek-{time.monotonic_ns()}"
     far = b'{"key_id":"v1","nonce":"far"}' + b" " * 4096 + b"{}"
     broker.publish([Message("long", q, encode(long_name)), Message("far", q, far)])
@@ -543,8 +542,7 @@ def test_reserve_reads_the_pair_only_near_the_end_of_the_body(broker: RedisBroke
 def test_a_claim_key_that_holds_no_string_reads_as_nothing_and_every_message_is_reserved(
     broker: RedisBroker, redis_url: str
 ) -> None:
-    ring = Keyring.build("hmac-sha256", {"v1": b"s" * 32})
-    envs = [ring.sign(Envelope(id=f"m{i}", task="x")) for i in range(3)]
+    envs = [RING.sign(Envelope(id=f"m{i}", task="x")) for i in range(3)]
     q = f"wrongtype-{time.monotonic_ns()}"
     broker.publish([Message(e.id, q, encode(e)) for e in envs])
     with redis.Redis.from_url(redis_url) as r:  # only a writer to the store can do this

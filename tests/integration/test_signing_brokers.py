@@ -119,9 +119,6 @@ def test_a_settled_task_records_its_nonce_in_its_ack_call(
         app.broker.publish([Message(env.id, queue, body)])
         if not ignore_result:
             assert app.AsyncResult(env.id).get(timeout=20) == 7
-        deadline = time.monotonic() + 20
-        while not ran and time.monotonic() < deadline:
-            time.sleep(0.02)
         wait_settled(app, queue)  # acked: its nonce was recorded in the same call
         app.broker.publish([Message(env.id, queue, body)])
         letters = wait_letters(app, queue, 1)
@@ -176,10 +173,6 @@ def test_prefetched_copies_are_checked_again_when_admitted(app: Stem) -> None:
     body = app.seal(env)
     app.broker.publish([Message(env.id, queue, body) for _ in range(6)])
     with running_worker(app, queues=(queue,), concurrency=1, prefetch=8):
-        deadline = time.monotonic() + 20
-        letters: list[str] = []
-        while len(letters) < 5 and time.monotonic() < deadline:
-            letters = [d.reason for d in app.broker.dlq_list(queue)]
-            time.sleep(0.05)
+        letters = wait_letters(app, queue, 5)
     assert ran == [5]
     assert letters == ["signature-replayed"] * 5
