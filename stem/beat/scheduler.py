@@ -84,7 +84,7 @@ class Beat:
         self.tick_s = tick_s
         self.beat_id = beat_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.specs = dict(specs or {})
-        self.store = store or ScheduleStore(app.broker)
+        self.store = store or ScheduleStore(app.broker, app.keyring)
         self.max_catch_up = max_catch_up
         self.prune = prune
         self.recent_ms = max(int(2 * tick_s * 1000), 1000)

@@ -9,6 +9,12 @@ Key layout (no expiry unless noted):
 
 Every write is a compare-and-set (``swap``) in a short retry loop, so two processes editing
 the same entry never lose an update silently, and the last tick only moves forward.
+
+With a signing keyring, entries are stored sealed (:meth:`Keyring.seal`, context
+``schedule:<name>``), because beat signs what it enqueues: an entry written by someone who
+can only write to the broker would otherwise become a signed task. While the keyring requires
+signatures, an entry that is unsigned, altered, or moved under another name does not load
+(it is listed as broken, and never fires).
 """
 
 from __future__ import annotations
@@ -18,10 +24,14 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from stem.beat.entry import ScheduleEntry, parse_entry
 from stem.brokers.base import Broker
-from stem.errors import BrokerError, ConfigError
+from stem.errors import BrokerError, ConfigError, SignatureError
+
+if TYPE_CHECKING:
+    from stem.security.signing import Keyring
 
 __all__ = ["ENTRY_PREFIX", "LAST_PREFIX", "TICK_PREFIX", "ScheduleStore", "StoredEntries"]
 
@@ -46,21 +56,38 @@ def encode_entry(entry: ScheduleEntry) -> str:
     return json.dumps(entry.to_spec(), sort_keys=True, separators=(",", ":"))
 
 
-class ScheduleStore:
-    """Schedule entries and their last ticks in a broker (see module docstring)."""
+def _context(name: str) -> str:
+    return f"schedule:{name}"
 
-    def __init__(self, broker: Broker) -> None:
+
+class ScheduleStore:
+    """Schedule entries and their last ticks in a broker (see module docstring); entries
+    are sealed and checked with ``keyring`` when one is given (the app's, normally)."""
+
+    def __init__(self, broker: Broker, keyring: Keyring | None = None) -> None:
         self.broker = broker
+        self.keyring = keyring
         self._parsed: dict[str, tuple[str, ScheduleEntry]] = {}  # name -> (raw, entry)
 
     # -- reading ---------------------------------------------------------------------------
+
+    def _unseal(self, name: str, raw: str) -> str:
+        if self.keyring is None:
+            return raw
+        try:
+            payload = self.keyring.unseal(
+                raw.encode(), context=_context(name), required=self.keyring.required
+            )
+        except SignatureError as exc:
+            raise ConfigError(f"schedule {name!r}: refused, {exc.reason}: {exc}") from None
+        return payload.decode()
 
     def _parse(self, name: str, raw: str) -> ScheduleEntry:
         cached = self._parsed.get(name)
         if cached is not None and cached[0] == raw:
             return cached[1]
         try:
-            spec = json.loads(raw)
+            spec = json.loads(self._unseal(name, raw))
         except ValueError as exc:
             raise ConfigError(f"schedule {name!r}: stored value is not JSON: {exc}") from None
         entry = parse_entry(name, spec)
@@ -99,6 +126,20 @@ class ScheduleStore:
 
     # -- writing ---------------------------------------------------------------------------
 
+    def _encode(self, entry: ScheduleEntry) -> str:
+        raw = encode_entry(entry)
+        if self.keyring is None:
+            return raw
+        if not self.keyring.can_sign:
+            if not self.keyring.required:
+                return raw
+            raise ConfigError(
+                f"schedule {entry.name!r}: writing schedules needs a signing key (this "
+                "keyring is verify-only, and beat refuses unsigned entries): set "
+                "STEM_SIGNING_KEYS and STEM_SIGNING_ACTIVE_KEY"
+            )
+        return self.keyring.seal(raw.encode(), context=_context(entry.name)).decode()
+
     def _update(self, key: str, change: Callable[[str | None], str | None]) -> str | None:
         """Apply ``change`` to the value of ``key`` with compare-and-set; returns the value
         written (or kept)."""
@@ -112,7 +153,7 @@ class ScheduleStore:
     def put(self, entry: ScheduleEntry, *, replace: bool = True) -> bool:
         """Write an entry. With ``replace=False`` an existing entry is left alone and this
         returns False."""
-        raw = encode_entry(entry)
+        raw = self._encode(entry)
         wrote = True
 
         def change(current: str | None) -> str | None:
@@ -144,7 +185,7 @@ class ScheduleStore:
                 return None
             entry = self._parse(name, current)
             flipped = entry.enabled != enabled
-            return encode_entry(entry.with_enabled(enabled)) if flipped else current
+            return self._encode(entry.with_enabled(enabled)) if flipped else current
 
         self._update(ENTRY_PREFIX + name, change)
         if flipped and enabled and now_ms is not None:
@@ -182,7 +223,7 @@ class ScheduleStore:
                     # A broken stored entry is simply replaced by the defined one.
                     with contextlib.suppress(ConfigError):
                         entry = entry.with_enabled(self._parse(entry.name, current).enabled)
-                return encode_entry(entry)
+                return self._encode(entry)
 
             self._update(ENTRY_PREFIX + entry.name, change)
         removed: list[str] = []

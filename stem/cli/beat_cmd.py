@@ -82,7 +82,8 @@ def beat(
 def _store(ctx: typer.Context) -> Any:
     from stem.beat import ScheduleStore
 
-    return ScheduleStore(load_app(ctx).broker)
+    stem_app = load_app(ctx)
+    return ScheduleStore(stem_app.broker, stem_app.keyring)
 
 
 def _find(ctx: typer.Context, name: str) -> Any:

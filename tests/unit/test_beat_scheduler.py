@@ -20,6 +20,7 @@ from stem.beat.store import ENTRY_PREFIX, LAST_PREFIX
 from stem.cli.beat_cmd import config_specs
 from stem.envelope import Envelope, now_ms
 from stem.errors import BrokerConnectionError, ConfigError
+from stem.security.signing import Keyring
 
 S = 1000
 T0 = 1_700_000_000_000  # a round tick for every interval used here
@@ -28,8 +29,8 @@ T0 = 1_700_000_000_000  # a round tick for every interval used here
 class Recorder:
     """An app whose successful publishes are recorded."""
 
-    def __init__(self, url: str) -> None:
-        self.app = Stem("beat-test", broker=url, backend="memory://")
+    def __init__(self, url: str, keyring: Keyring | None = None) -> None:
+        self.app = Stem("beat-test", broker=url, backend="memory://", keyring=keyring)
         self.sent: list[Envelope] = []
         self.fail_next = 0
         original = self.app.publish
@@ -237,6 +238,61 @@ def test_a_broken_stored_entry_is_skipped_and_logged(
     assert caplog.text.count("skipping schedule 'bad'") == 1
     assert "skipping schedule 'junk'" in caplog.text
     assert set(ScheduleStore(rec.app.broker).load().broken) == {"bad", "junk"}
+
+
+# -- signed entries -----------------------------------------------------------------------------
+
+RING = Keyring.build("hmac-sha256", {"v1": b"b" * 32})
+
+
+def test_with_signing_required_only_sealed_entries_fire(url: str) -> None:
+    """Beat signs what it enqueues, so an entry written by someone who can only write to
+    the broker's store must not load: unsigned, altered, or moved under another name."""
+    rec = Recorder(url, RING)
+    try:
+        broker = rec.app.broker
+        store = ScheduleStore(broker, RING)
+        store.put(parse_entry("good", {"task": "job", "every": 1}, origin="cli"))
+        sealed = broker.peek(ENTRY_PREFIX + "good")
+        assert sealed is not None and sealed.startswith("stem-sealed-v1\n")
+        plain = json.dumps({"task": "transfer", "every": 1, "args": ["evil"]})
+        broker.swap(ENTRY_PREFIX + "unsigned", None, plain, None)
+        broker.swap(ENTRY_PREFIX + "moved", None, sealed, None)
+        tampered = sealed.replace('"every_s":1.0', '"every_s":2.0')
+        assert tampered != sealed
+        broker.swap(ENTRY_PREFIX + "tampered", None, tampered, None)
+
+        assert rec.beat().tick(T0).fired == [("good", T0)]
+        assert [e.task for e in rec.sent] == ["job"]
+        broken = store.load().broken
+        assert sorted(broken) == ["moved", "tampered", "unsigned"]
+        assert "signature-missing" in broken["unsigned"]
+        assert "signature-invalid" in broken["moved"]
+        assert "signature-invalid" in broken["tampered"]
+        # An operator's edit keeps the entry sealed.
+        assert store.set_enabled("good", False)
+        entry = store.get("good")
+        assert entry is not None and not entry.enabled
+        # A store without the keyring reads nothing it can trust: sealed entries are broken.
+        assert sorted(ScheduleStore(broker).load().entries) == ["unsigned"]
+    finally:
+        rec.app.close()
+
+
+def test_a_verify_only_keyring_cannot_write_entries_that_beat_would_refuse(url: str) -> None:
+    seed = b"e" * 32
+    signer = Keyring.build("ed25519", {"v1": seed})
+    public = signer.verifiers["v1"]._key.public_bytes_raw()  # type: ignore[attr-defined]
+    verify_only = Keyring.build("ed25519", {}, public_keys={"v1": public})
+    rec = Recorder(url, verify_only)
+    try:
+        entry = parse_entry("x", {"task": "job", "every": 1}, origin="cli")
+        with pytest.raises(ConfigError, match="needs a signing key"):
+            ScheduleStore(rec.app.broker, verify_only).put(entry)
+        ScheduleStore(rec.app.broker, signer).put(entry)  # the beat host's key
+        assert sorted(ScheduleStore(rec.app.broker, verify_only).load().entries) == ["x"]
+    finally:
+        rec.app.close()
 
 
 # -- code and config entries --------------------------------------------------------------------
