@@ -69,12 +69,23 @@ def live_nodes(app: Stem) -> list[str]:
     return sorted(nodes)
 
 
-def open_envelope(app: Stem, body: bytes) -> Envelope:
-    """Decode and (when signing is required) verify a control request or reply."""
+class Misdirected(DecodeError):
+    """A control message read from a queue other than the one it was addressed to."""
+
+    reason = "misdirected"
+
+
+def open_envelope(app: Stem, body: bytes, queue: str) -> Envelope:
+    """Decode and verify a control request or reply read from ``queue``. With keys
+    configured a signed message is always verified (an unsigned one passes only while
+    signing is not required), and a message signed for another queue is refused: a request
+    captured on its way to one node must not act on another."""
     env = codec.decode(body, max_bytes=app.max_message_bytes)
     keyring = app.keyring
-    if keyring is not None and keyring.required:
+    if keyring is not None and (keyring.required or env.signature is not None):
         keyring.verify(env, body=body)
+    if env.queue != queue:
+        raise Misdirected(f"addressed to queue {env.queue[:80]!r}, read from {queue!r}")
     return env
 
 
@@ -136,7 +147,7 @@ def broadcast(
             for d in app.broker.reserve([reply_queue], len(nodes), 30.0, min(remaining, 0.5)):
                 app.broker.ack([d])
                 try:
-                    env = open_envelope(app, d.body)
+                    env = open_envelope(app, d.body, reply_queue)
                 except (DecodeError, SignatureError):
                     continue  # a forged or garbled reply is ignored, never shown
                 kw = env.kwargs

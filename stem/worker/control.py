@@ -56,7 +56,7 @@ class ControlServer:
     def _handle(self, body: bytes) -> None:
         app = self.worker.app
         try:
-            env = open_envelope(app, body)
+            env = open_envelope(app, body, self.queue)
         except (DecodeError, SignatureError) as exc:
             reason = getattr(exc, "reason", "malformed")
             log.warning(

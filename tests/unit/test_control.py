@@ -191,3 +191,87 @@ def test_autoscale_grows_under_backlog_and_shrinks_when_idle(app: Stem) -> None:
         while w.pool.size > 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert w.pool.size == 1
+
+
+# -- control under signing ----------------------------------------------------------------------
+
+
+def _signed_app(required: bool = True) -> Stem:
+    from stem.security.signing import Keyring
+
+    app = memory_app()
+    app.configure(keyring=Keyring.build("hmac-sha256", {"v1": b"c" * 32}, required=required))
+    return app
+
+
+def _request(app: Stem, node: str, command: str, args: dict[str, Any]) -> Any:
+    from stem.envelope import Envelope, new_id, now_ms
+
+    return Envelope(
+        id=new_id(),
+        task=control.CONTROL_TASK,
+        queue=control.control_queue(node),
+        kwargs={"command": command, "args": args},
+        created_ms=now_ms(),
+    )
+
+
+def _send(app: Stem, queue: str, body: bytes) -> None:
+    from stem.brokers.base import Message
+
+    app.publish_messages([Message(id=f"m-{time.monotonic_ns()}", queue=queue, body=body)])
+
+
+def _wait_empty(app: Stem, queue: str) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        [stats] = app.broker.stats([queue])
+        if stats.ready == 0 and stats.reserved == 0:
+            time.sleep(0.2)  # the control thread acks before it handles
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{queue} was never drained")
+
+
+def test_signed_workers_obey_only_requests_signed_for_them() -> None:
+    from stem import envelope as codec
+
+    app = _signed_app()
+    try:
+        with (
+            running_worker(app, node_name="alpha", queues=("default", "mail")) as a,
+            running_worker(app, node_name="beta", queues=("default", "mail")) as b,
+        ):
+            beta_q = control.control_queue("beta")
+            pause = _request(app, "beta", "pause", {"queue": "mail"})
+            _send(app, beta_q, codec.encode(pause))  # unsigned
+            for_alpha = app.seal(_request(app, "alpha", "pause", {"queue": "mail"}))
+            _send(app, beta_q, for_alpha)  # signed, but for another node
+            _wait_empty(app, beta_q)
+            assert b.paused == set() and a.paused == set()
+
+            signed = app.seal(pause)
+            _send(app, beta_q, signed)
+            _wait_empty(app, beta_q)
+            assert b.paused == {"mail"}
+            b.paused.clear()
+            _send(app, beta_q, signed)  # a captured copy, replayed
+            _wait_empty(app, beta_q)
+            assert b.paused == set()
+    finally:
+        app.close()
+
+
+def test_a_tampered_request_is_refused_while_signing_is_not_required() -> None:
+    app = _signed_app(required=False)
+    try:
+        with running_worker(app, node_name="gamma", queues=("default",)) as w:
+            queue = control.control_queue("gamma")
+            body = app.seal(_request(app, "gamma", "pool-grow", {"n": 1}))
+            size = w.pool.size
+            _send(app, queue, body.replace(b'"n":1', b'"n":3'))
+            _wait_empty(app, queue)
+            assert w.pool.size == size
+            assert control.broadcast(app, "ping", destination=["gamma"])[0].result == "pong"
+    finally:
+        app.close()
