@@ -17,12 +17,14 @@ every worker:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from stem.envelope import Envelope, new_id
-from stem.errors import ConfigError
+from stem.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -30,6 +32,81 @@ if TYPE_CHECKING:
 
 _SEND_OPTIONS = {"queue", "priority", "countdown", "expires", "ignore_result"}
 _LINK_OPTIONS = {"link", "link_error"}
+# Headers that carry canvas state (see the module docstring), checked by workers before a
+# message runs: a worker acts on them only after the task ran, too late to refuse it.
+CANVAS_HEADERS = frozenset({"chain", "chord", *_LINK_OPTIONS})
+
+
+def _option_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a send option's value (as carried in a message), or None."""
+    if value is None:
+        return None
+    if key == "queue":
+        ok = isinstance(value, str)
+        want = "a string"
+    elif key == "priority":
+        ok = type(value) is int
+        want = "an integer"
+    elif key in ("countdown", "expires"):
+        ok = type(value) in (int, float) and math.isfinite(value)
+        want = "a number of seconds"
+    elif key == "ignore_result":
+        ok = type(value) is bool
+        want = "true or false"
+    else:
+        return f"unknown option {key!r}"
+    return None if ok else f"option {key!r} must be {want}, not {type(value).__name__}"
+
+
+def _wire_problem(wire: Any, where: str) -> str | None:
+    """What is wrong with a wire-form signature (:meth:`Signature.to_wire`), or None."""
+    if not isinstance(wire, dict):
+        return f"{where} must be an object"
+    for key in ("task", "id"):
+        if not isinstance(wire.get(key), str):
+            return f"{where}: field {key!r} must be a string"
+    if not isinstance(wire.get("args") or [], list):
+        return f"{where}: field 'args' must be a list"
+    if not isinstance(wire.get("kwargs") or {}, dict):
+        return f"{where}: field 'kwargs' must be an object"
+    options = wire.get("options") or {}
+    if not isinstance(options, dict):
+        return f"{where}: field 'options' must be an object"
+    for key, value in options.items():
+        if key in _LINK_OPTIONS:
+            problem = _wire_problem(value, f"{where}.options.{key}")
+        else:
+            problem = _option_problem(key, value)
+            problem = problem and f"{where}: {problem}"
+        if problem:
+            return problem
+    return None
+
+
+def check_headers(headers: Mapping[str, Any]) -> None:
+    """Raise :class:`DecodeError` naming the first malformed canvas header, if any."""
+    problem = None
+    chain_ = headers.get("chain")
+    if chain_ is not None:
+        if not isinstance(chain_, list):
+            problem = "header 'chain' must be a list"
+        else:
+            for i, wire in enumerate(chain_):
+                problem = problem or _wire_problem(wire, f"header 'chain[{i}]'")
+    for key in _LINK_OPTIONS:
+        if problem is None and headers.get(key) is not None:
+            problem = _wire_problem(headers[key], f"header {key!r}")
+    spec = headers.get("chord")
+    if problem is None and spec is not None:
+        size, index = (spec.get("size"), spec.get("index")) if isinstance(spec, dict) else (0, 0)
+        if not isinstance(spec, dict):
+            problem = "header 'chord' must be an object"
+        elif not (type(size) is int and type(index) is int and 0 <= index < size):
+            problem = "header 'chord': 'size' and 'index' must be integers, 0 <= index < size"
+        else:
+            problem = _wire_problem(spec.get("callback"), "header 'chord.callback'")
+    if problem:
+        raise DecodeError(problem)
 
 
 @dataclass(frozen=True)
@@ -48,6 +125,19 @@ class Signature:
         unknown = set(options) - _SEND_OPTIONS - _LINK_OPTIONS
         if unknown:
             raise ConfigError(f"unknown signature option(s): {', '.join(sorted(unknown))}")
+        for key, value in options.items():
+            if key in _LINK_OPTIONS:
+                if not isinstance(value, Signature):
+                    raise ConfigError(f"option {key!r} takes a signature")
+                continue
+            if isinstance(value, timedelta):
+                options[key] = value = value.total_seconds()
+            problem = _option_problem(key, value)
+            if problem:
+                raise ConfigError(
+                    f"signature {self.task!r}: {problem} (in a canvas, countdown and expires "
+                    "are seconds from when the step is sent)"
+                )
         return replace(self, options={**self.options, **options})
 
     def link(self, callback: Signature) -> Signature:

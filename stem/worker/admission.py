@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from stem import envelope as codec
 from stem import states
 from stem.brokers.base import Delivery
+from stem.canvas import CANVAS_HEADERS, check_headers
 from stem.envelope import Envelope
 from stem.errors import BrokerError, DecodeError, SignatureError
 from stem.observability import signals
@@ -71,6 +72,11 @@ class Admission:
                 keyring.verify(env, body=delivery.body)
             except SignatureError as exc:
                 return _Refusal(exc.reason, str(exc), env)
+        if env.headers and not CANVAS_HEADERS.isdisjoint(env.headers):
+            try:
+                check_headers(env.headers)
+            except DecodeError as exc:
+                return _Refusal("malformed", str(exc), env)
         return env
 
     def _verify_all(self, deliveries: Sequence[Delivery]) -> list[Envelope | _Refusal]:
@@ -142,6 +148,18 @@ class Admission:
         decoded = self.decode_many([delivery])
         return decoded[0][1] if decoded else None
 
+    def _dead(
+        self, delivery: Delivery, env: Envelope, error: ErrorInfo, reason: str, detail: str
+    ) -> None:
+        """End a task that will never run here: DEAD, what waits on it failed, its message
+        dead-lettered (or given back, if the follow-up could not be published now)."""
+        self.settler.store(env, states.DEAD, error=error, attempts=1)
+        if not self.settler.ended(env, error):
+            self.settler.release(delivery, delay_s=1.0)
+            return
+        self.settler.consume_nonce(env)
+        self.settler.dead_letter(delivery, reason, detail, env)
+
     def admit(
         self, delivery: Delivery, set_limits: Callable[[Job], None], env: Envelope | None = None
     ) -> Job | None:
@@ -151,34 +169,19 @@ class Admission:
             if env is None:
                 return None
         if delivery.delivery_count > self.max_deliveries:
-            self.settler.store(
-                env,
-                states.DEAD,
-                error=ErrorInfo(
-                    "PoisonMessage", f"delivered {delivery.delivery_count} times without finishing"
-                ),
-                attempts=1,
+            error = ErrorInfo(
+                "PoisonMessage", f"delivered {delivery.delivery_count} times without finishing"
             )
-            self.settler.dead_letter(
-                delivery,
-                "max-deliveries-exceeded",
-                f"delivered {delivery.delivery_count} times (limit {self.max_deliveries})",
-                env,
-            )
+            detail = f"delivered {delivery.delivery_count} times (limit {self.max_deliveries})"
+            self._dead(delivery, env, error, "max-deliveries-exceeded", detail)
             return None
         task = self.app.tasks.get(env.task)
         if task is None:
             signals.task_unknown.send(envelope=env)
-            self.settler.store(
-                env,
-                states.DEAD,
-                error=ErrorInfo(
-                    "TaskNotRegistered", f"no task registered as {env.task!r} on this worker"
-                ),
-                attempts=1,
+            error = ErrorInfo(
+                "TaskNotRegistered", f"no task registered as {env.task!r} on this worker"
             )
-            self.settler.consume_nonce(env)
-            self.settler.dead_letter(delivery, "unknown-task", env.task, env)
+            self._dead(delivery, env, error, "unknown-task", env.task)
             return None
         if self.is_revoked(env.id):
             self.settler.revoked(env, delivery)
@@ -186,12 +189,12 @@ class Admission:
         if env.is_expired():
             self.settler.counts["expired"] += 1
             signals.task_expired.send(envelope=env)
-            self.settler.store(
-                env,
-                states.EXPIRED,
-                error=ErrorInfo("TaskExpired", "the task expired before a worker could start it"),
-            )
-            self.settler.ack(delivery)
+            error = ErrorInfo("TaskExpired", "the task expired before a worker could start it")
+            self.settler.store(env, states.EXPIRED, error=error)
+            if self.settler.ended(env, error):
+                self.settler.ack(delivery)
+            else:
+                self.settler.release(delivery, delay_s=1.0)
             return None
         if self.settler.canvas.already_done(env):
             self.settler.ack(delivery)

@@ -338,11 +338,39 @@ class Settler:
     def finished(self, job: Job, *, final: bool) -> None:
         """Release what a run held: its concurrency slot; its unique key once final."""
         self.limits.finished(job.task, job.envelope)
-        key = job.envelope.headers.get("unique_key")
-        if final and isinstance(key, str):
-            self._broker_call(
-                "unique release", lambda: self.app.broker.release(key, job.envelope.id)
+        if final:
+            self.release_unique(job.envelope)
+
+    def release_unique(self, env: Envelope) -> None:
+        """Let a new task with the same unique key be enqueued (this one ended for good)."""
+        key = env.headers.get("unique_key")
+        if isinstance(key, str):
+            self._broker_call("unique release", lambda: self.app.broker.release(key, env.id))
+
+    def ended(self, env: Envelope, error: ErrorInfo) -> bool:
+        """A task ended for good without a result (expired, revoked, dead): fail the chain
+        steps and chord callback that wait on it, send its errback, and release its unique
+        key. False if the follow-up could not be published now; the caller then gives the
+        delivery back, to try again when it returns."""
+        if not self._fail_waiters(env, error):
+            return False
+        self.release_unique(env)
+        return True
+
+    def _fail_waiters(self, env: Envelope, error: ErrorInfo) -> bool:
+        """The canvas follow-up of a task that ended for good without a result; False
+        (logged) if it could not be published now."""
+        try:
+            self.canvas.after_failure(env, error)
+        except StemError as exc:
+            log.warning(
+                "failure follow-up of task %s not done (%s); it will be tried again",
+                env.id,
+                exc,
+                extra={"event": "canvas-publish-failed", **self.fields(env)},
             )
+            return False
+        return True
 
     def dead_letter(
         self, delivery: Delivery, reason: str, detail: str = "", env: Envelope | None = None
@@ -399,10 +427,14 @@ class Settler:
     # -- outcomes --------------------------------------------------------------------------
 
     def revoked(self, env: Envelope, delivery: Delivery, job: Job | None = None) -> None:
-        self.store(env, states.REVOKED, error=ErrorInfo("TaskRevoked", "the task was revoked"))
+        error = ErrorInfo("TaskRevoked", "the task was revoked")
+        self.store(env, states.REVOKED, error=error)
         signals.task_revoked.send(envelope=env)
         log.info("task %s revoked", env.id, extra={"event": "task-revoked", **self.fields(env)})
-        self.ack(delivery, nonce_of=env, job=job)
+        if self.ended(env, error):
+            self.ack(delivery, nonce_of=env, job=job)
+        else:
+            self.release(delivery, delay_s=1.0)
 
     def settle(self, job: Job, outcome: Outcome) -> None:
         env, delivery = job.envelope, job.delivery
@@ -448,15 +480,7 @@ class Settler:
         if not self.store(env, states.FAILURE, error=error):
             self.release(job.delivery, delay_s=1.0)
             return
-        try:
-            self.canvas.after_failure(env, error)
-        except StemError as exc:
-            log.warning(
-                "failure follow-up of task %s not done (%s); it will run again",
-                env.id,
-                exc,
-                extra={"event": "canvas-publish-failed", **self.fields(env)},
-            )
+        if not self._fail_waiters(env, error):
             self.release(job.delivery, delay_s=1.0)
             return
         self.counts["failed"] += 1

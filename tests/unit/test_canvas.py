@@ -5,11 +5,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from stem import Stem, TaskError, chain, chord, group, states
+from stem import Stem, TaskError, chain, chord, control, group, states
+from stem.brokers.base import Message
+from stem.envelope import encode
 from stem.errors import ConfigError
 from stem.limits import RateLimiter, parse_rate, unique_key
 from stem.testing import memory_app, running_worker
@@ -151,6 +155,72 @@ def test_empty_and_wrong_canvas_inputs_are_clear_errors(app: Stem) -> None:
         t(app, "add").s(1, 2).set(colour="red")
 
 
+def test_signature_options_are_checked_when_composed(app: Stem) -> None:
+    add = t(app, "add")
+    assert add.s(1, 2).set(expires=timedelta(seconds=90)).options["expires"] == 90.0
+    for bad in (
+        {"priority": "high"},
+        {"countdown": float("nan")},
+        {"expires": datetime.now(UTC)},
+        {"queue": 5},
+        {"ignore_result": "yes"},
+        {"link": "collect"},
+    ):
+        with pytest.raises(ConfigError, match="option"):
+            add.s(1, 2).set(**bad)
+
+
+def test_a_step_that_never_runs_ends_its_chain_and_chord(app: Stem) -> None:
+    """Expired and revoked steps fail what waits on them, as a failed step does, so no
+    waiter hangs on a chain or chord that can no longer finish."""
+    add, total = t(app, "add"), t(app, "total")
+    expired_chain = chain(add.s(1, 1).set(expires=0.2), add.s(10)).delay()
+    expired_chord = chord([add.s(1, 1), add.s(2, 2).set(expires=0.2)], total.s()).delay()
+    revoked_chain = chain(replace(add.s(1, 1), task_id="first-step"), add.s(10)).delay()
+    control.revoke(app, ["first-step"])
+    time.sleep(0.4)
+    with running_worker(app):
+        with pytest.raises(TaskError, match=r"chain step add .* failed: TaskExpired"):
+            expired_chain.get(timeout=10)
+        with pytest.raises(TaskError, match=r"chord member add .* failed: TaskExpired"):
+            expired_chord.get(timeout=10)
+        with pytest.raises(TaskError, match=r"chain step add .* failed: TaskRevoked"):
+            revoked_chain.get(timeout=10)
+
+
+def test_malformed_canvas_headers_are_dead_lettered_before_running(app: Stem) -> None:
+    ran: list[Any] = []
+
+    @app.task(name="mark")
+    def mark(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    wire = mark.s("next").to_wire()
+    bad = {
+        "chain-int": {"chain": 5},
+        "chain-item": {"chain": [{"nope": 1}]},
+        "link-str": {"link": "oops"},
+        "chord-str": {"chord": "x"},
+        "chord-index": {"chord": {"size": 2, "index": 2, "callback": wire}},
+        "option": {"link": {**wire, "options": {"priority": "9"}}},
+    }
+    envs = [
+        app.build_envelope("mark", [tag], headers=headers, group_id="g")
+        for tag, headers in bad.items()
+    ]
+    app.publish_messages([Message(id=e.id, queue=e.queue, body=encode(e)) for e in envs])
+    with running_worker(app):
+        assert mark.delay("fine").get(timeout=10) == "fine"
+        deadline = time.monotonic() + 10
+        while len(app.broker.dlq_list("default")) < len(bad) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    letters = app.broker.dlq_list("default")
+    assert sorted(d.reason for d in letters) == ["malformed"] * len(bad)
+    assert any("header 'chain[0]': field 'task' must be a string" in d.detail for d in letters)
+    assert ran == ["fine"]
+
+
 # -- unique tasks --------------------------------------------------------------------------
 
 
@@ -177,6 +247,30 @@ def test_unique_task_returns_the_existing_id_until_it_finishes(app: Stem) -> Non
         again = sync_account.delay(7)
         assert again.id != first.id
         assert again.get(timeout=10) == 7
+
+
+def test_a_unique_task_that_ends_without_running_frees_its_key(app: Stem) -> None:
+    @app.task(name="sync_user", unique=True)
+    def sync_user(user: int) -> int:
+        return user
+
+    expired = sync_user.enqueue(args=[1], expires=0.2)
+    revoked = sync_user.enqueue(args=[2], countdown=0.2)
+    control.revoke(app, [revoked.id])
+    time.sleep(0.4)
+    with running_worker(app):
+        with pytest.raises(TaskError):
+            expired.get(timeout=10)
+        with pytest.raises(TaskError):
+            revoked.get(timeout=10)
+        assert (expired.state, revoked.state) == (states.EXPIRED, states.REVOKED)
+        deadline = time.monotonic() + 5
+        while app.broker.scan("unique:") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for user, old in ((1, expired), (2, revoked)):
+            again = sync_user.delay(user)
+            assert again.id != old.id
+            assert again.get(timeout=10) == user
 
 
 def test_unique_key_template_and_concurrent_producers(app: Stem) -> None:
