@@ -108,10 +108,14 @@ class _Resolver:
         """Check key entries that name files, read ``signing.keys_file``; returns the
         entries read from it."""
         for path in ("signing.keys", "signing.public_keys"):
-            for entry in self.get(path):
+            for index, entry in enumerate(self.get(path), start=1):
                 if is_key_path(entry) and not os.path.exists(entry):
+                    # Never echo the entry: it may be a secret whose "kid:" was mistyped.
                     self.issue(
-                        path, f"key file or directory {entry} does not exist", self.origin(path)
+                        path,
+                        f"entry {index} is neither 'kid:base64' nor an existing key file or "
+                        "directory",
+                        self.origin(path),
                     )
                 elif is_key_path(entry) and path == "signing.keys" and os.path.isfile(entry):
                     self.check_mode(path, entry)
@@ -125,9 +129,10 @@ class _Resolver:
             )
         active = self.get("signing.active_key")
         if active is not None and active not in kids:
+            # Not echoed: a secret pasted here by mistake must not reach a log.
             self.issue(
                 "signing.active_key",
-                f"no signing key has id {active!r} (keys: {', '.join(kids) or 'none'})",
+                f"names no signing key (key ids: {', '.join(kids) or 'none'})",
                 self.origin("signing.active_key"),
             )
         return file_keys

@@ -416,9 +416,10 @@ class Keyring:
         if active_key is not None:
             if active_key not in signing:
                 known = ", ".join(sorted(signing)) or "none"
+                # Not echoed: a secret pasted there by mistake must not reach a log.
                 raise ConfigError(
-                    f"{names['active_key']} {active_key[:64]!r} is not among the signing keys "
-                    f"in {names['keys']} ({known})"
+                    f"{names['active_key']} names none of the signing keys in "
+                    f"{names['keys']} ({known})"
                 )
             m = signing[active_key]
             signer = _HmacKey(m.raw) if algorithm == HMAC_SHA256 else _Ed25519Signer(m.raw)

@@ -447,7 +447,7 @@ SECRET_TEXT = base64.b64encode(b"TOPSECRET" * 2).decode()  # 18 bytes: too short
         ),
         (
             {"STEM_SIGNING_KEYS": hmac_entry("v1"), "STEM_SIGNING_ACTIVE_KEY": "v2"},
-            "STEM_SIGNING_ACTIVE_KEY 'v2' is not among the signing keys .*v1",
+            "STEM_SIGNING_ACTIVE_KEY names none of the signing keys .*v1",
         ),
         (
             {"STEM_SIGNING_KEYS": f"{hmac_entry('a')},{hmac_entry('b')}"},
@@ -486,7 +486,7 @@ SECRET_TEXT = base64.b64encode(b"TOPSECRET" * 2).decode()  # 18 bytes: too short
                 "STEM_SIGNING_PUBLIC_KEYS": f"v1:{b64url(SEED_V2)}",
                 "STEM_SIGNING_ACTIVE_KEY": "v1",
             },
-            "not among the signing keys",
+            "names none of the signing keys",
         ),
     ],
 )
