@@ -102,7 +102,9 @@ class Stem:
         self.header_hooks: list[Callable[[Envelope], Mapping[str, Any] | None]] = []
 
     def __repr__(self) -> str:
-        return f"<Stem {self.name} broker={self.broker_url}>"
+        from stem.observability.redact import redact_url
+
+        return f"<Stem {self.name} broker={redact_url(self.broker_url)}>"
 
     # -- configuration -------------------------------------------------------------------
 

@@ -41,9 +41,9 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from stem.errors import ConfigError, StemError
-from stem.observability.redact import redact_text, redact_url
+from stem.observability.redact import redact_error, redact_text, redact_url
 from stem.security.tls import TLSSettings
-from stem.urls import number_option
+from stem.urls import check_url, number_option
 
 log = logging.getLogger("stem.redis")
 
@@ -73,7 +73,8 @@ class RedisOptions:
     tls: bool = False
     insecure: bool = False
     socket_timeout_s: float = _DEFAULT_SOCKET_TIMEOUT_S
-    pool_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # Not in repr: it holds the password.
+    pool_kwargs: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 def _number(name: str, value: str, url: str) -> float:
@@ -137,11 +138,14 @@ def _tls_kwargs(
 
 def parse_url(url: str, tls: TLSSettings | None = None) -> RedisOptions:
     """Check a Stem Redis URL and turn it into connection-pool arguments."""
+    check_url(url, "Redis")
     try:
         parts = urlsplit(url)
         port = parts.port or 6379
     except ValueError as exc:
-        raise ConfigError(f"invalid Redis URL {redact_url(url)}: {exc}") from None
+        raise ConfigError(
+            f"invalid Redis URL {redact_url(url)}: {redact_error(str(exc), url)}"
+        ) from None
     scheme = parts.scheme.lower()
     if scheme not in {"redis", "rediss"}:
         raise ConfigError(f"not a Redis URL: {redact_url(url)} (use redis:// or rediss://)")

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from stem.errors import ConfigError, UnsupportedURL
-from stem.observability.redact import redact_url
+from stem.observability.redact import misplaced_password, redact_error, redact_url
 from stem.security.tls import TLSSettings
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -21,6 +21,7 @@ def open_by_scheme(
 ) -> Any:
     """Instantiate the class the URL's scheme names in ``schemes`` (a fixed table: URLs
     never name code to import)."""
+    check_url(url, what)
     scheme = urlsplit(url).scheme.lower()
     if scheme not in schemes:
         known = ", ".join(f"{s}://" for s in schemes)
@@ -35,6 +36,23 @@ def open_by_scheme(
             raise UnsupportedURL(f"the {scheme}:// {what} is not available") from None
         raise
     return getattr(module, cls_name)(url, tls=tls)
+
+
+def check_url(url: str, what: str) -> None:
+    """Raise :class:`ConfigError` for a URL that parsers would misread: one whose password
+    holds "/", "?" or "#" unescaped (it would be read as a host, port or path, and could be
+    shown as one), or one that does not split at all (a stray "[")."""
+    if misplaced_password(url):
+        raise ConfigError(
+            f"invalid {what} URL {redact_url(url)}: the password holds '/', '?' or '#'; "
+            "percent-encode them (%2F, %3F, %23)"
+        )
+    try:
+        urlsplit(url)
+    except ValueError as exc:
+        raise ConfigError(
+            f"invalid {what} URL {redact_url(url)}: {redact_error(str(exc), url)}"
+        ) from None
 
 
 def bool_option(name: str, value: str, url: str) -> bool:

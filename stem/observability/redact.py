@@ -4,15 +4,62 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 REDACTED = "***"
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "key", "credential", "private")
-_URL_IN_TEXT = re.compile(r"([a-z][a-z0-9+.-]*://)([^:/@\s]*):([^@/\s]+)@", re.IGNORECASE)
+# The password runs to the last "@" before a space: users write "/", "#" and "?" into
+# passwords unescaped, and hiding a little too much beats showing part of a secret.
+_URL_IN_TEXT = re.compile(r"([a-z][a-z0-9+.-]*://)([^:/@\s]*):([^@\s]+)@", re.IGNORECASE)
+
+
+def _userinfo(url: str) -> tuple[str, str, str] | None:
+    """(scheme, user info, the rest after the last "@"), read by hand: a password holding
+    "/", "#" or "?" unescaped (not valid in a URL, but written all the same) fools
+    urlsplit, which would show it as part of the host or path."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return (scheme, userinfo, host) if sep and at else None
+
+
+def _password(url: str) -> str | None:
+    found = _userinfo(url)
+    if found is None or ":" not in found[1]:
+        return None
+    return found[1].partition(":")[2]
+
+
+def misplaced_password(url: str) -> bool:
+    """True when the URL's password holds "/", "?" or "#" unescaped, so that URL parsers
+    end the host there and would read the password as a host, port or path."""
+    found = _userinfo(url)
+    if found is None:
+        return False
+    cut = re.search(r"[/?#]", found[1])
+    if cut is None:
+        return False
+    # "host:port/path?x=a@b" is a URL with an "@" in its query, not a password.
+    _, colon, after = found[1][: cut.start()].partition(":")
+    return bool(colon) and not after.isdigit()
+
+
+def redact_error(text: str, url: str) -> str:
+    """An error message about ``url`` (from a client library) with its password removed,
+    wherever it shows up (libraries quote pieces of a URL they could not parse)."""
+    text = redact_text(text)
+    password = _password(url)
+    for form in {password, unquote(password)} if password else ():
+        if len(form) >= 3:
+            text = text.replace(form, REDACTED)
+    return text
 
 
 def redact_url(url: str) -> str:
     """Replace the password in a URL (and secret-looking query values) with ``***``."""
+    found = _userinfo(url)
+    if found is not None and misplaced_password(url):
+        scheme, userinfo, host = found
+        url = f"{scheme}://{userinfo.partition(':')[0]}:{REDACTED}@{host}"
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -31,15 +31,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from stem.errors import ConfigError
-from stem.observability.redact import redact_url
+from stem.observability.redact import redact_error, redact_url
 from stem.security.tls import TLSSettings
-from stem.urls import bool_option, number_option
+from stem.urls import bool_option, check_url, number_option
 
 log = logging.getLogger("stem.postgres")
 
@@ -48,14 +48,16 @@ _STEM_OPTIONS = frozenset(
 )
 _DEFAULT_CONNECT_TIMEOUT_S = "10"
 _UNVERIFIED_MODES = frozenset({"disable", "allow", "prefer", "require"})
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 @dataclass(frozen=True, slots=True)
 class PgOptions:
     """Everything a client needs to open connections, with secrets kept out of ``target``."""
 
-    conninfo: str
-    params: Mapping[str, str] = field(default_factory=dict)
+    # Neither is in repr: both may hold the password.
+    conninfo: str = field(repr=False)
+    params: Mapping[str, str] = field(default_factory=dict, repr=False)
     target: str = "localhost:5432"
     migrate: bool = True
     listen: bool = True
@@ -78,7 +80,13 @@ def split_stem_options(url: str) -> tuple[str, dict[str, str]]:
             ours[unquote(name)] = unquote(value)
         else:
             kept.append(pair)
-    stripped = urlunsplit((parts.scheme, parts.netloc, parts.path, "&".join(kept), parts.fragment))
+    if not ours:
+        return url, ours
+    # Cut by hand: urlunsplit would turn "postgresql:///db" (a Unix socket) into
+    # "postgresql:/db", which libpq does not read.
+    base, hash_, fragment = url.partition("#")
+    base = base.partition("?")[0]
+    stripped = base + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
     return stripped, ours
 
 
@@ -109,6 +117,7 @@ def tls_params(given: Mapping[str, str], tls: TLSSettings | None) -> dict[str, s
 
 def parse(url: str, tls: TLSSettings | None = None) -> PgOptions:
     """Validate a Stem PostgreSQL URL; raise :class:`ConfigError` naming what is wrong."""
+    check_url(url, "PostgreSQL")
     scheme = urlsplit(url).scheme.lower()
     if scheme not in {"postgresql", "postgres"}:
         raise ConfigError(f"not a PostgreSQL URL: {redact_url(url)}")
@@ -116,7 +125,14 @@ def parse(url: str, tls: TLSSettings | None = None) -> PgOptions:
     try:
         given = {k: str(v) for k, v in conninfo_to_dict(stripped).items() if v is not None}
     except psycopg.Error as exc:
-        raise ConfigError(f"invalid PostgreSQL URL {redact_url(url)}: {exc}") from None
+        raise ConfigError(
+            f"invalid PostgreSQL URL {redact_url(url)}: {redact_error(str(exc).strip(), url)}"
+        ) from None
+    if given.get("sslmode", "prefer") not in _SSLMODES:
+        raise ConfigError(
+            f"invalid PostgreSQL URL {redact_url(url)}: sslmode {given['sslmode'][:40]!r} is not "
+            f"one of {', '.join(_SSLMODES)}"
+        )
     params = tls_params(given, tls)
     if "connect_timeout" not in given:
         params["connect_timeout"] = _DEFAULT_CONNECT_TIMEOUT_S

@@ -20,6 +20,14 @@ from stem.observability.redact import redact_mapping, redact_text, redact_url
             "postgresql://app:s3cret@db/stem?sslmode=verify-full",
             "postgresql://app:***@db/stem?sslmode=verify-full",
         ),
+        # Passwords with "/", "#" or "?" unescaped (not valid, but written all the same).
+        ("redis://:s3cr/et@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://u:s3cr#et@h/0", "redis://u:***@h/0"),
+        ("postgresql://u:s3?cret@db/stem", "postgresql://u:***@db/stem"),
+        (
+            "postgresql://db:5432/stem?application_name=a@b",
+            "postgresql://db:5432/stem?application_name=a@b",
+        ),
     ],
 )
 def test_redact_url_hides_secrets_and_keeps_the_rest(url: str, shown: str) -> None:
@@ -28,6 +36,7 @@ def test_redact_url_hides_secrets_and_keeps_the_rest(url: str, shown: str) -> No
 
 def test_text_and_mappings_are_redacted() -> None:
     assert "s3cret" not in redact_text("cannot reach redis://u:s3cret@h:1/0: refused")
+    assert "s3cr" not in redact_text("cannot reach redis://u:s3cr/et@h:1/0: refused")
     data = redact_mapping(
         {
             "signing": {"keys": ["v1:abc"], "active_key": "v1"},
@@ -36,3 +45,43 @@ def test_text_and_mappings_are_redacted() -> None:
     )
     assert data["signing"]["keys"] == "***" and data["signing"]["active_key"] == "v1"
     assert "s3cret" not in data["broker"]["url"]
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis://:s3cr/et@127.0.0.1:1/0", "password holds '/', '?' or '#'"),
+        ("redis://:s3cr#et@127.0.0.1:1/0", "password holds '/', '?' or '#'"),
+        ("redis://:s3cret@127.0.0.1:6x/0", "Port could not be cast"),
+        ("redis://:s3cret@[::1/0", "Invalid IPv6 URL"),
+        ("postgresql://u:s3cr/et@127.0.0.1:1/db", "password holds '/', '?' or '#'"),
+        ("postgresql://u:s3cr%zzet@127.0.0.1:1/db", "invalid percent-encoded token"),
+        ("postgresql://u:s3cret@127.0.0.1:1/db?sslmode=bogus", "sslmode 'bogus' is not one of"),
+    ],
+)
+def test_bad_urls_are_config_errors_that_never_show_the_password(url: str, words: str) -> None:
+    """What the client libraries say about a URL they cannot read quotes pieces of it."""
+    from stem import Stem
+    from stem.errors import ConfigError
+
+    app = Stem("x", broker=url, backend="memory://")
+    assert "s3cr" not in repr(app)
+    with pytest.raises(ConfigError) as caught:
+        app.broker.ping()
+    assert words in str(caught.value)
+    assert "s3cr" not in str(caught.value)
+
+
+def test_option_reprs_hold_no_password() -> None:
+    from stem.pg.conninfo import parse
+    from stem.redis_conn import parse_url
+
+    assert "s3cret" not in repr(parse_url("redis://:s3cret@h/0"))
+    assert "s3cret" not in repr(parse("postgresql://u:s3cret@h/db"))
+
+
+def test_postgres_urls_keep_their_unix_socket_form() -> None:
+    from stem.pg.conninfo import parse
+
+    assert parse("postgresql:///stem?pool_size=2").conninfo == "postgresql:///stem"
+    assert parse("postgresql:///stem").conninfo == "postgresql:///stem"
