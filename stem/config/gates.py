@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from stem.config.model import Settings, safe_url
 from stem.config.secrets import hmac_key_sizes, mode_problem
@@ -78,8 +78,12 @@ def _query(url: str) -> dict[str, str]:
 
 
 def _tls_state(url: str, settings: Settings) -> str:
-    """``local``, ``verified``, ``unverified`` or ``plaintext`` for one URL."""
-    parts = urlsplit(url)
+    """``local``, ``verified``, ``unverified`` or ``plaintext`` for one URL (a URL that
+    cannot be read counts as ``plaintext``: never as safe)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "plaintext"
     scheme = parts.scheme.lower()
     query = _query(url)
     if scheme in ("sqlite", "memory"):
@@ -90,11 +94,21 @@ def _tls_state(url: str, settings: Settings) -> str:
         if query.get("ssl_cert_reqs", "required").lower() in ("none", "optional"):
             return "unverified"
         return "unverified" if settings.tls.allow_insecure else "verified"
-    # PostgreSQL: a Unix socket (no host, or a host that is a directory) never leaves the box.
-    host = unquote(query.get("host", parts.hostname or ""))
-    if not host or host.startswith("/"):
+    # PostgreSQL, read as libpq reads it: only Unix sockets (no host, or hosts that are
+    # directories, and no hostaddr) never leave the box. Any TCP host in a list counts.
+    from psycopg import Error as PgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    from stem.pg.conninfo import split_stem_options
+
+    try:
+        given = conninfo_to_dict(split_stem_options(url)[0])
+    except PgError:
+        return "plaintext"
+    hosts = str(given.get("host") or "").split(",")
+    if not given.get("hostaddr") and all(not h or h.startswith("/") for h in hosts):
         return "local"
-    mode = query.get("sslmode")
+    mode = given.get("sslmode")
     if mode is None:
         # stem.pg.conninfo uses verify-full whenever TLS settings are given.
         mode = "verify-full" if settings.tls.configured else "prefer"

@@ -18,17 +18,25 @@ MAX_SECRET_BYTES = 1024 * 1024
 
 
 def mode_problem(path: str) -> str | None:
-    """Why ``path`` is too open for a secret, or None. Missing files are not judged here."""
+    """Why ``path`` is too open for a secret, or None. Missing files are not judged here.
+
+    Two layouts pass: owned by this user with mode 0600 (or stricter), and the packaged one,
+    owned by root and readable by this process's group (``0640 root:stem``), which the
+    service user can read but not change. Anything readable by others, or by a group this
+    process is not in, fails."""
     try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
+        st = os.stat(path)
     except OSError:
         return None
-    if mode & 0o077:
-        return (
-            f"secret file {path} is accessible by group or others (mode {mode:04o}); "
-            f"run: chmod 600 {path}"
-        )
-    return None
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077:
+        return None
+    if not mode & 0o037 and st.st_uid == 0 and st.st_gid in {os.getegid(), *os.getgroups()}:
+        return None
+    return (
+        f"secret file {path} is accessible by group or others (mode {mode:04o}); "
+        f"run: chmod 600 {path} (or keep it root-owned, group of the service, mode 0640)"
+    )
 
 
 def read_secret_file(path: str) -> str:

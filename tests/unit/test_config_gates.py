@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ from cryptography.x509.oid import NameOID
 
 from stem.config import GatesFailed, Settings, enforce_gates, list_gates, load_settings, run_gates
 from stem.config import gates as gates_mod
+from stem.config.secrets import mode_problem
 from stem.errors import ConfigError
 
 KEY32 = base64.b64encode(b"k" * 32).decode()
+OTHER_GID = 54321  # a group no process of the test run is in
 KEY16 = base64.b64encode(b"k" * 16).decode()
 GOOD = {
     "STEM_BROKER_URL": "rediss://:pw@redis.internal:6380/0",
@@ -65,6 +68,17 @@ def test_a_hardened_configuration_passes_every_gate(tmp_path: Path) -> None:
         ({"STEM_BROKER_URL": "postgresql://u:pw@db/stem"}, "G003-tls-off", "plaintext"),
         ({"STEM_BROKER_URL": "postgresql://db/s?sslmode=prefer"}, "G003-tls-off", "plaintext"),
         ({"STEM_BROKER_URL": "postgres://db/s?sslmode=disable"}, "G003-tls-off", "plaintext"),
+        # libpq connects over TCP despite a socket-looking host: hostaddr, or a host list.
+        (
+            {"STEM_BROKER_URL": "postgresql://%2Ftmp/stem?hostaddr=10.0.0.5&user=u"},
+            "G003-tls-off",
+            "plaintext",
+        ),
+        (
+            {"STEM_BROKER_URL": "postgresql://u@%2Fnonexistent:5432,10.0.0.5:5432/stem"},
+            "G003-tls-off",
+            "plaintext",
+        ),
         ({"STEM_TLS_ALLOW_INSECURE": "true"}, "G004-tls-unverified", "unverified"),
         (
             {"STEM_BROKER_URL": "rediss://h/0?ssl_cert_reqs=none"},
@@ -202,6 +216,8 @@ def test_loose_secret_files_fail_the_gate(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"k1:{KEY32}\n")
     keys.chmod(0o640)
+    if os.getuid() == 0:  # root's own file would be the packaged layout: another group
+        os.chown(keys, 0, OTHER_GID)
     # production refuses to load it at all; development loads it and the gate reports it
     with pytest.raises(ConfigError, match="mode 0640"):
         settings(tmp_path, STEM_SIGNING_KEYS="-", STEM_SIGNING_KEYS_FILE=str(keys))
@@ -214,6 +230,25 @@ def test_loose_secret_files_fail_the_gate(tmp_path: Path) -> None:
     keys.chmod(0o600)
     assert results["G001-signing-off"].ok
     assert run_gates(s, euid=1000)[6].ok
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to hand files to other owners")
+def test_the_packaged_key_layout_passes_and_near_misses_fail(tmp_path: Path) -> None:
+    """deploy/ keeps keys root-owned, readable by the service's group: 0640 root:stem."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"k1:{KEY32}\n")
+    ours = os.getegid()
+    for mode, uid, gid, ok in [
+        (0o640, 0, ours, True),  # the packaged layout
+        (0o600, 0, OTHER_GID, True),
+        (0o640, 0, OTHER_GID, False),  # a group this process is not in
+        (0o660, 0, ours, False),  # the group may write it
+        (0o644, 0, ours, False),  # everyone reads it
+        (0o640, 4321, ours, False),  # not root's: its owner could loosen it
+    ]:
+        os.chown(keys, uid, gid)
+        keys.chmod(mode)
+        assert (mode_problem(str(keys)) is None) is ok, (oct(mode), uid, gid)
 
 
 def test_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
