@@ -39,10 +39,10 @@ class CLIState:
 
 
 def state(ctx: typer.Context) -> CLIState:
-    obj = ctx.find_root().obj
-    if isinstance(obj, CLIState):
-        return obj
-    return CLIState()
+    root = ctx.find_root()
+    if not isinstance(root.obj, CLIState):
+        root.obj = CLIState()  # a sub-command run on its own (tests): one state per run
+    return root.obj
 
 
 def load_app(ctx: typer.Context, *, need_spec: bool = False, gates: bool = False) -> Stem:

@@ -24,35 +24,42 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Create and upgrade the PostgreSQL schema.", no_args_is_help=True)
 
 UrlOption = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--url",
-        envvar="STEM_BROKER_URL",
-        help="PostgreSQL URL (postgresql://user@host:port/db?sslmode=verify-full&...).",
+        help="PostgreSQL URL (postgresql://user@host:port/db?sslmode=verify-full&...); "
+        "default: the configured broker URL (broker.url or broker.url_file, "
+        "STEM_BROKER_URL, --broker).",
     ),
 ]
 
 
-def _client(url: str) -> PgClient:
+def _client(ctx: typer.Context, url: str | None) -> PgClient:
+    """A client for ``url`` (default: the configured broker), with the configured TLS
+    settings: the same verified connection a worker would open."""
+    from stem.cli.context import load_app, state
     from stem.errors import BrokerConnectionError, BrokerError
     from stem.pg import conninfo
     from stem.pg.client import PgClient
 
+    stem_app = load_app(ctx)
+    url = url or stem_app.broker_url
     if urlsplit(url).scheme.lower() not in {"postgresql", "postgres"}:
         raise ConfigError(
             f"`stem db` manages PostgreSQL only; {redact_url(url)} is not a postgresql:// URL"
         )
+    tls = state(ctx).settings.tls.to_tls_settings()
     # Never migrate implicitly here: `status` must only look.
-    options = dataclasses.replace(conninfo.parse(url), migrate=False)
+    options = dataclasses.replace(conninfo.parse(url, tls), migrate=False)
     return PgClient(options, error=BrokerError, conn_error=BrokerConnectionError, role="db")
 
 
 @app.command()
-def migrate(url: UrlOption) -> None:
+def migrate(ctx: typer.Context, url: UrlOption = None) -> None:
     """Apply pending migrations (safe to run from several hosts at once)."""
     from stem.pg import migrate as mig
 
-    client = _client(url)
+    client = _client(ctx, url)
     try:
         applied = client.run("applying migrations", mig.apply)
     finally:
@@ -66,7 +73,8 @@ def migrate(url: UrlOption) -> None:
 
 @app.command()
 def status(
-    url: UrlOption,
+    ctx: typer.Context,
+    url: UrlOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     check: Annotated[
         bool, typer.Option("--check", help="Exit 1 if any migration is pending or changed.")
@@ -75,7 +83,7 @@ def status(
     """Which migrations are applied, pending, or changed since they were applied."""
     from stem.pg import migrate as mig
 
-    client = _client(url)
+    client = _client(ctx, url)
     try:
         rows = client.run("reading migration status", mig.status)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -62,3 +63,26 @@ def test_unreachable_server_is_a_connection_error() -> None:
     )
     assert isinstance(result.exception, BrokerConnectionError)
     assert "s3cretpw" not in str(result.exception)
+
+
+def test_the_configured_tls_settings_apply(empty_url: str) -> None:
+    """`stem db` opens the connection a worker would: with a CA configured it insists on a
+    verified TLS connection, and this throwaway server speaks no TLS, so it is refused
+    instead of sending the password in the clear."""
+    from pathlib import Path
+
+    ca = Path(__file__).resolve().parents[2] / "certs" / "dev" / "ca.pem"
+    runner = CliRunner()
+    plain = runner.invoke(app, ["status", "--url", empty_url])
+    assert plain.exit_code == 0, plain.output
+    result = runner.invoke(app, ["status", "--url", empty_url], env={"STEM_TLS_CA_FILE": str(ca)})
+    assert isinstance(result.exception, BrokerConnectionError)
+    assert "SSL" in str(result.exception)
+
+
+def test_the_url_defaults_to_the_configured_broker(empty_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "stem.yaml"
+    config.write_text(f"broker:\n  url: {empty_url}\n")
+    result = CliRunner().invoke(app, ["status", "--json"], env={"STEM_CONFIG": str(config)})
+    assert result.exit_code == 0, result.output
+    assert {row["state"] for row in json.loads(result.output)} == {"pending"}
