@@ -62,7 +62,11 @@ def config_files(
     files += [("conf.d", str(confd / name), False) for name in names]
     files.append(("profile", str(base / f"stem.{profile}.yaml"), False))
     if config_file:
-        files.append(("file", os.path.abspath(os.path.expanduser(config_file)), True))
+        extra = os.path.realpath(os.path.expanduser(config_file))
+        # A file of the directory's layers named again (STEM_CONFIG=/etc/stem/stem.yaml)
+        # stays at its own layer: read twice, it would land above the profile and undo it.
+        if extra not in {os.path.realpath(path) for _, path, _ in files}:
+            files.append(("file", os.path.abspath(os.path.expanduser(config_file)), True))
     return files
 
 

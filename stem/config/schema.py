@@ -265,7 +265,19 @@ ENV_ALIASES: dict[str, str] = {
     "STEM_LOG_FORMAT": "logging.format",
 }
 # STEM_* variables that select how configuration is loaded, never settings themselves.
-ENV_RESERVED = frozenset({"STEM_PROFILE", "STEM_CONFIG_DIR", "STEM_CONFIG", "STEM_APP"})
+# Variables that are not settings although their names start like a section's: the
+# loader's own, and command-line options of `stem` that only that command reads.
+ENV_RESERVED = frozenset(
+    {
+        "STEM_PROFILE",
+        "STEM_CONFIG_DIR",
+        "STEM_CONFIG",
+        "STEM_APP",
+        "STEM_WORKER_EVENTS",  # stem worker --events
+        "STEM_BEAT_ID",  # stem beat --id
+        "STEM_BEAT_PRUNE",  # stem beat --prune
+    }
+)
 
 
 def env_name(path: str) -> str:

@@ -44,7 +44,10 @@ def test_quick_start_and_cli_examples_run(tmp_path: Path) -> None:
     [tasks_src] = [b for b in _blocks("python") if b.startswith("# shop/tasks.py")]
     (tmp_path / "shop").mkdir()
     (tmp_path / "shop" / "__init__.py").write_text("")
-    (tmp_path / "shop" / "tasks.py").write_text(tasks_src)
+    # The README's absolute database path, moved into this test's directory.
+    assert "sqlite:////var/tmp/stem.db" in tasks_src
+    db = f"sqlite:///{tmp_path / 'stem.db'}"
+    (tmp_path / "shop" / "tasks.py").write_text(tasks_src.replace("sqlite:////var/tmp/stem.db", db))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     stem = [sys.executable, "-m", "stem.cli.main"]
     multi = [sys.executable, "-m", "stem.cli.multi"]

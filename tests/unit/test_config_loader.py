@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +371,40 @@ def test_settings_are_frozen_and_repr_hides_secrets(tmp_path: Path) -> None:
     text = repr(s)
     assert "pw-xyz" not in text and KEY32 not in text
     assert "k1:***" in text
+
+
+def test_naming_a_directory_layer_again_does_not_lift_it_above_the_profile(
+    tmp_path: Path,
+) -> None:
+    """STEM_CONFIG=/etc/stem/stem.yaml must not re-apply the base file over the profile."""
+    etc = tmp_path / "etc"
+    base = write(etc / "stem.yaml", "worker:\n  lease_s: 11\n")
+    write(etc / "stem.production.yaml", "worker:\n  lease_s: 22\n")
+    env = {"STEM_CONFIG_DIR": str(etc), "STEM_CONFIG": str(base)}
+    s = load_settings(environ=env, profile="production")
+    assert s.worker.lease_s == 22
+    assert s.provenance("worker.lease_s").layer == "profile"
+    assert s.files == (str(base), str(etc / "stem.production.yaml"))
+
+
+def test_every_variable_the_cli_documents_is_accepted(tmp_path: Path) -> None:
+    """`stem ... --help` lists a STEM_* variable for each option; setting any of them (in
+    a unit's environment file, say) must not make the configuration invalid."""
+    import typer.main
+
+    from stem.cli.main import app
+
+    def walk(command: Any) -> Iterator[str]:
+        for param in command.params:
+            envvar = getattr(param, "envvar", None)
+            yield from [envvar] if isinstance(envvar, str) else envvar or []
+        for sub in getattr(command, "commands", {}).values():
+            yield from walk(sub)
+
+    names = sorted(set(walk(typer.main.get_command(app))))
+    assert {"STEM_WORKER_EVENTS", "STEM_BEAT_ID", "STEM_WORKER_LEASE_S"} <= set(names)
+    for name in names:
+        try:
+            load(tmp_path, environ={name: "1"})
+        except ConfigError as exc:  # "1" may be a bad value; it must not be a bad name
+            assert "unknown setting" not in str(exc), name
