@@ -103,6 +103,20 @@ def revoke(app: Stem, task_ids: Sequence[str]) -> None:
         )
 
 
+def resolve_nodes(app: Stem, names: Sequence[str]) -> list[str]:
+    """Full node names (``alpha@host``) for ``names``: a name without ``@`` stands for the
+    live node of that name on any host, if there is exactly one; names that match no live
+    node are kept as given (a node may answer before its first heartbeat)."""
+    live = live_nodes(app)
+    out: list[str] = []
+    for name in names:
+        matches = [n for n in live if n.partition("@")[0] == name] if "@" not in name else []
+        if len(matches) > 1:
+            raise StemError(f"node name {name!r} matches {', '.join(matches)}: give the full name")
+        out.append(matches[0] if matches else name)
+    return out
+
+
 def broadcast(
     app: Stem,
     command: str,
@@ -115,7 +129,7 @@ def broadcast(
     replies that arrive within ``timeout_s``."""
     if command not in COMMANDS:
         raise StemError(f"unknown control command {command!r}; known: {', '.join(COMMANDS)}")
-    nodes = list(destination) if destination else live_nodes(app)
+    nodes = resolve_nodes(app, destination) if destination else live_nodes(app)
     if not nodes:
         return []
     request_id = new_id()

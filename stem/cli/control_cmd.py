@@ -45,7 +45,11 @@ def _run(
         for r in replies:
             typer.echo(f"{r.worker}: {'OK' if r.ok else 'ERROR'} {r.result}")
     if not replies:
-        fail("no worker replied", ExitCode.UNAVAILABLE)
+        live = control.live_nodes(stem_app)
+        fail(
+            f"no worker replied within {timeout:g}s (live nodes: {', '.join(live) or 'none'})",
+            ExitCode.UNAVAILABLE,
+        )
     if not all(r.ok for r in replies):
         raise typer.Exit(int(ExitCode.FAILURE))
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from stem import Stem, TaskError, control, states
+from stem.errors import StemError
 from stem.testing import memory_app, running_worker
 
 
@@ -62,6 +63,22 @@ def test_ping_reaches_every_worker(app: Stem, two: Any) -> None:
     ]
     only = control.broadcast(app, "ping", destination=["beta"])
     assert [r.worker for r in only] == ["beta"]
+
+
+def test_a_node_name_without_host_reaches_that_node(app: Stem) -> None:
+    _beat(app)
+    with (
+        running_worker(app, node_name="alpha@h1", queues=("default",)),
+        running_worker(app, node_name="beta@h1", queues=("default",)),
+        running_worker(app, node_name="beta@h2", queues=("default",)),
+    ):
+        _wait_nodes(app, 3)
+        [reply] = control.broadcast(app, "ping", destination=["alpha"])
+        assert reply.worker == "alpha@h1"
+        with pytest.raises(StemError, match="matches beta@h1, beta@h2: give the full name"):
+            control.broadcast(app, "ping", destination=["beta"])
+        [reply] = control.broadcast(app, "ping", destination=["beta@h2"])
+        assert reply.worker == "beta@h2"
 
 
 def test_stats_registered_active_reserved(app: Stem, two: Any) -> None:
