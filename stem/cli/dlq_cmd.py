@@ -93,10 +93,18 @@ _BATCH = 500
 
 
 def _batches(
-    broker: Broker, ids: list[str] | None, queue: str | None
+    broker: Broker, ids: list[str] | None, queue: str | None, missing: list[str]
 ) -> Iterator[list[DeadLetter]]:
+    """Dead letters in batches: the named ones (ids not found are added to ``missing``),
+    else those of ``queue`` (or all)."""
     if ids:
-        found = [d for d in (broker.dlq_get(i) for i in ids) if d is not None]
+        found = []
+        for dead_id in ids:
+            d = broker.dlq_get(dead_id)
+            if d is None:
+                missing.append(dead_id)
+            else:
+                found.append(d)
         for i in range(0, len(found), _BATCH):
             yield found[i : i + _BATCH]
         return
@@ -132,6 +140,13 @@ def _replay_batch(app: Stem, letters: list[DeadLetter], resign: bool) -> int:
     return n
 
 
+def _not_found(missing: list[str]) -> None:
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        fail(f"no dead letter {shown}{more}", ExitCode.NOT_FOUND)
+
+
 def _progress(what: str) -> Progress:
     return Progress(
         TextColumn(what),
@@ -163,9 +178,10 @@ def replay(
         else sum(s.dead for s in stem_app.broker.stats([queue] if queue else None))
     )
     n = 0
+    missing: list[str] = []
     with _progress("replaying") as bar:
         task = bar.add_task("replay", total=total)
-        for letters in _batches(stem_app.broker, selection, queue):
+        for letters in _batches(stem_app.broker, selection, queue, missing):
             done = _replay_batch(stem_app, letters, resign)
             n += done
             bar.advance(task, len(letters))
@@ -175,6 +191,7 @@ def replay(
         emit_json({"replayed": n})
     else:
         typer.echo(f"replayed {n}")
+    _not_found(missing)
 
 
 @app.command("purge")
@@ -192,9 +209,10 @@ def purge(
         raise typer.Exit(int(ExitCode.FAILURE))
     broker = load_app(ctx).broker
     n = 0
+    missing: list[str] = []
     with _progress("purging") as bar:
         task = bar.add_task("purge", total=None)
-        for letters in _batches(broker, selection, queue):
+        for letters in _batches(broker, selection, queue, missing):
             done = broker.dlq_purge([d.id for d in letters])
             n += done
             bar.advance(task, len(letters))
@@ -204,3 +222,4 @@ def purge(
         emit_json({"purged": n})
     else:
         typer.echo(f"purged {n}")
+    _not_found(missing)

@@ -135,10 +135,16 @@ def queues(
     ctx: typer.Context,
     names: Annotated[list[str] | None, typer.Argument(help="Queues (default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    internal: Annotated[
+        bool,
+        typer.Option("--internal", help="Also list Stem's own control and reply queues (stem.*)."),
+    ] = False,
 ) -> None:
     """Queue depths: ready, delayed, reserved and dead-lettered messages."""
     app = load_app(ctx)
     stats = app.broker.stats(names or None)
+    if not names and not internal:
+        stats = [s for s in stats if not s.queue.startswith(("stem.control.", "stem.reply."))]
     if as_json:
         emit_json(
             [
