@@ -273,6 +273,7 @@ class Plan:
     workdir: str
     role: str
     ready_timeout_s: float
+    timeout_given: bool = False  # --timeout: stop waits exactly that long
 
 
 def _float(value: str, option: str) -> float:
@@ -340,7 +341,7 @@ def plan(parsed: Parsed) -> Plan:
     if parsed.command in ("start", "restart"):
         identity = resolve_identity(own.get("user"), own.get("group"))
     ready = _float(own.get("ready_timeout", "60"), "--ready-timeout")
-    return Plan(parsed.command, tuple(nodes), identity, workdir, role, ready)
+    return Plan(parsed.command, tuple(nodes), identity, workdir, role, ready, bool(timeout))
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -455,11 +456,29 @@ def _wait_gone(sent: dict[int, Node], timeout_of: dict[int, float]) -> dict[int,
     return left
 
 
+def _stop_timeout_s(p: Plan, node: Node, pid: int) -> float:
+    """How long to wait for a stopping node: --timeout if given; else its own drain budget
+    as its state file reports it (set by a flag, a variable or YAML), plus the margin, or
+    what its command line and environment say when there is no such report."""
+    if p.timeout_given or node.state_file is None:
+        return node.stop_timeout_s
+    from stem.worker.service import read_state
+
+    try:
+        state = read_state(node.state_file)
+    except (OSError, ValueError):
+        return node.stop_timeout_s
+    budget = state.get("shutdown_budget_s")
+    if state.get("pid") != pid or not isinstance(budget, int | float) or not budget >= 0:
+        return node.stop_timeout_s
+    return float(budget) + STOP_MARGIN_S
+
+
 def cmd_stop(p: Plan, *, wait: bool) -> MultiExit:
     sent = _signal_all(p, signal.SIGTERM)
     if not wait:
         return MultiExit.OK
-    left = _wait_gone(sent, {pid: node.stop_timeout_s for pid, node in sent.items()})
+    left = _wait_gone(sent, {pid: _stop_timeout_s(p, node, pid) for pid, node in sent.items()})
     return MultiExit.STOP_TIMEOUT if left else MultiExit.OK
 
 

@@ -285,6 +285,9 @@ class ServiceHooks:
         snapshot = dict(self.worker.health() if health is None else health)
         snapshot["phase"] = phase
         snapshot["heartbeat_s"] = self.worker.config.heartbeat_s
+        # What `stem-multi stopwait` waits for: this node's own drain budget, whatever layer
+        # (flag, variable, YAML) set it.
+        snapshot["shutdown_budget_s"] = self.worker.config.shutdown_budget_s
         if phase == "stopped":
             snapshot["consuming"] = False
         self.state.write(snapshot)

@@ -190,6 +190,21 @@ def test_count_ranges_and_budget_derived_stop_timeout() -> None:
     assert multi.expand("%n@%h/%i/%%n/%x", name="a", host="h", index=2) == "a@h/2/%n/%x"
 
 
+def test_stopwait_waits_for_the_budget_the_node_reports(tmp_path: Path) -> None:
+    """A node's drain budget may come from YAML, which stem-multi does not read: its state
+    file says what the node runs with, and stopwait waits that long plus the margin."""
+    state = tmp_path / "a.json"
+    argv = ["stopwait", "a", "--state-file", str(tmp_path / "%n.json")]
+    plan = multi.plan(multi.parse(argv))
+    [node] = plan.nodes
+    assert multi._stop_timeout_s(plan, node, 4242) == 60.0  # no report: the env/flag default
+    state.write_text(json.dumps({"pid": 4242, "shutdown_budget_s": 120.0}))
+    assert multi._stop_timeout_s(plan, node, 4242) == 120.0 + multi.STOP_MARGIN_S
+    assert multi._stop_timeout_s(plan, node, 999) == 60.0  # an earlier incarnation's report
+    given = multi.plan(multi.parse([*argv, "--timeout", "5"]))
+    assert multi._stop_timeout_s(given, given.nodes[0], 4242) == 5.0
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -244,6 +244,7 @@ def test_attach_follows_the_worker_lifecycle(
         signals.worker_shutdown.send(worker=worker)
         final = service.read_state(state_path)
         assert final["phase"] == "stopped" and final["consuming"] is False
+        assert final["shutdown_budget_s"] == worker.config.shutdown_budget_s
         assert not pidfile.exists()
         signals.heartbeat.send(worker=worker, health=worker.health())  # detached by now
         assert _recv_all(sock) == []
