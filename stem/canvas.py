@@ -314,6 +314,17 @@ class Chord:
         from stem.result import AsyncResult
 
         app = self.body._app()
+        for sig in self.header.members:
+            task = app.tasks.get(sig.task)
+            if sig.options.get("ignore_result") or (
+                task is not None
+                and task.options.ignore_result
+                and sig.options.get("ignore_result") is not False
+            ):
+                raise ConfigError(
+                    f"chord member {sig.task!r} ignores its result, which the callback "
+                    "needs: set ignore_result=False on it"
+                )
         cb = self.body.to_wire()
         spec = {"size": len(self.header.members), "callback": cb}
         gid, _ = self.header._publish({"chord": spec})

@@ -154,6 +154,21 @@ def test_empty_and_wrong_canvas_inputs_are_clear_errors(app: Stem) -> None:
     with pytest.raises(ConfigError, match="unknown signature option"):
         t(app, "add").s(1, 2).set(colour="red")
 
+    @app.task(name="fire_and_forget", ignore_result=True)
+    def fire_and_forget() -> int:
+        return 1
+
+    add, total = t(app, "add"), t(app, "total")
+    with pytest.raises(ConfigError, match="chord member 'add' ignores its result"):
+        chord([add.s(1, 1).set(ignore_result=True)], total.s()).delay()
+    with pytest.raises(ConfigError, match="chord member 'fire_and_forget' ignores its result"):
+        chord([fire_and_forget.s()], total.s()).delay()
+    with running_worker(app):  # asked to keep it for this call: fine
+        assert (
+            chord([fire_and_forget.s().set(ignore_result=False)], total.s()).delay().get(timeout=10)
+            == 1
+        )
+
 
 def test_signature_options_are_checked_when_composed(app: Stem) -> None:
     add = t(app, "add")
