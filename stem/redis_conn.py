@@ -111,7 +111,8 @@ def _tls_kwargs(
     reqs = query.get("ssl_cert_reqs", "none" if tls.allow_insecure else "required").lower()
     if reqs not in {"required", "optional", "none"}:
         raise ConfigError(
-            f"URL option ssl_cert_reqs={reqs!r} in {redact_url(url)} must be required or none"
+            f"URL option ssl_cert_reqs={reqs!r} in {redact_url(url)} must be required or none "
+            "(optional is read as required)"
         )
     insecure = reqs == "none"
     version = _TLS_VERSIONS.get(tls.min_version)
