@@ -154,8 +154,12 @@ def classify(task: Task[Any, Any], exc: BaseException, start: float) -> Outcome:
         return failure(exc, runtime_s=runtime)
     if isinstance(exc, SoftTimeLimitExceeded):
         return failure(exc, tb=_tb(), runtime_s=runtime)
-    auto = bool(task.options.autoretry_for) and isinstance(exc, task.options.autoretry_for)
-    return failure(exc, tb=_tb(), autoretry=auto, runtime_s=runtime)
+    return failure(exc, tb=_tb(), autoretry=autoretries(task, exc), runtime_s=runtime)
+
+
+def autoretries(task: Task[Any, Any], exc: BaseException) -> bool:
+    """Whether ``exc`` ending a run of ``task`` is retried (its ``autoretry_for``)."""
+    return bool(task.options.autoretry_for) and isinstance(exc, task.options.autoretry_for)
 
 
 def check_value(task: Task[Any, Any], value: Any, start: float) -> Outcome:

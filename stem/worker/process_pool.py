@@ -18,7 +18,7 @@ from typing import Any
 
 from stem.errors import HardTimeLimitExceeded, StemError, WorkerLost
 from stem.worker.framing import FrameReader, write_frame
-from stem.worker.job import Job, Outcome, failure
+from stem.worker.job import Job, Outcome, autoretries, failure
 from stem.worker.pools import Done, Progress
 
 log = logging.getLogger("stem.worker.process")
@@ -175,7 +175,8 @@ class ProcessPool:
                 )
             else:
                 exc = WorkerLost(f"pool process {child.proc.pid} exited with code {code}")
-            self._done(job, failure(exc))
+            # Raised in this process, not in the task: autoretry_for still decides.
+            self._done(job, failure(exc, autoretry=autoretries(job.task, exc)))
         if not self._stopping and not child.retiring:
             log.warning(
                 "pool process %s exited (%s); starting a replacement",

@@ -503,3 +503,48 @@ def test_a_broker_whose_ack_takes_no_claims_is_refused_at_start_when_signing() -
                 pass
     finally:
         old.close()
+
+
+CRASHING_APP = """
+import os
+from stem import Stem
+from stem.errors import WorkerLost
+
+url = os.environ["STEM_TEST_CRASH_URL"]
+app = Stem("crash", broker=url, backend=url)
+marker = os.environ["STEM_TEST_CRASH_MARKER"]
+
+def _crash_once():
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)  # the pool process dies mid-task, as under the OOM killer
+    return "survived"
+
+@app.task(name="crash.retried", autoretry_for=(WorkerLost,), max_retries=1, retry_backoff=0.1)
+def retried():
+    return _crash_once()
+
+@app.task(name="crash.plain")
+def plain():
+    os._exit(3)
+"""
+
+
+def test_a_lost_pool_process_fails_the_task_or_retries_it_if_asked(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "crash_app.py").write_text(CRASHING_APP)
+    monkeypatch.setenv("STEM_TEST_CRASH_URL", f"sqlite:///{tmp_path / 'stem.db'}")
+    monkeypatch.setenv("STEM_TEST_CRASH_MARKER", str(tmp_path / "crashed"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from stem.loader import load_app
+
+    app = load_app("crash_app:app")
+    try:
+        with running_worker(app, pool="process", concurrency=1):
+            assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
+            with pytest.raises(TaskError, match="WorkerLost"):
+                app.tasks["crash.plain"].delay().get(timeout=30)
+    finally:
+        app.close()
