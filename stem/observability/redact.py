@@ -8,18 +8,25 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 REDACTED = "***"
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "key", "credential", "private")
-# The password runs to the last "@" before a space: users write "/", "#" and "?" into
-# passwords unescaped, and hiding a little too much beats showing part of a secret.
-_URL_IN_TEXT = re.compile(r"([a-z][a-z0-9+.-]*://)([^:/@\s]*):([^@\s]+)@", re.IGNORECASE)
+_URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+# A host, a host:port, or a list of them (PostgreSQL): what an authority without user info
+# looks like, told apart from "user:password".
+_HOSTS = re.compile(r"(\[[^\]]*\]|[^:@,\[]*)(:\d*)?(,.*)?")
 
 
 def _userinfo(url: str) -> tuple[str, str, str] | None:
-    """(scheme, user info, the rest after the last "@"), read by hand: a password holding
-    "/", "#" or "?" unescaped (not valid in a URL, but written all the same) fools
-    urlsplit, which would show it as part of the host or path."""
+    """(scheme, user info, the rest after it), read by hand: a password holding "/", "#" or
+    "?" unescaped (not valid in a URL, but written all the same) fools urlsplit, which
+    would show it as part of the host or path. The user info ends at the last "@" before
+    the first "/", "?" or "#" that follows the first "@" (so an "@" in the query is not
+    taken for one, and an "@" inside the password is)."""
     scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    return (scheme, userinfo, host) if sep and at else None
+    first = rest.find("@")
+    if not sep or first < 0:
+        return None
+    cut = re.compile(r"[/?#]").search(rest, first)
+    at = rest.rfind("@", 0, cut.start() if cut else len(rest))
+    return scheme, rest[:at], rest[at + 1 :]
 
 
 def _password(url: str) -> str | None:
@@ -38,9 +45,10 @@ def misplaced_password(url: str) -> bool:
     cut = re.search(r"[/?#]", found[1])
     if cut is None:
         return False
-    # "host:port/path?x=a@b" is a URL with an "@" in its query, not a password.
-    _, colon, after = found[1][: cut.start()].partition(":")
-    return bool(colon) and not after.isdigit()
+    # What comes before the cut is a host (list), as in "h:5432/db?x=a@b": an "@" in the
+    # query and no user info at all; or "user:pass" of a password that holds the cut.
+    head = found[1][: cut.start()]
+    return ":" in head and _HOSTS.fullmatch(head) is None
 
 
 def redact_error(text: str, url: str) -> str:
@@ -89,7 +97,7 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str) -> str:
     """Redact credentials of any URLs inside free text (error messages, log lines)."""
-    return _URL_IN_TEXT.sub(lambda m: f"{m.group(1)}{m.group(2)}:{REDACTED}@", text)
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
 
 
 def is_secret_name(name: str) -> bool:

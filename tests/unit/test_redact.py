@@ -28,6 +28,13 @@ from stem.observability.redact import redact_mapping, redact_text, redact_url
             "postgresql://db:5432/stem?application_name=a@b",
             "postgresql://db:5432/stem?application_name=a@b",
         ),
+        (
+            "postgresql://app:s3cret@db:5432/stem?application_name=stem@w1",
+            "postgresql://app:***@db:5432/stem?application_name=stem@w1",
+        ),
+        ("postgresql://h1:5432,h2:5432/db?x=a@b", "postgresql://h1:5432,h2:5432/db?x=a@b"),
+        ("postgresql://[::1]:5432/db?x=a@b", "postgresql://[::1]:5432/db?x=a@b"),
+        ("redis://u:p@ss@h/0", "redis://u:***@h/0"),
     ],
 )
 def test_redact_url_hides_secrets_and_keeps_the_rest(url: str, shown: str) -> None:
@@ -37,6 +44,8 @@ def test_redact_url_hides_secrets_and_keeps_the_rest(url: str, shown: str) -> No
 def test_text_and_mappings_are_redacted() -> None:
     assert "s3cret" not in redact_text("cannot reach redis://u:s3cret@h:1/0: refused")
     assert "s3cr" not in redact_text("cannot reach redis://u:s3cr/et@h:1/0: refused")
+    kept = "redis://host:6379/0?client_name=a@b"  # an "@" in the query is no password
+    assert redact_text(f"cannot reach {kept}: refused") == f"cannot reach {kept}: refused"
     data = redact_mapping(
         {
             "signing": {"keys": ["v1:abc"], "active_key": "v1"},
@@ -70,6 +79,13 @@ def test_bad_urls_are_config_errors_that_never_show_the_password(url: str, words
         app.broker.ping()
     assert words in str(caught.value)
     assert "s3cr" not in str(caught.value)
+
+
+def test_a_password_and_an_at_sign_in_the_query_are_a_valid_url() -> None:
+    from stem.pg.conninfo import parse
+
+    url = "postgresql://app:s3cret@db.example.com:5432/stem?application_name=stem@worker1"
+    assert parse(url).target == "db.example.com:5432/stem"
 
 
 def test_option_reprs_hold_no_password() -> None:
