@@ -91,7 +91,8 @@ def _tls_state(url: str, settings: Settings) -> str:
     if scheme == "redis":
         return "plaintext"
     if scheme == "rediss":
-        if query.get("ssl_cert_reqs", "required").lower() in ("none", "optional"):
+        # Stem reads "optional" as "required" (stem/redis_conn.py): only "none" is unverified.
+        if query.get("ssl_cert_reqs", "required").lower() == "none":
             return "unverified"
         return "unverified" if settings.tls.allow_insecure else "verified"
     # PostgreSQL, read as libpq reads it: only Unix sockets (no host, or hosts that are

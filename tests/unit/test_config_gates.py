@@ -124,6 +124,7 @@ def test_gate_messages_never_show_passwords_and_name_the_layer(tmp_path: Path) -
         "sqlite:////var/lib/stem/stem.db",
         "rediss://:pw@h:6380/0",
         "rediss://h/0?ssl_cert_reqs=required",
+        "rediss://h/0?ssl_cert_reqs=optional",  # read as required by the client
         "postgresql://u:pw@db/stem?sslmode=verify-full",
         "postgresql:///stem",  # default Unix socket
         "postgresql://u@%2Fvar%2Frun%2Fpostgresql/stem",
