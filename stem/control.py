@@ -110,7 +110,8 @@ def resolve_nodes(app: Stem, names: Sequence[str]) -> list[str]:
     live = live_nodes(app)
     out: list[str] = []
     for name in names:
-        matches = [n for n in live if n.partition("@")[0] == name] if "@" not in name else []
+        exact = "@" in name or name in live  # a full name, or a node named without a host
+        matches = [] if exact else [n for n in live if n.partition("@")[0] == name]
         if len(matches) > 1:
             raise StemError(f"node name {name!r} matches {', '.join(matches)}: give the full name")
         out.append(matches[0] if matches else name)

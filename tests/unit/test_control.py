@@ -71,8 +71,12 @@ def test_a_node_name_without_host_reaches_that_node(app: Stem) -> None:
         running_worker(app, node_name="alpha@h1", queues=("default",)),
         running_worker(app, node_name="beta@h1", queues=("default",)),
         running_worker(app, node_name="beta@h2", queues=("default",)),
+        running_worker(app, node_name="gamma", queues=("default",)),
+        running_worker(app, node_name="gamma@h2", queues=("default",)),
     ):
-        _wait_nodes(app, 3)
+        _wait_nodes(app, 5)
+        [reply] = control.broadcast(app, "ping", destination=["gamma"])  # exact name wins
+        assert reply.worker == "gamma"
         [reply] = control.broadcast(app, "ping", destination=["alpha"])
         assert reply.worker == "alpha@h1"
         with pytest.raises(StemError, match="matches beta@h1, beta@h2: give the full name"):
