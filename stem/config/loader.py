@@ -65,7 +65,8 @@ def config_files(
         extra = os.path.realpath(os.path.expanduser(config_file))
         # A file of the directory's layers named again (STEM_CONFIG=/etc/stem/stem.yaml)
         # stays at its own layer: read twice, it would land above the profile and undo it.
-        if extra not in {os.path.realpath(path) for _, path, _ in files}:
+        layered = {os.path.realpath(path) for _, path, _ in files}
+        if extra not in layered or not os.path.exists(extra):
             files.append(("file", os.path.abspath(os.path.expanduser(config_file)), True))
     return files
 

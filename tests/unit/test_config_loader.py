@@ -385,6 +385,10 @@ def test_naming_a_directory_layer_again_does_not_lift_it_above_the_profile(
     assert s.worker.lease_s == 22
     assert s.provenance("worker.lease_s").layer == "profile"
     assert s.files == (str(base), str(etc / "stem.production.yaml"))
+    # Named but missing, it is still an error (it is only optional as a directory layer).
+    base.unlink()
+    with pytest.raises(ConfigError, match="config file does not exist"):
+        load_settings(environ=env, profile="production")
 
 
 def test_every_variable_the_cli_documents_is_accepted(tmp_path: Path) -> None:
