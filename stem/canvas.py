@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from stem.envelope import Envelope, new_id
@@ -83,6 +83,18 @@ def _wire_problem(wire: Any, where: str) -> str | None:
     return None
 
 
+def _portable(wire: dict[str, Any], what: str) -> dict[str, Any]:
+    """``wire``, checked to travel in a message (a later chain step, a chord callback, a
+    link): its options must be what a worker accepts (a datetime is not)."""
+    for key, value in (wire.get("options") or {}).items():
+        if key not in _LINK_OPTIONS and (problem := _option_problem(key, value)):
+            raise ConfigError(
+                f"{what} {wire['task']!r}: {problem}; a step sent later takes countdown "
+                "and expires in seconds from when it is sent"
+            )
+    return wire
+
+
 def check_headers(headers: Mapping[str, Any]) -> None:
     """Raise :class:`DecodeError` naming the first malformed canvas header, if any."""
     problem = None
@@ -132,6 +144,10 @@ class Signature:
                 continue
             if isinstance(value, timedelta):
                 options[key] = value = value.total_seconds()
+            if key == "expires" and isinstance(value, datetime):
+                if value.tzinfo is None:
+                    raise ConfigError("eta/expires datetimes must be timezone-aware")
+                continue  # fine where sent at once; refused where it travels (_portable)
             problem = _option_problem(key, value)
             if problem:
                 raise ConfigError(
@@ -158,7 +174,7 @@ class Signature:
         opts = {k: v for k, v in self.options.items() if k in _SEND_OPTIONS}
         for key in _LINK_OPTIONS:
             if key in self.options:
-                opts[key] = self.options[key].to_wire()
+                opts[key] = _portable(self.options[key].to_wire(), key)
         return {
             "task": self.task,
             "args": list(self.args),
@@ -237,9 +253,8 @@ class Chain:
             raise ConfigError("an empty chain has nothing to run")
         app = self.steps[0]._app()
         wires = [s.to_wire() for s in self.steps]
-        first = envelope_from_wire(
-            app, wires[0], headers={"chain": wires[1:]} if wires[1:] else None
-        )
+        rest = [_portable(w, "chain step") for w in wires[1:]]
+        first = envelope_from_wire(app, wires[0], headers={"chain": rest} if rest else None)
         app.publish([first])
         return AsyncResult(wires[-1]["id"], app)
 
@@ -325,7 +340,7 @@ class Chord:
                     f"chord member {sig.task!r} ignores its result, which the callback "
                     "needs: set ignore_result=False on it"
                 )
-        cb = self.body.to_wire()
+        cb = _portable(self.body.to_wire(), "chord callback")
         spec = {"size": len(self.header.members), "callback": cb}
         gid, _ = self.header._publish({"chord": spec})
         del gid

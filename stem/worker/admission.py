@@ -151,12 +151,11 @@ class Admission:
     def _dead(
         self, delivery: Delivery, env: Envelope, error: ErrorInfo, reason: str, detail: str
     ) -> None:
-        """End a task that will never run here: DEAD, what waits on it failed, its message
-        dead-lettered (or given back, if the follow-up could not be published now)."""
+        """A task that will not run here: DEAD, and its message dead-lettered. Unlike an
+        expired or revoked task it is not over: `stem dlq replay` may run it later (once the
+        task is deployed, or its crash fixed), so its chain or chord is left waiting and its
+        unique key held."""
         self.settler.store(env, states.DEAD, error=error, attempts=1)
-        if not self.settler.ended(env, error):
-            self.settler.release(delivery, delay_s=1.0)
-            return
         self.settler.consume_nonce(env)
         self.settler.dead_letter(delivery, reason, detail, env)
 

@@ -176,13 +176,24 @@ def test_signature_options_are_checked_when_composed(app: Stem) -> None:
     for bad in (
         {"priority": "high"},
         {"countdown": float("nan")},
-        {"expires": datetime.now(UTC)},
+        {"expires": datetime.now()},  # naive
         {"queue": 5},
         {"ignore_result": "yes"},
         {"link": "collect"},
     ):
-        with pytest.raises(ConfigError, match="option"):
+        with pytest.raises(ConfigError, match=r"option|timezone-aware"):
             add.s(1, 2).set(**bad)
+    # A datetime is fine where the signature is sent at once, not where it travels.
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    with running_worker(app):
+        assert add.s(1, 2).set(expires=soon).delay().get(timeout=10) == 3
+        assert chain(add.s(1, 2).set(expires=soon), add.s(1)).delay().get(timeout=10) == 4
+    with pytest.raises(ConfigError, match="chain step 'add': option 'expires' must be"):
+        chain(add.s(1, 2), add.s(1).set(expires=soon)).delay()
+    with pytest.raises(ConfigError, match="chord callback 'total'"):
+        chord([add.s(1, 2)], t(app, "total").s().set(expires=soon)).delay()
+    with pytest.raises(ConfigError, match="link 'add'"):
+        add.s(1, 2).set(link=add.s(1).set(expires=soon)).delay()
 
 
 def test_a_step_that_never_runs_ends_its_chain_and_chord(app: Stem) -> None:
@@ -201,6 +212,26 @@ def test_a_step_that_never_runs_ends_its_chain_and_chord(app: Stem) -> None:
             expired_chord.get(timeout=10)
         with pytest.raises(TaskError, match=r"chain step add .* failed: TaskRevoked"):
             revoked_chain.get(timeout=10)
+
+
+def test_a_dead_lettered_step_resumes_its_chain_when_replayed(app: Stem) -> None:
+    """An unknown task is not over: once it is deployed, `dlq replay` runs it and the chain
+    goes on (so its waiters are not failed when it is dead-lettered)."""
+    add = t(app, "add")
+    res = chain(app.signature("late.step", args=(1,)), add.s(10)).delay()
+    with running_worker(app):
+        deadline = time.monotonic() + 10
+        while not app.broker.dlq_list("default") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [d.reason for d in app.broker.dlq_list("default")] == ["unknown-task"]
+        assert res.state == states.PENDING
+
+        @app.task(name="late.step")
+        def late_step(x: int) -> int:
+            return x + 1
+
+        assert app.broker.dlq_replay() == 1
+        assert res.get(timeout=10) == 12
 
 
 def test_malformed_canvas_headers_are_dead_lettered_before_running(app: Stem) -> None:
