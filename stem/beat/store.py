@@ -19,12 +19,11 @@ signatures, an entry that is unsigned, altered, or moved under another name does
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stem.beat.entry import ScheduleEntry, parse_entry
 from stem.brokers.base import Broker
@@ -58,6 +57,19 @@ def encode_entry(entry: ScheduleEntry) -> str:
 
 def _context(name: str) -> str:
     return f"schedule:{name}"
+
+
+_SEALED = "stem-sealed-v1\n"
+
+
+def _unverified_spec(raw: str) -> Any:
+    """The spec a stored value holds, read without checking its seal (None if unreadable):
+    only ever trusted in the direction that fails safe, or on an operator's word."""
+    payload = raw.split("\n", 2)[2] if raw.startswith(_SEALED) and raw.count("\n") >= 2 else raw
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
 
 
 class ScheduleStore:
@@ -105,8 +117,13 @@ class ScheduleStore:
         return out
 
     def get(self, name: str) -> ScheduleEntry | None:
+        """The entry, None if there is none; ConfigError if it does not load."""
         raw = self.broker.peek(ENTRY_PREFIX + name)
         return None if raw is None else self._parse(name, raw)
+
+    def exists(self, name: str) -> bool:
+        """Whether an entry is stored under ``name``, loadable or not."""
+        return self.broker.peek(ENTRY_PREFIX + name) is not None
 
     def lasts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -210,6 +227,34 @@ class ScheduleStore:
         self._update(LAST_PREFIX + name, change)
         return moved
 
+    def reseal(self, *, unsigned: bool = False) -> tuple[list[str], dict[str, str]]:
+        """Write every entry again, sealed with the keyring's active key: after a key
+        rotation, before the old key is retired. Entries that do not verify are left alone
+        (name -> why), except, with ``unsigned``, entries that carry no seal at all (written
+        before signing was turned on), which the operator vouches for. Returns (resealed
+        names, skipped names with the reason)."""
+        if self.keyring is None or not self.keyring.can_sign:
+            raise ConfigError("resealing schedules needs a signing key (STEM_SIGNING_KEYS)")
+        done: list[str] = []
+        skipped: dict[str, str] = {}
+        for key, raw in sorted(self.broker.scan(ENTRY_PREFIX).items()):
+            name = key[len(ENTRY_PREFIX) :]
+            try:
+                entry = self._parse(name, raw)
+            except ConfigError as exc:
+                spec = _unverified_spec(raw)
+                if not (unsigned and not raw.startswith(_SEALED) and isinstance(spec, dict)):
+                    skipped[name] = str(exc)
+                    continue
+                try:
+                    entry = parse_entry(name, spec)
+                except ConfigError as bad:
+                    skipped[name] = str(bad)
+                    continue
+            self.put(entry)
+            done.append(name)
+        return done, skipped
+
     def sync(self, entries: Iterable[ScheduleEntry], *, prune: bool = True) -> list[str]:
         """Upsert entries defined in code or config, keeping the stored ``enabled`` flag of
         an entry that already exists (an operator may have disabled it). With ``prune``,
@@ -220,9 +265,16 @@ class ScheduleStore:
 
             def change(current: str | None, entry: ScheduleEntry = entry) -> str | None:
                 if current is not None:
-                    # A broken stored entry is simply replaced by the defined one.
-                    with contextlib.suppress(ConfigError):
-                        entry = entry.with_enabled(self._parse(entry.name, current).enabled)
+                    # A broken stored entry is replaced by the defined one, keeping an
+                    # operator's "disabled" even when the stored copy no longer verifies
+                    # (written before signing, or sealed with a retired key): trusting
+                    # an unverified "disabled" can only stop an entry, never start one.
+                    try:
+                        enabled = self._parse(entry.name, current).enabled
+                    except ConfigError:
+                        spec = _unverified_spec(current)
+                        enabled = not (isinstance(spec, dict) and spec.get("enabled") is False)
+                    entry = entry.with_enabled(enabled)
                 return self._encode(entry)
 
             self._update(ENTRY_PREFIX + entry.name, change)

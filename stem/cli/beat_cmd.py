@@ -244,18 +244,23 @@ def add(
         spec["solar"] = {"event": solar, "latitude": lat, "longitude": lon, "offset": offset or 0}
     entry = parse_entry(name, spec, origin="cli")
     store = _store(ctx)
-    existing = store.get(name)
+    existed = store.exists(name)  # loadable or not: --replace also mends a broken entry
     if not store.put(entry, replace=replace):
         fail(f"schedule {name!r} exists; pass --replace to overwrite it", ExitCode.FAILURE)
-    verb = "replaced" if existing is not None else "added"
+    verb = "replaced" if existed else "added"
     typer.echo(f"{verb} {name}: {entry.task} {entry.describe()}")
 
 
 @app.command("remove")
 def remove(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
     """Delete a stored schedule (and its last tick)."""
+    from stem.errors import ConfigError
+
     store = _store(ctx)
-    entry = store.get(name)
+    try:
+        entry = store.get(name)
+    except ConfigError:
+        entry = None  # a broken entry (unsigned, say) can still be removed
     if not store.remove(name):
         fail(f"no schedule named {name!r}", ExitCode.NOT_FOUND)
     typer.echo(f"removed {name}")
@@ -265,6 +270,29 @@ def remove(ctx: typer.Context, name: Annotated[str, typer.Argument()]) -> None:
             "again (disable it, or remove it from the " + entry.origin + ")",
             err=True,
         )
+
+
+@app.command("reseal")
+def reseal(
+    ctx: typer.Context,
+    unsigned: Annotated[
+        bool,
+        typer.Option(
+            "--unsigned",
+            help="Also seal entries that carry no seal at all (written before signing was "
+            "turned on). Check them with `stem schedule list` first: you vouch for them.",
+        ),
+    ] = False,
+) -> None:
+    """Write every stored schedule again, sealed with the active signing key: after
+    switching keys (before the old one is retired), or once after turning signing on."""
+    done, skipped = _store(ctx).reseal(unsigned=unsigned)
+    for name in done:
+        typer.echo(f"sealed {name}")
+    for name, why in skipped.items():
+        typer.echo(f"skipped {name}: {why}", err=True)
+    if skipped:
+        raise typer.Exit(int(ExitCode.FAILURE))
 
 
 def _set_enabled(ctx: typer.Context, name: str, enabled: bool) -> None:

@@ -368,3 +368,83 @@ def test_run_fires_on_the_real_clock_and_stops(rec: Recorder) -> None:
     assert len(ticks) >= 3
     assert all(t % 100 == 0 for t in ticks)
     assert len(set(ticks)) == len(ticks)
+
+
+def test_sync_keeps_a_disabled_flag_it_cannot_verify(url: str) -> None:
+    """Entries stored before signing was on, or sealed with a key since retired, do not
+    verify; a "disabled" on them is still honoured when beat re-writes the entry."""
+    rec = Recorder(url, RING)
+    try:
+        broker = rec.app.broker
+        ScheduleStore(broker).put(parse_entry("old", {"task": "job", "every": 1}, origin="code"))
+        ScheduleStore(broker).set_enabled("old", False)  # unsigned, before the upgrade
+        retired = Keyring.build("hmac-sha256", {"v0": b"r" * 32})
+        sealed_old = ScheduleStore(broker, retired)
+        sealed_old.put(parse_entry("rotated", {"task": "job", "every": 1}, origin="code"))
+        sealed_old.set_enabled("rotated", False)
+        for name in ("old", "rotated", "fresh"):
+            add_schedule(rec.app, name, "job", every=1)
+        rec.beat().sync()
+        entries = ScheduleStore(broker, RING).load().entries
+        assert {n: e.enabled for n, e in entries.items()} == {
+            "fresh": True,
+            "old": False,
+            "rotated": False,
+        }
+    finally:
+        rec.app.close()
+
+
+def test_reseal_moves_entries_to_the_active_key(url: str) -> None:
+    v1 = Keyring.build("hmac-sha256", {"v1": b"1" * 32})
+    both = Keyring.build("hmac-sha256", {"v1": b"1" * 32, "v2": b"2" * 32}, active_key="v2")
+    v2 = Keyring.build("hmac-sha256", {"v2": b"2" * 32})
+    rec = Recorder(url, v1)
+    try:
+        broker = rec.app.broker
+        ScheduleStore(broker, v1).put(parse_entry("a", {"task": "job", "every": 1}, origin="cli"))
+        plain = json.dumps({"task": "job", "every_s": 2.0, "origin": "cli"})
+        broker.swap(ENTRY_PREFIX + "legacy", None, plain, None)
+        broker.swap(ENTRY_PREFIX + "forged", None, "stem-sealed-v1\n{}\n" + plain, None)
+        done, skipped = ScheduleStore(broker, both).reseal()
+        assert done == ["a"] and sorted(skipped) == ["forged", "legacy"]
+        assert "signature-missing" in skipped["legacy"]
+        assert sorted(ScheduleStore(broker, v2).load().entries) == ["a"]  # v1 retired: fine
+        done, skipped = ScheduleStore(broker, v2).reseal(unsigned=True)
+        assert done == ["a", "legacy"] and sorted(skipped) == ["forged"]  # forged stays out
+        assert sorted(ScheduleStore(broker, v2).load().entries) == ["a", "legacy"]
+        with pytest.raises(ConfigError, match="needs a signing key"):
+            ScheduleStore(broker).reseal()
+    finally:
+        rec.app.close()
+
+
+def test_cli_replaces_removes_and_reseals_entries_that_do_not_verify(tmp_path: Path) -> None:
+    import base64
+
+    from typer.testing import CliRunner
+
+    from stem.cli.main import app as cli
+
+    db = f"sqlite:///{tmp_path / 'beat.db'}"
+    env = {"STEM_SIGNING_KEYS": "v1:" + base64.b64encode(b"k" * 32).decode()}
+    plain = json.dumps({"task": "job", "every_s": 5.0, "origin": "cli"})
+    app = Stem("beat-cli", broker=db, backend=db)
+    for name in ("report", "stale", "legacy"):
+        app.broker.swap(ENTRY_PREFIX + name, None, plain, None)  # written before signing
+    app.close()
+    runner = CliRunner()
+
+    def stem(*args: str) -> Any:
+        return runner.invoke(cli, ["--broker", db, "schedule", *args], env=env)
+
+    replaced = stem("add", "report", "--task", "job", "--every", "10", "--replace")
+    assert replaced.exit_code == 0 and "replaced report" in replaced.stdout, replaced.output
+    removed = stem("remove", "stale")
+    assert removed.exit_code == 0 and "removed stale" in removed.stdout, removed.output
+    refused = stem("reseal")
+    assert refused.exit_code == 1 and "skipped legacy" in refused.stderr
+    sealed = stem("reseal", "--unsigned")
+    assert sealed.exit_code == 0 and "sealed legacy" in sealed.stdout, sealed.output
+    listing = json.loads(stem("list", "--json").stdout)
+    assert {r["name"]: "error" in r for r in listing} == {"legacy": False, "report": False}
