@@ -93,10 +93,15 @@ _BATCH = 500
 
 
 def _batches(
-    broker: Broker, ids: list[str] | None, queue: str | None, missing: list[str]
+    broker: Broker,
+    ids: list[str] | None,
+    queue: str | None,
+    missing: list[str],
+    limit: int | None = None,
 ) -> Iterator[list[DeadLetter]]:
     """Dead letters in batches: the named ones (ids not found are added to ``missing``),
-    else those of ``queue`` (or all)."""
+    else those of ``queue`` (or all), at most ``limit`` of them: a replayed message that a
+    running worker dead-letters again (a forged one, say) must not be replayed again."""
     if ids:
         found = []
         for dead_id in ids:
@@ -108,10 +113,13 @@ def _batches(
         for i in range(0, len(found), _BATCH):
             yield found[i : i + _BATCH]
         return
-    while True:  # each batch leaves the DLQ before the next is read
-        letters = broker.dlq_list(queue, _BATCH)
+    left = limit
+    while left is None or left > 0:  # each batch leaves the DLQ before the next is read
+        letters = broker.dlq_list(queue, _BATCH if left is None else min(_BATCH, left))
         if not letters:
             return
+        if left is not None:
+            left -= len(letters)
         yield letters
 
 
@@ -181,7 +189,7 @@ def replay(
     missing: list[str] = []
     with _progress("replaying") as bar:
         task = bar.add_task("replay", total=total)
-        for letters in _batches(stem_app.broker, selection, queue, missing):
+        for letters in _batches(stem_app.broker, selection, queue, missing, limit=total):
             done = _replay_batch(stem_app, letters, resign)
             n += done
             bar.advance(task, len(letters))

@@ -62,3 +62,24 @@ def test_queues_hides_stem_internal_queues_unless_asked(tmp_path: Path) -> None:
     assert listed() == ["default"]
     assert listed("--internal") == ["default", "stem.control.alpha@h", "stem.reply.r1"]
     assert listed("stem.reply.r1") == ["stem.reply.r1"]
+
+
+def test_replay_all_stops_at_what_was_dead_when_it_started() -> None:
+    """A replayed message that a running worker dead-letters again (a forged one) shows up
+    in the DLQ again while `dlq replay --all` is still reading it: it must not loop."""
+    from stem.brokers.base import DeadLetter
+    from stem.cli.dlq_cmd import _batches
+
+    class RefillingDLQ:
+        calls = 0
+
+        def dlq_list(self, queue: str | None, limit: int) -> list[DeadLetter]:
+            self.calls += 1
+            return [
+                DeadLetter(f"d{self.calls}-{i}", "m", "default", b"", "malformed", "", 0, 1)
+                for i in range(limit)
+            ][:1]
+
+    broker = RefillingDLQ()
+    batches = list(_batches(broker, None, None, [], limit=3))  # type: ignore[arg-type]
+    assert sum(len(b) for b in batches) == 3 and broker.calls == 3
