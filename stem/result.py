@@ -15,6 +15,8 @@ from stem import states
 from stem.envelope import dumps, loads, now_ms
 from stem.errors import DecodeError, ResultTimeout, TaskError
 
+MAX_MESSAGE = 64 * 1024  # characters of an error message kept in a result record
+
 if TYPE_CHECKING:
     from stem.app import Stem
 
@@ -27,7 +29,16 @@ class ErrorInfo:
 
     @classmethod
     def from_exception(cls, exc: BaseException, tb: str | None = None) -> ErrorInfo:
-        return cls(type(exc).__name__, str(exc), tb)
+        """Never raises: an exception whose ``str()`` fails is recorded as unprintable (a
+        failure while recording a failure would leave the task unsettled), and a huge
+        message is cut to ``MAX_MESSAGE`` characters."""
+        try:
+            message = str(exc)
+        except Exception:
+            message = f"<unprintable {type(exc).__name__} object>"
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters)"
+        return cls(type(exc).__name__, message, tb)
 
 
 @dataclass(frozen=True, slots=True)

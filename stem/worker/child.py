@@ -15,9 +15,9 @@ import time
 from typing import Any, NoReturn
 
 from stem import envelope as codec
-from stem.errors import SoftTimeLimitExceeded, StemError, TaskNotRegistered
+from stem.errors import EncodeError, SoftTimeLimitExceeded, StemError, TaskNotRegistered
 from stem.observability import signals
-from stem.worker.framing import FrameReader, write_frame
+from stem.worker.framing import FrameReader, FrameTooLarge, write_frame
 from stem.worker.job import execute, failure
 
 
@@ -76,7 +76,12 @@ def main(argv: list[str]) -> int:
                 outcome = failure(exc)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-        write_frame(out_fd, {"type": "result", "outcome": outcome.to_wire()})
+        try:
+            write_frame(out_fd, {"type": "result", "outcome": outcome.to_wire()})
+        except FrameTooLarge as exc:
+            # Too big for the pipe to the worker (and for any result store).
+            error = EncodeError(f"the task's result is too large to hand back: {exc}")
+            write_frame(out_fd, {"type": "result", "outcome": failure(error).to_wire()})
     signals.pool_process_shutdown.send(pid=os.getpid())
     app.close()
     return 0

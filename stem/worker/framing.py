@@ -18,9 +18,17 @@ _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 
 
+class FrameTooLarge(DecodeError):
+    """A frame the other side would refuse (over ``MAX_FRAME``); nothing was written."""
+
+
 def write_frame(fd: int, obj: Any, body: bytes | None = None) -> None:
-    """Write a JSON frame, and ``body`` as a raw frame after it, in one write."""
+    """Write a JSON frame, and ``body`` as a raw frame after it, in one write. Raises
+    :class:`FrameTooLarge` (writing nothing) for a frame the reader would refuse."""
     data = dumps(obj)
+    for part in (data, body or b""):
+        if len(part) > MAX_FRAME:
+            raise FrameTooLarge(f"{len(part)} bytes, over the {MAX_FRAME >> 20} MiB frame limit")
     parts = [_HEADER.pack(len(data)), data]
     if body is not None:
         parts += [_HEADER.pack(len(body)), bytes(body)]

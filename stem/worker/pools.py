@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded
@@ -163,7 +164,14 @@ class SoloPool(ThreadPool):
 
 class AsyncPool:
     """An asyncio event loop in one thread: ``async def`` tasks run natively as coroutines,
-    plain functions in the loop's default executor. ``size`` bounds concurrent tasks."""
+    plain functions in threads of the pool's own (one per slot, so ``size`` of them can run
+    at once). ``size`` bounds concurrent tasks. Outcomes are settled on separate threads,
+    so a settle never waits behind a long plain function.
+
+    Time limits: a coroutine is cancelled (it sees ``asyncio.CancelledError`` at its next
+    ``await``; the task is recorded as SoftTimeLimitExceeded or HardTimeLimitExceeded); a
+    plain function gets the exception injected, as on the thread pool. At the hard limit
+    the failure is recorded and the slot freed at once, even if the code does not stop."""
 
     name = "async"
 
@@ -176,6 +184,8 @@ class AsyncPool:
             target=self._loop.run_forever, name="stem-async", daemon=True
         )
         self._tasks: dict[Job, asyncio.Task[Any]] = {}
+        self._runners = ThreadPoolExecutor(size, thread_name_prefix="stem-async-sync")
+        self._settlers = ThreadPoolExecutor(_SETTLERS, thread_name_prefix="stem-async-settle")
 
     def start(self) -> None:
         self._thread.start()
@@ -190,17 +200,32 @@ class AsyncPool:
         progress = None
         if self._progress is not None:
             progress = functools.partial(self._progress, job)
+        start = time.perf_counter()
         try:
             if job.task.is_async:
                 outcome = await self._run_coroutine(job, progress)
             else:
                 outcome = await self._loop.run_in_executor(
-                    None, execute, job.task, job.envelope, progress
+                    self._runners, self._run_sync, job, progress
                 )
+        except asyncio.CancelledError:
+            if not (job.soft_fired or job.hard_fired):
+                raise  # the pool is stopping: the worker hands the job back
+            outcome = failure(_limit_error(job), runtime_s=time.perf_counter() - start)
         finally:
             self._tasks.pop(job, None)
         # Settling does blocking I/O (backend, broker): keep it off the loop.
-        await self._loop.run_in_executor(None, self._done, job, outcome)
+        await self._loop.run_in_executor(self._settlers, self._done, job, outcome)
+
+    @staticmethod
+    def _run_sync(job: Job, progress: Any) -> Outcome:
+        job.thread_id = threading.get_ident()
+        try:
+            return execute(job.task, job.envelope, progress)
+        except HardTimeLimitExceeded as exc:
+            return failure(exc)
+        finally:
+            job.thread_id = None
 
     async def _run_coroutine(self, job: Job, progress: Any) -> Outcome:
         start = time.perf_counter()
@@ -209,21 +234,29 @@ class AsyncPool:
                 *call_args(job.task, job.envelope, progress), **job.envelope.kwargs
             )
         except asyncio.CancelledError:
-            exc: BaseException = (
-                HardTimeLimitExceeded(f"hard time limit of {job.hard_limit_s}s")
-                if job.hard_fired
-                else SoftTimeLimitExceeded(f"soft time limit of {job.soft_limit_s}s")
-            )
-            return failure(exc, runtime_s=time.perf_counter() - start)
+            if not (job.soft_fired or job.hard_fired):
+                raise  # the pool is stopping: the worker hands the job back
+            return failure(_limit_error(job), runtime_s=time.perf_counter() - start)
         except Exception as exc:
             return classify(job.task, exc, start)
         return check_value(job.task, value, start)
 
     def on_soft_limit(self, job: Job) -> None:
-        self._loop.call_soon_threadsafe(self._cancel, job)
+        tid = job.thread_id
+        if tid is not None:
+            _raise_in_thread(tid, SoftTimeLimitExceeded)
+        else:
+            self._loop.call_soon_threadsafe(self._cancel, job)
 
     def on_hard_limit(self, job: Job) -> None:
-        self._loop.call_soon_threadsafe(self._cancel, job)
+        tid = job.thread_id
+        if tid is not None:
+            _raise_in_thread(tid, HardTimeLimitExceeded)
+        else:
+            self._loop.call_soon_threadsafe(self._cancel, job)
+        # Recorded now: code that ignores the cancellation (or blocks the loop) must not
+        # hold the slot; whatever it returns later is dropped (a job settles once).
+        self._settlers.submit(self._done, job, failure(_limit_error(job)))
 
     def _cancel(self, job: Job) -> None:
         task = self._tasks.get(job)
@@ -231,7 +264,15 @@ class AsyncPool:
             task.cancel()
 
     def resize(self, size: int) -> None:
-        self.size = max(1, size)
+        size = max(1, size)
+        if size > self.size:
+            # An executor cannot grow: new work goes to a larger one, the old one finishes.
+            old, self._runners = (
+                self._runners,
+                ThreadPoolExecutor(size, thread_name_prefix="stem-async-sync"),
+            )
+            old.shutdown(wait=False)
+        self.size = size
 
     def stop(self, *, kill: bool) -> None:
         def _shutdown() -> None:
@@ -244,3 +285,14 @@ class AsyncPool:
             self._thread.join(5)
         if not self._loop.is_running():
             self._loop.close()
+        self._runners.shutdown(wait=False)
+        self._settlers.shutdown(wait=not kill)
+
+
+_SETTLERS = 4  # threads settling the async pool's outcomes (blocking result and ack calls)
+
+
+def _limit_error(job: Job) -> BaseException:
+    if job.hard_fired:
+        return HardTimeLimitExceeded(f"hard time limit of {job.hard_limit_s}s")
+    return SoftTimeLimitExceeded(f"soft time limit of {job.soft_limit_s}s")

@@ -142,7 +142,16 @@ class ProcessPool:
         while True:
             try:
                 frame = child.reader.frame()
-            except (OSError, StemError):
+            except (OSError, StemError) as exc:
+                # A frame we cannot read (over the limit, garbled): the child may be blocked
+                # writing the rest of it, so it is killed, not waited for.
+                log.error(
+                    "bad frame from pool process %s (%s); killing it",
+                    child.proc.pid,
+                    exc,
+                    extra={"event": "pool-frame-failed"},
+                )
+                child.proc.kill()
                 frame = None
             if frame is None:
                 break

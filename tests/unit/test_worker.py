@@ -263,6 +263,96 @@ def test_async_pool_runs_coroutines_natively_and_concurrently(app: Stem) -> None
         assert plain.delay().get(timeout=5) == "plain"
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+@pytest.mark.parametrize("pool", ["thread", "solo", "async"])
+def test_an_exception_that_cannot_be_printed_is_still_recorded(app: Stem, pool: str) -> None:
+    """Recording a failure must not fail: the pool thread would die with the task unsettled
+    and its slot lost."""
+
+    @app.task(name="unprintable", max_retries=0)
+    def unprintable() -> None:
+        raise Unprintable(1, 2)
+
+    @app.task(name="after")
+    def after() -> str:
+        return "ran"
+
+    with Running(app, pool=pool, concurrency=1):
+        with pytest.raises(TaskError, match="<unprintable Unprintable object>"):
+            unprintable.delay().get(timeout=5)
+        assert after.delay().get(timeout=5) == "ran"
+
+
+def test_async_pool_limits_reach_plain_functions_and_blocking_coroutines(app: Stem) -> None:
+    from stem import SoftTimeLimitExceeded
+
+    @app.task(name="plain_soft", soft_time_limit=0.2, max_retries=0)
+    def plain_soft() -> str:
+        try:
+            for _ in range(300):
+                time.sleep(0.01)
+        except SoftTimeLimitExceeded:
+            return "cleaned"
+        return "finished"
+
+    @app.task(name="plain_hard", time_limit=0.3, max_retries=0)
+    def plain_hard() -> None:
+        for _ in range(300):
+            time.sleep(0.01)
+
+    @app.task(name="blocking_coroutine", time_limit=0.3, max_retries=0)
+    async def blocking_coroutine() -> str:
+        time.sleep(1.5)  # blocks the loop: cancelling cannot reach it
+        return "done"
+
+    @app.task(name="after_limits")
+    async def after_limits() -> str:
+        return "ran"
+
+    with Running(app, pool="async", concurrency=2):
+        assert plain_soft.delay().get(timeout=5) == "cleaned"
+        with pytest.raises(TaskError, match="HardTimeLimitExceeded"):
+            plain_hard.delay().get(timeout=5)
+        res = blocking_coroutine.delay()
+        with pytest.raises(TaskError, match="HardTimeLimitExceeded"):
+            res.get(timeout=5)
+        assert after_limits.delay().get(timeout=5) == "ran"
+    assert res.state == states.FAILURE  # not overwritten by the late return
+
+
+def test_async_pool_runs_as_many_plain_functions_as_it_has_slots(app: Stem) -> None:
+    """Plain functions get one thread per slot (the loop's default executor has cpu+4),
+    and a finished coroutine is settled while they all still run."""
+    slots = 10
+    barrier = threading.Barrier(slots, timeout=10)
+    release = threading.Event()
+    met_all: list[int] = []
+
+    @app.task(name="meet")
+    def meet() -> bool:
+        barrier.wait()  # raises BrokenBarrierError unless all run at once
+        met_all.append(1)
+        return release.wait(10)
+
+    @app.task(name="quick")
+    async def quick() -> str:
+        return "quick"
+
+    with Running(app, pool="async", concurrency=slots + 1):
+        met = [meet.delay() for _ in range(slots)]
+        deadline = time.monotonic() + 10
+        while len(met_all) < slots and not barrier.broken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(met_all) == slots, "the plain functions did not all run at once"
+        assert quick.delay().get(timeout=5) == "quick"  # settled while all plain ones run
+        release.set()
+        assert [r.get(timeout=10) for r in met] == [True] * slots
+
+
 def test_async_pool_soft_limit_cancels_the_coroutine(app: Stem) -> None:
     @app.task(name="forever", soft_time_limit=0.2, max_retries=0)
     async def forever() -> None:
@@ -527,6 +617,10 @@ def retried():
 @app.task(name="crash.plain")
 def plain():
     os._exit(3)
+
+@app.task(name="crash.huge")
+def huge():
+    return "x" * (70 << 20)  # over the 64 MiB frame limit between worker and child
 """
 
 
@@ -546,5 +640,8 @@ def test_a_lost_pool_process_fails_the_task_or_retries_it_if_asked(
             assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
             with pytest.raises(TaskError, match="WorkerLost"):
                 app.tasks["crash.plain"].delay().get(timeout=30)
+            with pytest.raises(TaskError, match="too large to hand back"):
+                app.tasks["crash.huge"].delay().get(timeout=30)
+            assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
     finally:
         app.close()
