@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stem.limits")
 _EARLY_MS = 25
+# A booked slot older than this no longer admits its message (it books a new one).
+_STALE_MS = 60_000
+# The header of a deferred message holding the rate-limit slot it booked (epoch ms).
+RATE_SLOT_HEADER = "rate_slot_ms"
 
 
 class LimitGate:
@@ -87,8 +91,10 @@ class LimitGate:
         self, task: Task[Any, Any], env: Envelope, delivery: Delivery, rate: float
     ) -> bool:
         now = now_ms()
-        booked = env.headers.get("rate_slot_ms")
-        if isinstance(booked, int) and booked <= now + _EARLY_MS:
+        booked = env.headers.get(RATE_SLOT_HEADER)
+        # A slot booked when this message was deferred, and still recent: a copy coming
+        # back much later (a dead letter replayed) books a new one.
+        if isinstance(booked, int) and now - _STALE_MS <= booked <= now + _EARLY_MS:
             return True
         slot = self.rates.take(self._rate_key(task, env), rate)
         if slot.run_at_ms is None:
@@ -103,7 +109,7 @@ class LimitGate:
             try:
                 body = self.app.seal(
                     env.replace(
-                        headers={**env.headers, "rate_slot_ms": slot.run_at_ms}, signature=None
+                        headers={**env.headers, RATE_SLOT_HEADER: slot.run_at_ms}, signature=None
                     )
                 )
             except StemError:

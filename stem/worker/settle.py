@@ -24,7 +24,7 @@ from stem.security.replay import NONCE_PREFIX, ReplayGuard
 from stem.worker.canvas_hooks import CanvasHooks
 from stem.worker.cpu import CpuGauge
 from stem.worker.job import Job, Outcome
-from stem.worker.limit_gate import LimitGate
+from stem.worker.limit_gate import RATE_SLOT_HEADER, LimitGate
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -511,15 +511,13 @@ class Settler:
             env.attempt, countdown_s=outcome.retry_countdown_s, max_retries=limit
         )
         if not decision.retry:
-            err = outcome.error or ErrorInfo("MaxRetriesExceeded", decision.reason)
-            self._fail(
-                job,
-                Outcome(
-                    "failure",
-                    error=ErrorInfo(err.type, f"{err.message} ({decision.reason})", err.traceback),
-                ),
-                reason="retries-exhausted",
+            err = outcome.error
+            error = (
+                ErrorInfo("MaxRetriesExceeded", decision.reason)
+                if err is None
+                else ErrorInfo(err.type, f"{err.message} ({decision.reason})", err.traceback)
             )
+            self._fail(job, Outcome("failure", error=error), reason="retries-exhausted")
             return
         keyring = self.app.keyring
         if keyring is not None and keyring.required and not keyring.can_sign:
@@ -540,6 +538,8 @@ class Settler:
             attempt=env.attempt + 1,
             signature=None,
             not_before_ms=now_ms() + int(decision.delay_s * 1000),
+            # A rate-limit slot was booked for this attempt; the retry books its own.
+            headers={k: v for k, v in env.headers.items() if k != RATE_SLOT_HEADER},
         )
         try:
             body = self.app.seal(retried)

@@ -111,6 +111,17 @@ def test_exhausted_retries_fail_and_dead_letter(app: Stem) -> None:
     assert "OSError" in letters[0].detail
 
 
+def test_explicit_retries_exhausted_say_so_once(app: Stem) -> None:
+    @app.task(name="again", bind=True, max_retries=1)
+    def again(ctx: Any) -> None:
+        raise ctx.retry(countdown=0)
+
+    with Running(app):
+        with pytest.raises(TaskError) as caught:
+            again.delay().get(timeout=10)
+    assert str(caught.value).count("retries exhausted") == 1, str(caught.value)
+
+
 def test_unknown_task_is_dead_lettered_not_run(app: Stem) -> None:
     with Running(app):
         res = app.send_task("nobody.home", [1])
@@ -645,3 +656,23 @@ def test_a_lost_pool_process_fails_the_task_or_retries_it_if_asked(
             assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
     finally:
         app.close()
+
+
+def test_a_retry_books_its_own_rate_limit_slot(app: Stem) -> None:
+    """A rate-limit slot is booked for one attempt: a retry carrying its attempt's
+    booking would run at once, however many retries the limit should space out."""
+    seen: list[tuple[int, int, Any]] = []
+
+    @app.task(name="limited_retry", bind=True, rate_limit="5/s", max_retries=2)
+    def limited_retry(ctx: Any, n: int) -> int:
+        seen.append((n, ctx.attempt, ctx.headers.get("rate_slot_ms")))
+        if ctx.attempt < 2:
+            raise ctx.retry(countdown=0)
+        return n
+
+    with Running(app, concurrency=3):
+        results = [limited_retry.delay(n) for n in range(3)]
+        assert [r.get(timeout=20) for r in results] == [0, 1, 2]
+    booked = [(n, slot) for n, _, slot in seen if slot is not None]
+    assert booked, "with 3 tasks at 5/s some runs must have waited for a slot"
+    assert len(set(booked)) == len(booked), f"a booking was reused by a retry: {seen}"
