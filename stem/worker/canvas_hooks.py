@@ -104,8 +104,9 @@ class CanvasHooks:
             root_id=env.root_id,
         )
 
-    def after_failure(self, env: Envelope, error: ErrorInfo) -> None:
-        """The task failed for good: fail what waits on it, and run its errback."""
+    def after_failure(self, env: Envelope, error: ErrorInfo, *, errback: bool = True) -> None:
+        """The task failed for good: fail what waits on it, and run its errback (unless
+        ``errback`` is false: the task itself did not fail, only its follow-up)."""
         hdrs = env.headers
         why = f"{env.task} ({env.id}) failed: {error.type}: {error.message}"
         rest = list(hdrs.get("chain") or [])
@@ -127,7 +128,7 @@ class CanvasHooks:
                     cb["task"],
                     ErrorInfo(error.type, f"chord member {why}", error.traceback),
                 )
-        if hdrs.get("link_error"):
+        if errback and hdrs.get("link_error"):
             self.app.publish(
                 [
                     envelope_from_wire(

@@ -357,11 +357,11 @@ class Settler:
         self.release_unique(env)
         return True
 
-    def _fail_waiters(self, env: Envelope, error: ErrorInfo) -> bool:
+    def _fail_waiters(self, env: Envelope, error: ErrorInfo, *, errback: bool = True) -> bool:
         """The canvas follow-up of a task that ended for good without a result; False
         (logged) if it could not be published now."""
         try:
-            self.canvas.after_failure(env, error)
+            self.canvas.after_failure(env, error, errback=errback)
         except StemError as exc:
             log.warning(
                 "failure follow-up of task %s not done (%s); it will be tried again",
@@ -452,7 +452,7 @@ class Settler:
                 return
             try:
                 self.canvas.after_success(env, outcome.value)
-            except StemError as exc:
+            except (BrokerError, BackendError) as exc:
                 log.warning(
                     "follow-up of task %s not published (%s); it will run again",
                     env.id,
@@ -461,6 +461,18 @@ class Settler:
                 )
                 self.release(delivery, delay_s=1.0)
                 return
+            except StemError as exc:
+                # Running again cannot help (a next step too large to publish, say): the
+                # task stays a success, and what waits on it fails with the reason.
+                log.error(
+                    "follow-up of task %s cannot be published: %s",
+                    env.id,
+                    exc,
+                    extra={"event": "canvas-follow-up-refused", **self.fields(env)},
+                )
+                if not self._fail_waiters(env, ErrorInfo.from_exception(exc), errback=False):
+                    self.release(delivery, delay_s=1.0)
+                    return
             self.counts["succeeded"] += 1
             signals.task_success.send(envelope=env, result=outcome.value)
             signals.task_postrun.send(

@@ -234,6 +234,27 @@ def test_a_dead_lettered_step_resumes_its_chain_when_replayed(app: Stem) -> None
         assert res.get(timeout=10) == 12
 
 
+def test_a_next_step_too_large_to_publish_fails_the_chain_once(app: Stem) -> None:
+    """Running the step again cannot make its follow-up smaller: it must not loop."""
+    runs: list[int] = []
+
+    @app.task(name="big")
+    def big(n: int) -> str:
+        runs.append(n)
+        return "x" * n
+
+    @app.task(name="concat")
+    def concat(a: str, b: str) -> int:
+        return len(a) + len(b)
+
+    with running_worker(app):
+        res = chain(big.s(700_000), concat.s("y" * 400_000)).delay()
+        with pytest.raises(TaskError, match="EnvelopeTooLarge"):
+            res.get(timeout=10)
+        time.sleep(1.5)  # a re-run would come back after its 1 s hand-back delay
+    assert runs == [700_000]
+
+
 def test_malformed_canvas_headers_are_dead_lettered_before_running(app: Stem) -> None:
     ran: list[Any] = []
 
