@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import os
 import threading
 import time
@@ -35,6 +36,8 @@ _UNSET: Any = object()
 def _to_ms(value: datetime | float | timedelta | None, *, relative_to_ms: int) -> int | None:
     if value is None:
         return None
+    if isinstance(value, int | float) and not math.isfinite(value):
+        raise ConfigError(f"countdown/expires must be a finite number of seconds, got {value}")
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ConfigError("eta/expires datetimes must be timezone-aware")
@@ -310,17 +313,21 @@ class Stem:
         if ignore_result if ignore_result is not None else (opts and opts.ignore_result):
             hdrs["ignore_result"] = True
         prio = priority if priority is not None else (opts.priority if opts else 0)
-        if not env_codec.PRIORITY_MIN <= prio <= env_codec.PRIORITY_MAX:
+        if type(prio) is not int or not env_codec.PRIORITY_MIN <= prio <= env_codec.PRIORITY_MAX:
             raise ConfigError(
-                f"priority must be {env_codec.PRIORITY_MIN}..{env_codec.PRIORITY_MAX}, got {prio}"
+                f"priority must be an integer {env_codec.PRIORITY_MIN}.."
+                f"{env_codec.PRIORITY_MAX}, got {prio!r}"
             )
+        target = self.route(name, queue)
+        if problem := env_codec.queue_problem(target):
+            raise ConfigError(f"task {name!r}: {problem}")
         tid = task_id or new_id()
         return Envelope(
             id=tid,
             task=name,
             args=tuple(args),
             kwargs=dict(kwargs or {}),
-            queue=self.route(name, queue),
+            queue=target,
             priority=prio,
             not_before_ms=not_before if not_before and not_before > now else None,
             expires_ms=expires_ms,

@@ -26,6 +26,18 @@ DEFAULT_MAX_BYTES = 1024 * 1024
 MAX_DEPTH = 64
 PRIORITY_MIN = 0
 PRIORITY_MAX = 9
+
+
+def queue_problem(name: Any) -> str | None:
+    """What makes ``name`` unusable as a queue name, or None: a worker must be able to name
+    it on its command line (``-Q a,b``), so no spaces, commas or control characters."""
+    if not isinstance(name, str) or not name:
+        return f"queue name {name!r} must be a non-empty string"
+    if any(c.isspace() or c == "," or not c.isprintable() for c in name):
+        return f"queue name {name!r} must be non-empty without spaces, commas or control characters"
+    return None
+
+
 _NAME_MAX = 255
 
 

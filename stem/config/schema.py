@@ -17,6 +17,7 @@ from typing import Any
 
 from stem.config.fields import Field, FieldProblem, coerce
 from stem.config.yamlsafe import Node
+from stem.envelope import queue_problem
 
 URL_SCHEMES = ("memory", "sqlite", "redis", "rediss", "postgresql", "postgres")
 DEFAULT_BROKER_URL = "sqlite:///stem.db"
@@ -67,8 +68,8 @@ def _queues(value: Any) -> str | None:
     if not value:
         return "expected at least one queue"
     for name in value:
-        if not name or any(c.isspace() or c == "," for c in name):
-            return f"queue name {name!r} must be non-empty without spaces or commas"
+        if problem := queue_problem(name):
+            return problem
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -184,6 +185,28 @@ def test_priority_orders_ready_tasks(app: Stem) -> None:
         while len(order) < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
     assert order == [2, 4, 3, 1]
+
+
+def test_the_producer_refuses_what_no_worker_would_take(app: Stem) -> None:
+    """Refused at enqueue, with the reason, rather than published to sit PENDING (a
+    worker dead-letters a non-integer priority; no worker can be told to consume a queue
+    named with a space or a comma)."""
+
+    @app.task(name="plain_task")
+    def plain_task() -> None: ...
+
+    for bad, words in [
+        ({"priority": 5.5}, "priority must be an integer 0..9, got 5.5"),
+        ({"priority": True}, "priority must be an integer 0..9, got True"),
+        ({"queue": "odd q"}, "queue name 'odd q' must be non-empty without spaces"),
+        ({"queue": "a,b"}, "without spaces, commas"),
+        ({"queue": "nul\x00"}, "control characters"),
+        ({"countdown": float("nan")}, "finite number of seconds"),
+        ({"expires": float("inf")}, "finite number of seconds"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            plain_task.enqueue(**bad)
+    assert app.broker.stats() == [] or all(s.ready == 0 for s in app.broker.stats())
 
 
 def test_ignore_result_writes_nothing(app: Stem) -> None:
