@@ -25,7 +25,7 @@ from stem.result import AsyncResult
 from stem.result_store import ResultStore
 from stem.security.signing import Keyring
 from stem.security.tls import TLSSettings
-from stem.task import Task, TaskOptions
+from stem.task import Task, TaskOptions, current_envelope
 
 log = logging.getLogger("stem.app")
 
@@ -322,6 +322,9 @@ class Stem:
         if problem := env_codec.queue_problem(target):
             raise ConfigError(f"task {name!r}: {problem}")
         tid = task_id or new_id()
+        if parent_id is None and (cur := current_envelope()) is not None:
+            # Published by a running task: its child, in the same workflow (and trace).
+            parent_id, root_id = cur.id, root_id or cur.root_id or cur.id
         return Envelope(
             id=tid,
             task=name,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
@@ -15,10 +17,30 @@ from stem.retry import Retry, RetryPolicy
 if TYPE_CHECKING:
     from stem.app import Stem
     from stem.canvas import Signature
+    from stem.envelope import Envelope
     from stem.result import AsyncResult
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+_RUNNING: ContextVar[Envelope | None] = ContextVar("stem_running_task", default=None)
+
+
+def current_envelope() -> Envelope | None:
+    """The envelope of the task running in this thread (or coroutine), or None outside a
+    task: what a task publishes becomes its child (``parent_id``, same ``root_id``)."""
+    return _RUNNING.get()
+
+
+@contextmanager
+def running(env: Envelope) -> Iterator[None]:
+    """Mark ``env`` as the task running in the current context (see current_envelope)."""
+    token = _RUNNING.set(env)
+    try:
+        yield
+    finally:
+        _RUNNING.reset(token)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from stem.errors import ConfigError
 from stem.observability import signals
+from stem.task import current_envelope
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -137,6 +138,10 @@ class Tracing:
             if run is not None:
                 return trace.set_span_in_context(run)
         carrier = trace_carrier(env.headers)
+        if not carrier and (running := current_envelope()) is not None:
+            # Published by a task running where its run span is not (a process-pool
+            # child): continue the trace its own message carries.
+            carrier = trace_carrier(running.headers)
         return propagate.extract(carrier) if carrier else None
 
     def inject(self, env: Envelope) -> dict[str, str]:

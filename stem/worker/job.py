@@ -16,7 +16,7 @@ from stem.envelope import Envelope, dumps
 from stem.errors import EncodeError, SoftTimeLimitExceeded
 from stem.result import ErrorInfo
 from stem.retry import Retry
-from stem.task import Task, TaskContext
+from stem.task import Task, TaskContext, running
 
 Status = Literal["success", "failure", "retry"]
 _TB_LIMIT = 16_000
@@ -122,9 +122,10 @@ def execute(
     (except for SystemExit/KeyboardInterrupt aimed at the process running it)."""
     start = time.perf_counter()
     try:
-        value = task.fn(*call_args(task, env, progress), **env.kwargs)
-        if inspect.isawaitable(value):
-            value = asyncio.run(_await(value))
+        with running(env):
+            value = task.fn(*call_args(task, env, progress), **env.kwargs)
+            if inspect.isawaitable(value):
+                value = asyncio.run(_await(value))
     except Exception as exc:
         return classify(task, exc, start)
     return check_value(task, value, start)

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded
+from stem.task import running
 from stem.worker.job import Job, Outcome, call_args, check_value, classify, execute, failure
 
 log = logging.getLogger("stem.worker.pool")
@@ -230,9 +231,10 @@ class AsyncPool:
     async def _run_coroutine(self, job: Job, progress: Any) -> Outcome:
         start = time.perf_counter()
         try:
-            value = await job.task.fn(
-                *call_args(job.task, job.envelope, progress), **job.envelope.kwargs
-            )
+            with running(job.envelope):
+                value = await job.task.fn(
+                    *call_args(job.task, job.envelope, progress), **job.envelope.kwargs
+                )
         except asyncio.CancelledError:
             if not (job.soft_fired or job.hard_fired):
                 raise  # the pool is stopping: the worker hands the job back

@@ -222,3 +222,31 @@ def test_trace_carrier_keeps_only_string_trace_headers() -> None:
     headers = {"traceparent": "00-abc", "tracestate": 5, "unique_key": "k", "baggage": "a=b"}
     assert tracing.trace_carrier(headers) == {"traceparent": "00-abc", "baggage": "a=b"}
     assert trace.get_current_span().get_span_context().is_valid is False
+
+
+def test_a_task_published_by_a_task_joins_its_trace(app: Stem, traced: Traced) -> None:
+    """A task's own .delay() makes a child task (parent_id, root_id), in the same trace,
+    under the run span, as a chain's next step is."""
+    from stem.result import AsyncResult
+
+    @app.task(name="child", bind=True)
+    def child(ctx: Any) -> list[str | None]:
+        return [ctx.parent_id, ctx.root_id]
+
+    @app.task(name="spawn")
+    def spawn() -> str:
+        return child.delay().id
+
+    tracing.enable_tracing(app, traced.provider)
+    with running_worker(app):
+        parent = spawn.delay()
+        child_id = parent.get(timeout=5)
+        assert AsyncResult(child_id, app).get(timeout=5) == [parent.id, parent.id]
+        _wait_for(lambda: len(traced.spans("run child")) == 1)
+    [run_spawn] = traced.spans("run spawn")
+    [publish_child] = traced.spans("publish child")
+    [run_child] = traced.spans("run child")
+    trace_ids = {s.context.trace_id for s in (run_spawn, publish_child, run_child)}
+    assert len(trace_ids) == 1
+    assert publish_child.parent is not None
+    assert publish_child.parent.span_id == run_spawn.context.span_id
