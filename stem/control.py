@@ -55,18 +55,10 @@ def revoked_key(task_id: str) -> str:
 
 
 def live_nodes(app: Stem) -> list[str]:
-    """Names of workers with a live heartbeat in the broker."""
-    from stem.envelope import loads
+    """Names of workers whose heartbeat is fresh (neither offline nor lost)."""
+    from stem.observability.heartbeats import list_workers
 
-    nodes = []
-    for key, raw in app.broker.scan("workers:").items():
-        try:
-            info = loads(raw)
-        except DecodeError:
-            continue
-        if isinstance(info, dict) and not info.get("offline"):
-            nodes.append(key.removeprefix("workers:"))
-    return sorted(nodes)
+    return [r["worker"] for r in list_workers(app.broker) if r["status"] == "online"]
 
 
 class Misdirected(DecodeError):

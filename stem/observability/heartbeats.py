@@ -2,9 +2,11 @@
 
 On each ``heartbeat`` signal the worker's health snapshot (host, pid, pool size, running
 tasks, processed counts, last successful consume) is written as JSON to the broker key
-``workers:<name>`` with a TTL of ``ttl_factor`` (3) heartbeats. A node that stops beating is
-shown as *lost* once its last beat is older than two heartbeats, and disappears when the key
-expires. A clean shutdown writes the record once more with ``"offline": true``.
+``workers:<name>`` with a TTL of ``ttl_factor`` (3) heartbeats, and at least ``lost_ttl_s``
+(60 s). A node that stops beating is shown as *lost* once its last beat is older than two
+heartbeats, and disappears when the key expires, so an operator looking a minute after a
+crash still sees what was lost. A clean shutdown writes the record once more with
+``"offline": true``.
 
 Writes are compare-and-set (``peek`` then ``swap``): a record written by another live
 process under the same name is noticed and reported, since two workers sharing a node name
@@ -39,11 +41,17 @@ class HeartbeatWriter:
     """Keeps ``workers:<name>`` fresh for one worker; detaches itself at its shutdown."""
 
     def __init__(
-        self, worker: Worker, *, ttl_factor: float = 3.0, offline_ttl_s: float = 60.0
+        self,
+        worker: Worker,
+        *,
+        ttl_factor: float = 3.0,
+        offline_ttl_s: float = 60.0,
+        lost_ttl_s: float = 60.0,
     ) -> None:
         self.worker = worker
         self.ttl_factor = ttl_factor
         self.offline_ttl_s = offline_ttl_s
+        self.lost_ttl_s = lost_ttl_s
         self._last_written: str | None = None
         self._warned_duplicate = False
         self._receivers = signals.Receivers(
@@ -69,7 +77,8 @@ class HeartbeatWriter:
     def write(self, health: Mapping[str, Any], *, offline: bool = False) -> bool:
         """Write one record; False if the broker could not be reached."""
         new = self._record(health, offline=offline)
-        ttl_s = self.offline_ttl_s if offline else self.ttl_factor * self.worker.config.heartbeat_s
+        beats_s = self.ttl_factor * self.worker.config.heartbeat_s
+        ttl_s = self.offline_ttl_s if offline else max(beats_s, self.lost_ttl_s)
         broker = self.worker.app.broker
         try:
             for _ in range(3):  # a concurrent writer can win the race between peek and swap

@@ -241,7 +241,7 @@ def test_workers_listed_online_then_offline(app: Stem) -> None:
 
 def test_a_silent_worker_is_lost_then_gone(app: Stem) -> None:
     worker = Worker(app, WorkerConfig(node_name="ghost", heartbeat_s=0.1, pool="solo"))
-    writer = attach_heartbeats(worker)
+    writer = attach_heartbeats(worker, lost_ttl_s=0)  # gone after three beats
     try:
         assert writer.write(worker.health())
         assert [r["status"] for r in list_workers(app.broker)] == ["online"]
@@ -249,6 +249,26 @@ def test_a_silent_worker_is_lost_then_gone(app: Stem) -> None:
         assert [r["status"] for r in list_workers(app.broker)] == ["lost"]
         time.sleep(0.15)  # past the TTL of three heartbeats
         assert list_workers(app.broker) == []
+    finally:
+        writer.detach()
+        worker.pool.stop(kill=True)
+
+
+def test_a_lost_worker_stays_listed_for_a_minute_but_gets_no_control_requests(
+    app: Stem,
+) -> None:
+    """With fast heartbeats a crashed node would vanish from `stem workers` within a
+    second; it stays listed as lost (TTL at least 60 s), and remote control skips it."""
+    from stem import control
+
+    worker = Worker(app, WorkerConfig(node_name="crashed", heartbeat_s=0.1, pool="solo"))
+    writer = attach_heartbeats(worker)
+    try:
+        assert writer.write(worker.health())
+        assert control.live_nodes(app) == ["crashed"]
+        time.sleep(0.5)  # five heartbeats without a beat: past three, the old TTL
+        assert [r["status"] for r in list_workers(app.broker)] == ["lost"]
+        assert control.live_nodes(app) == []
     finally:
         writer.detach()
         worker.pool.stop(kill=True)
