@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,23 +23,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-_RUNNING: ContextVar[Envelope | None] = ContextVar("stem_running_task", default=None)
+#: The envelope of the task running in this context (thread or coroutine): the pools set
+#: it around a task's call (``RUNNING.set`` / ``RUNNING.reset``, no wrapper: it is on
+#: every task's path).
+RUNNING: ContextVar[Envelope | None] = ContextVar("stem_running_task", default=None)
 
 
 def current_envelope() -> Envelope | None:
     """The envelope of the task running in this thread (or coroutine), or None outside a
     task: what a task publishes becomes its child (``parent_id``, same ``root_id``)."""
-    return _RUNNING.get()
-
-
-@contextmanager
-def running(env: Envelope) -> Iterator[None]:
-    """Mark ``env`` as the task running in the current context (see current_envelope)."""
-    token = _RUNNING.set(env)
-    try:
-        yield
-    finally:
-        _RUNNING.reset(token)
+    return RUNNING.get()
 
 
 @dataclass(frozen=True, slots=True)

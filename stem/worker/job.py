@@ -16,7 +16,7 @@ from stem.envelope import Envelope, dumps
 from stem.errors import EncodeError, SoftTimeLimitExceeded
 from stem.result import ErrorInfo
 from stem.retry import Retry
-from stem.task import Task, TaskContext, running
+from stem.task import RUNNING, Task, TaskContext
 
 Status = Literal["success", "failure", "retry"]
 _TB_LIMIT = 16_000
@@ -121,13 +121,15 @@ def execute(
     """Run a task function and turn whatever happens into an Outcome. Never raises
     (except for SystemExit/KeyboardInterrupt aimed at the process running it)."""
     start = time.perf_counter()
+    token = RUNNING.set(env)
     try:
-        with running(env):
-            value = task.fn(*call_args(task, env, progress), **env.kwargs)
-            if inspect.isawaitable(value):
-                value = asyncio.run(_await(value))
+        value = task.fn(*call_args(task, env, progress), **env.kwargs)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
     except Exception as exc:
         return classify(task, exc, start)
+    finally:
+        RUNNING.reset(token)
     return check_value(task, value, start)
 
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded
-from stem.task import running
+from stem.task import RUNNING
 from stem.worker.job import Job, Outcome, call_args, check_value, classify, execute, failure
 
 log = logging.getLogger("stem.worker.pool")
@@ -230,17 +230,19 @@ class AsyncPool:
 
     async def _run_coroutine(self, job: Job, progress: Any) -> Outcome:
         start = time.perf_counter()
+        token = RUNNING.set(job.envelope)
         try:
-            with running(job.envelope):
-                value = await job.task.fn(
-                    *call_args(job.task, job.envelope, progress), **job.envelope.kwargs
-                )
+            value = await job.task.fn(
+                *call_args(job.task, job.envelope, progress), **job.envelope.kwargs
+            )
         except asyncio.CancelledError:
             if not (job.soft_fired or job.hard_fired):
                 raise  # the pool is stopping: the worker hands the job back
             return failure(_limit_error(job), runtime_s=time.perf_counter() - start)
         except Exception as exc:
             return classify(job.task, exc, start)
+        finally:
+            RUNNING.reset(token)
         return check_value(job.task, value, start)
 
     def on_soft_limit(self, job: Job) -> None:

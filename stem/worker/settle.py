@@ -338,7 +338,7 @@ class Settler:
     def finished(self, job: Job, *, final: bool) -> None:
         """Release what a run held: its concurrency slot; its unique key once final."""
         self.limits.finished(job.task, job.envelope)
-        if final:
+        if final and "unique_key" in job.envelope.headers:
             self.release_unique(job.envelope)
 
     def release_unique(self, env: Envelope) -> None:
