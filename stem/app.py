@@ -373,11 +373,12 @@ class Stem:
         self.publish([env])
         return AsyncResult(env.id, self)
 
-    def seal(self, env: Envelope) -> bytes:
-        """Sign (when a keyring can sign) and encode an envelope for the broker."""
+    def seal(self, env: Envelope, *, headroom: int = 0) -> bytes:
+        """Sign (when a keyring can sign) and encode an envelope for the broker, leaving
+        ``headroom`` bytes under the size limit (new messages leave room for a retry)."""
         if self.keyring is not None and self.keyring.can_sign:
             env = self.keyring.sign(env)
-        return env_codec.encode(env, max_bytes=self.max_message_bytes)
+        return env_codec.encode(env, max_bytes=self.max_message_bytes, headroom=headroom)
 
     def publish(self, envelopes: Iterable[Envelope]) -> None:
         """Publish envelopes in one batch; retries with backoff on broker connection errors
@@ -392,7 +393,7 @@ class Stem:
             Message(
                 id=e.id,
                 queue=e.queue,
-                body=self.seal(e),
+                body=self.seal(e, headroom=env_codec.REPUBLISH_HEADROOM),
                 priority=e.priority,
                 not_before_ms=e.not_before_ms,
             )

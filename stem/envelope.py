@@ -246,13 +246,21 @@ def loads(data: bytes | str) -> Any:
         raise DecodeError(f"not valid JSON: {exc}") from None
 
 
-def encode(env: Envelope, *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Encode to canonical JSON, refusing payloads over ``max_bytes``."""
+#: Bytes a message may grow by when a worker publishes it again: a retry's ``not_before_ms``
+#: and longer ``attempt``, a rate-limit booking. New messages must leave this much room, or
+#: one that fits at enqueue could not be retried.
+REPUBLISH_HEADROOM = 96
+
+
+def encode(env: Envelope, *, max_bytes: int = DEFAULT_MAX_BYTES, headroom: int = 0) -> bytes:
+    """Encode to canonical JSON, refusing payloads over ``max_bytes - headroom``."""
     d = to_dict(env)
     data = dumps(d, user_data=_user_data(d))
-    if len(data) > max_bytes:
+    if len(data) > max_bytes - headroom:
+        kept = f", less {headroom} bytes kept for a retry" if headroom else ""
         raise EnvelopeTooLarge(
-            f"message for task {env.task!r} is {len(data)} bytes, over the {max_bytes}-byte limit"
+            f"message for task {env.task!r} is {len(data)} bytes, over the {max_bytes}-byte "
+            f"limit{kept}"
         )
     return data
 

@@ -699,3 +699,33 @@ def test_a_retry_books_its_own_rate_limit_slot(app: Stem) -> None:
     booked = [(n, slot) for n, _, slot in seen if slot is not None]
     assert booked, "with 3 tasks at 5/s some runs must have waited for a slot"
     assert len(set(booked)) == len(booked), f"a booking was reused by a retry: {seen}"
+
+
+def test_a_message_that_fits_at_enqueue_can_be_retried() -> None:
+    """A retry grows the message (not_before_ms, attempt): enqueue keeps room for that, so
+    a message near the size limit is refused up front rather than failing its retry."""
+    from stem.envelope import REPUBLISH_HEADROOM
+    from stem.errors import EnvelopeTooLarge
+
+    url = f"memory://edge-{time.monotonic_ns()}"
+    app = Stem("edge", broker=url, backend=url, max_message_bytes=2_000)
+    try:
+
+        @app.task(name="edge", bind=True, max_retries=1)
+        def edge(ctx: Any, pad: str) -> int:
+            if ctx.attempt == 0:
+                raise ctx.retry(countdown=0)
+            return len(pad)
+
+        def size(pad: str) -> int:
+            return len(app.seal(app.build_envelope("edge", [pad])))
+
+        base = size("")
+        largest = "x" * (2_000 - REPUBLISH_HEADROOM - base)
+        assert size(largest) == 2_000 - REPUBLISH_HEADROOM
+        with pytest.raises(EnvelopeTooLarge, match="less 96 bytes kept for a retry"):
+            edge.delay(largest + "x")
+        with Running(app):
+            assert edge.delay(largest).get(timeout=10) == len(largest)
+    finally:
+        app.close()
