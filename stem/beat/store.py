@@ -23,14 +23,12 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stem.beat.entry import ScheduleEntry, parse_entry
 from stem.brokers.base import Broker
 from stem.errors import BrokerError, ConfigError, SignatureError
-
-if TYPE_CHECKING:
-    from stem.security.signing import Keyring
+from stem.security.signing import Keyring, is_sealed, unverified_payload
 
 __all__ = ["ENTRY_PREFIX", "LAST_PREFIX", "TICK_PREFIX", "ScheduleStore", "StoredEntries"]
 
@@ -59,15 +57,13 @@ def _context(name: str) -> str:
     return f"schedule:{name}"
 
 
-_SEALED = "stem-sealed-v1\n"
-
-
 def _unverified_spec(raw: str) -> Any:
     """The spec a stored value holds, read without checking its seal (None if unreadable):
     only ever trusted in the direction that fails safe, or on an operator's word."""
-    payload = raw.split("\n", 2)[2] if raw.startswith(_SEALED) and raw.count("\n") >= 2 else raw
+    data = raw.encode()
+    payload = unverified_payload(data) if is_sealed(data) else data
     try:
-        return json.loads(payload)
+        return None if payload is None else json.loads(payload)
     except ValueError:
         return None
 
@@ -243,7 +239,7 @@ class ScheduleStore:
                 entry = self._parse(name, raw)
             except ConfigError as exc:
                 spec = _unverified_spec(raw)
-                if not (unsigned and not raw.startswith(_SEALED) and isinstance(spec, dict)):
+                if not (unsigned and not is_sealed(raw.encode()) and isinstance(spec, dict)):
                     skipped[name] = str(exc)
                     continue
                 try:

@@ -601,13 +601,14 @@ class Keyring:
     ) -> bytes:
         """The payload of a sealed message after verifying it. Data that is not sealed is
         returned as is unless ``required`` (then ``signature-missing``)."""
-        if not data.startswith(_SEALED_MAGIC):
+        if not is_sealed(data):
             if required:
                 raise SignatureError("signature-missing", "the record is not signed")
             return data
-        head, sep, payload = data[len(_SEALED_MAGIC) :].partition(b"\n")
-        if not sep:
+        parts = _sealed_parts(data)
+        if parts is None:
             raise SignatureError("signature-invalid", "the sealed record is truncated")
+        head, payload = parts
         try:
             block = codec.loads(head)
         except DecodeError:
@@ -629,6 +630,24 @@ class Keyring:
             return self.unseal(data, context="result", required=self.results_required)
 
         return (seal if self.can_sign else None), unseal
+
+
+def is_sealed(data: bytes) -> bool:
+    """Whether ``data`` has the form :meth:`Keyring.seal` writes (not whether it verifies)."""
+    return data.startswith(_SEALED_MAGIC)
+
+
+def _sealed_parts(data: bytes) -> tuple[bytes, bytes] | None:
+    """(signature block, payload) of sealed ``data``; None if it is cut short."""
+    head, sep, payload = data[len(_SEALED_MAGIC) :].partition(b"\n")
+    return (head, payload) if sep else None
+
+
+def unverified_payload(data: bytes) -> bytes | None:
+    """The payload of sealed ``data`` without checking its seal (None if cut short): only
+    for decisions that fail safe, or that an operator vouches for."""
+    parts = _sealed_parts(data)
+    return None if parts is None else parts[1]
 
 
 def _env_bool(value: str | None, name: str) -> bool | None:
