@@ -54,6 +54,18 @@ def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
     return bool(n == 1)
 
 
+def _execute_here(job: Job, progress: Any) -> Outcome:
+    """Run a plain-function job in this thread, which a time limit can then interrupt by
+    injecting its exception (``job.thread_id``, see ``_raise_in_thread``)."""
+    job.thread_id = threading.get_ident()
+    try:
+        return execute(job.task, job.envelope, progress)
+    except HardTimeLimitExceeded as exc:
+        return failure(exc)
+    finally:
+        job.thread_id = None
+
+
 class ThreadPool:
     """Threads in this process. A hard time limit cannot kill a thread: the task gets an
     exception injected, its failure is recorded at once, and a fresh thread takes its slot;
@@ -90,16 +102,10 @@ class ThreadPool:
                 job = self._jobs.get()
                 if job is None:
                     return
-                job.thread_id = threading.get_ident()
                 progress = None
                 if self._progress is not None:
                     progress = functools.partial(self._progress, job)
-                try:
-                    outcome = execute(job.task, job.envelope, progress)
-                except HardTimeLimitExceeded as exc:
-                    outcome = failure(exc)
-                job.thread_id = None
-                self._done(job, outcome)
+                self._done(job, _execute_here(job, progress))
                 if threading.get_ident() in self._retired:
                     return
         finally:
@@ -207,7 +213,7 @@ class AsyncPool:
                 outcome = await self._run_coroutine(job, progress)
             else:
                 outcome = await self._loop.run_in_executor(
-                    self._runners, self._run_sync, job, progress
+                    self._runners, _execute_here, job, progress
                 )
         except asyncio.CancelledError:
             if not (job.soft_fired or job.hard_fired):
@@ -217,16 +223,6 @@ class AsyncPool:
             self._tasks.pop(job, None)
         # Settling does blocking I/O (backend, broker): keep it off the loop.
         await self._loop.run_in_executor(self._settlers, self._done, job, outcome)
-
-    @staticmethod
-    def _run_sync(job: Job, progress: Any) -> Outcome:
-        job.thread_id = threading.get_ident()
-        try:
-            return execute(job.task, job.envelope, progress)
-        except HardTimeLimitExceeded as exc:
-            return failure(exc)
-        finally:
-            job.thread_id = None
 
     async def _run_coroutine(self, job: Job, progress: Any) -> Outcome:
         start = time.perf_counter()
