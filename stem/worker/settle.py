@@ -348,10 +348,10 @@ class Settler:
             self._broker_call("unique release", lambda: self.app.broker.release(key, env.id))
 
     def ended(self, env: Envelope, error: ErrorInfo) -> bool:
-        """A task ended for good without a result (expired, revoked, dead): fail the chain
-        steps and chord callback that wait on it, send its errback, and release its unique
-        key. False if the follow-up could not be published now; the caller then gives the
-        delivery back, to try again when it returns."""
+        """A task ended for good without a result (expired, revoked): fail the chain steps
+        and chord callback that wait on it, send its errback, and release its unique key.
+        False if the follow-up could not be published now; the caller then gives the
+        delivery back, to try again when it returns (and the key stays held)."""
         if not self._fail_waiters(env, error):
             return False
         self.release_unique(env)
@@ -443,7 +443,7 @@ class Settler:
             signals.task_postrun.send(
                 envelope=env, state=states.REVOKED, runtime_s=outcome.runtime_s
             )
-            self.finished(job, final=True)
+            self.finished(job, final=False)  # revoked() released the unique key if it ended
             return
         if outcome.status == "success":
             stores_result = not env.headers.get("ignore_result")
