@@ -97,28 +97,33 @@ def _portable(wire: dict[str, Any], what: str) -> dict[str, Any]:
 
 def check_headers(headers: Mapping[str, Any]) -> None:
     """Raise :class:`DecodeError` naming the first malformed canvas header, if any."""
-    problem = None
+    problem = _headers_problem(headers)
+    if problem:
+        raise DecodeError(problem)
+
+
+def _headers_problem(headers: Mapping[str, Any]) -> str | None:
     chain_ = headers.get("chain")
     if chain_ is not None:
         if not isinstance(chain_, list):
-            problem = "header 'chain' must be a list"
-        else:
-            for i, wire in enumerate(chain_):
-                problem = problem or _wire_problem(wire, f"header 'chain[{i}]'")
+            return "header 'chain' must be a list"
+        for i, wire in enumerate(chain_):
+            if problem := _wire_problem(wire, f"header 'chain[{i}]'"):
+                return problem
     for key in _LINK_OPTIONS:
-        if problem is None and headers.get(key) is not None:
-            problem = _wire_problem(headers[key], f"header {key!r}")
+        if headers.get(key) is not None and (
+            problem := _wire_problem(headers[key], f"header {key!r}")
+        ):
+            return problem
     spec = headers.get("chord")
-    if problem is None and spec is not None:
-        size, index = (spec.get("size"), spec.get("index")) if isinstance(spec, dict) else (0, 0)
-        if not isinstance(spec, dict):
-            problem = "header 'chord' must be an object"
-        elif not (type(size) is int and type(index) is int and 0 <= index < size):
-            problem = "header 'chord': 'size' and 'index' must be integers, 0 <= index < size"
-        else:
-            problem = _wire_problem(spec.get("callback"), "header 'chord.callback'")
-    if problem:
-        raise DecodeError(problem)
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        return "header 'chord' must be an object"
+    size, index = spec.get("size"), spec.get("index")
+    if not (type(size) is int and type(index) is int and 0 <= index < size):
+        return "header 'chord': 'size' and 'index' must be integers, 0 <= index < size"
+    return _wire_problem(spec.get("callback"), "header 'chord.callback'")
 
 
 @dataclass(frozen=True)
