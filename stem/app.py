@@ -100,6 +100,7 @@ class Stem:
         self._result_store: ResultStore | None = None
         self._lock = threading.RLock()
         self.schedules: dict[str, Any] = {}
+        self._queues_ok: set[str] = set()  # queue names already checked (a few, in practice)
         #: Callables returning extra headers (trace context) set on every published
         #: envelope before it is sealed, so they are signed with it.
         self.header_hooks: list[Callable[[Envelope], Mapping[str, Any] | None]] = []
@@ -319,8 +320,11 @@ class Stem:
                 f"{env_codec.PRIORITY_MAX}, got {prio!r}"
             )
         target = self.route(name, queue)
-        if problem := env_codec.queue_problem(target):
-            raise ConfigError(f"task {name!r}: {problem}")
+        if target not in self._queues_ok:  # on every enqueue: check each name once
+            if problem := env_codec.queue_problem(target):
+                raise ConfigError(f"task {name!r}: {problem}")
+            if len(self._queues_ok) < 1024:
+                self._queues_ok.add(target)
         tid = task_id or new_id()
         if parent_id is None and (cur := current_envelope()) is not None:
             # Published by a running task: its child, in the same workflow (and trace).
