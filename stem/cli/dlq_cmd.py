@@ -14,8 +14,8 @@ from stem.app import Stem
 from stem.brokers.base import Broker, DeadLetter, Message
 from stem.cli.context import emit_json, fail, load_app
 from stem.cli.exitcodes import ExitCode
-from stem.envelope import decode
-from stem.errors import DecodeError
+from stem.envelope import Envelope, decode
+from stem.errors import DecodeError, SignatureError
 
 app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
 
@@ -86,9 +86,6 @@ def _selection(ids: list[str] | None, queue: str | None, all_: bool) -> list[str
     return ids or None
 
 
-#: Reasons that say the message may not be genuine: never re-signed, only moved back as-is
-#: (so a worker rejects it again).
-_UNTRUSTED = {"signature-missing", "signature-invalid", "signature-unknown-key", "malformed"}
 _BATCH = 500
 
 
@@ -123,23 +120,34 @@ def _batches(
         yield letters
 
 
+def _genuine(app: Stem, d: DeadLetter) -> Envelope | None:
+    """The dead letter's envelope if its signature verifies with this keyring (however old
+    it is); else None. What a dead letter's reason says is not evidence: it is unsigned
+    broker data, like the rest of the letter but its signed body."""
+    keyring = app.keyring
+    try:
+        env = decode(d.body, max_bytes=app.max_message_bytes)
+        if keyring is None or env.signature is None:
+            return None
+        keyring.verify(env, body=d.body, fresh=False)
+    except (DecodeError, SignatureError):
+        return None
+    return env
+
+
 def _replay_batch(app: Stem, letters: list[DeadLetter], resign: bool) -> int:
     broker = app.broker
     fresh: list[Message] = []
     moved: list[str] = []
     for d in letters:
-        env = None
-        if resign and d.reason not in _UNTRUSTED:
-            try:
-                env = decode(d.body, max_bytes=app.max_message_bytes)
-            except DecodeError:
-                env = None
+        env = _genuine(app, d) if resign else None
         if env is None:
             moved.append(d.id)
         else:
-            # A fresh signature, so an old message is not refused as signature-expired.
+            # A fresh signature, so an old message is not refused as signature-expired; on
+            # the queue it was signed for (a misrouted letter goes back where it belongs).
             env = env.replace(signature=None, not_before_ms=None)
-            fresh.append(Message(env.id, d.queue, app.seal(env), env.priority))
+            fresh.append(Message(env.id, env.queue, app.seal(env), env.priority))
     n = broker.dlq_replay(moved) if moved else 0
     if fresh:
         app.publish_messages(fresh)
@@ -174,8 +182,9 @@ def replay(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Put dead letters back on their queues (delivery count reset). With a signing key,
-    genuine messages are re-signed so an old signature does not expire them again;
-    messages that failed verification are moved back untouched."""
+    letters whose signature verifies (however old) are re-signed, so an old signature does
+    not expire them again; all others (unsigned, forged, altered, signed with a retired
+    key) are moved back untouched, for a worker to refuse again."""
     selection = _selection(ids, queue, all_)
     stem_app = load_app(ctx)
     keyring = stem_app.keyring

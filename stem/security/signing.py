@@ -482,7 +482,12 @@ class Keyring:
         return unsigned.replace(signature=dataclasses.replace(unsigned.signature, value=value))
 
     def verify(
-        self, env: Envelope, *, body: bytes | None = None, now_ms: int | None = None
+        self,
+        env: Envelope,
+        *,
+        body: bytes | None = None,
+        now_ms: int | None = None,
+        fresh: bool = True,
     ) -> None:
         """Return if the envelope is signed by a key of this keyring and fresh; otherwise
         raise :class:`SignatureError` with reason ``signature-missing``, ``-invalid``,
@@ -490,7 +495,9 @@ class Keyring:
 
         ``body``: the bytes ``env`` was decoded from. As Stem writes them, they are the
         signed bytes plus the signature value (:func:`stem.envelope.signed_part`), so the
-        check needs no re-encoding; a body written any other way is re-encoded."""
+        check needs no re-encoding; a body written any other way is re-encoded.
+        ``fresh=False`` skips the time checks: only whether the signature is genuine (for
+        an operator re-signing an old dead letter)."""
         sig = env.signature
         if sig is None:
             raise SignatureError("signature-missing", "the message is not signed")
@@ -505,7 +512,8 @@ class Keyring:
                 ) from None
             if data == sent or not verifier.verify(data, sig.value):
                 raise _mismatch(sig)
-        self._check_time(sig, now_ms, self.replay_window_s, env.not_before_ms)
+        if fresh:
+            self._check_time(sig, now_ms, self.replay_window_s, env.not_before_ms)
 
     def _verifier(self, sig: SignatureBlock) -> Verifier:
         """The verifier for the block's key, once its algorithm, key id and nonce pass."""

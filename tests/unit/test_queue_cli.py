@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from stem import Stem
@@ -83,3 +84,69 @@ def test_replay_all_stops_at_what_was_dead_when_it_started() -> None:
     broker = RefillingDLQ()
     batches = list(_batches(broker, None, None, [], limit=3))  # type: ignore[arg-type]
     assert sum(len(b) for b in batches) == 3 and broker.calls == 3
+
+
+def test_replay_resigns_only_letters_whose_signature_verifies(tmp_path: Path) -> None:
+    """The reason of a dead letter is unsigned broker data: `dlq replay` re-signs a letter
+    only when its own signature verifies (however old), whatever reason it is filed under.
+    Forged, altered, unsigned and retired-key letters go back untouched, for workers to
+    refuse again; a genuine one goes back to the queue it was signed for."""
+    import base64
+
+    from stem.envelope import decode, encode
+    from stem.errors import SignatureError
+    from stem.security.signing import Keyring
+
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    secrets = {"v0": b"0" * 32, "v1": b"1" * 32}
+    old = Keyring.build("hmac-sha256", secrets, active_key="v0")
+    ring = Keyring.build("hmac-sha256", {"v1": secrets["v1"]}, active_key="v1")
+    app = Stem("dlq-sign", broker=url, backend=url, keyring=ring)
+    bodies: dict[str, bytes] = {}
+
+    def dead(reason: str, env_id: str, body: bytes) -> None:
+        app.publish_messages([Message(id=env_id, queue="default", body=body)])
+        [delivery] = app.broker.reserve(["default"], 1, 30.0, 1.0)
+        app.broker.dead_letter(delivery, reason, "test")
+        bodies[env_id] = body
+
+    try:
+        genuine = app.build_envelope("t", [1], task_id="genuine")
+        dead("retries-exhausted", genuine.id, app.seal(genuine))
+        altered = decode(app.seal(app.build_envelope("t", [2], task_id="altered")))
+        dead("retries-exhausted", altered.id, encode(altered.replace(task="evil", args=(2,))))
+        dead("unknown-task", "forged", encode(app.build_envelope("evil", [3], task_id="forged")))
+        retired = old.sign(app.build_envelope("t", [4], task_id="retired"))
+        dead("unknown-task", retired.id, encode(retired))
+        routed = app.build_envelope("t", [5], queue="payments", task_id="routed")
+        dead("misrouted", routed.id, app.seal(routed))
+
+        env = {
+            "STEM_SIGNING_KEYS": "v1:" + base64.b64encode(secrets["v1"]).decode(),
+            "STEM_SIGNING_ACTIVE_KEY": "v1",
+        }
+        out = CliRunner().invoke(cli, ["--broker", url, "dlq", "replay", "--all"], env=env)
+        assert out.exit_code == 0, out.output
+        assert "replayed 5" in out.stdout
+
+        got = {
+            d.message_id: d
+            for q in ("default", "payments")
+            for d in app.broker.reserve([q], 10, 30.0, 1.0)
+        }
+        assert {m: got[m].queue for m in got} == {
+            "genuine": "default",
+            "altered": "default",
+            "forged": "default",
+            "retired": "default",
+            "routed": "payments",
+        }
+        for untouched in ("altered", "forged", "retired"):
+            assert got[untouched].body == bodies[untouched]
+            with pytest.raises(SignatureError):
+                ring.verify(decode(got[untouched].body), body=got[untouched].body)
+        for resigned in ("genuine", "routed"):
+            assert got[resigned].body != bodies[resigned]
+            ring.verify(decode(got[resigned].body), body=got[resigned].body)
+    finally:
+        app.close()
