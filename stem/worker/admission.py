@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stem.worker")
 
+# How early a delivery may arrive before the ETA in its body (clocks of different hosts
+# differ a little) before it is put back until then.
+ETA_TOLERANCE_S = 1.0
 # Helper threads for Ed25519 verification: the other cores (none on one core).
 _HELPERS = min(3, (os.cpu_count() or 1) - 1)
 
@@ -167,6 +170,12 @@ class Admission:
             env = self.decode(delivery)
             if env is None:
                 return None
+        if env.queue != delivery.queue:
+            # The body names its queue (signed, where signing is on); the broker's copy is
+            # bookkeeping. Not consumed: the genuine copy may still be on its own queue.
+            detail = f"the message names queue {env.queue!r} but came from {delivery.queue!r}"
+            self.settler.dead_letter(delivery, "misrouted", detail, env)
+            return None
         if delivery.delivery_count > self.max_deliveries:
             error = ErrorInfo(
                 "PoisonMessage", f"delivered {delivery.delivery_count} times without finishing"
@@ -195,6 +204,18 @@ class Admission:
             else:
                 self.settler.release(delivery, delay_s=1.0)
             return None
+        if env.not_before_ms is not None:
+            early_s = (env.not_before_ms - codec.now_ms()) / 1000
+            if early_s > ETA_TOLERANCE_S:
+                # The broker's schedule is bookkeeping; the ETA in the body counts.
+                log.warning(
+                    "task %s arrived %.1fs before its ETA; put back until then",
+                    env.id,
+                    early_s,
+                    extra={"event": "task-early", **self.settler.fields(env)},
+                )
+                self.settler.release(delivery, delay_s=early_s)
+                return None
         if self.settler.canvas.already_done(env):
             self.settler.ack(delivery)
             return None

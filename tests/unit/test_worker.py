@@ -132,6 +132,36 @@ def test_unknown_task_is_dead_lettered_not_run(app: Stem) -> None:
     assert [d.reason for d in app.broker.dlq_list()] == ["unknown-task"]
 
 
+def test_the_queue_and_eta_in_the_body_count_not_the_brokers_copy(app: Stem) -> None:
+    """Someone editing the broker's scheduling data (not the body, which may be signed)
+    cannot run a task on another queue, or before its ETA."""
+    ran: list[str] = []
+
+    @app.task(name="note")
+    def note(tag: str) -> None:
+        ran.append(tag)
+
+    week = app.build_envelope("note", ["next week"], countdown=7 * 86400)
+    payments = app.build_envelope("note", ["payments"], queue="payments")
+    app.publish_messages(
+        [
+            Message(id=week.id, queue="default", body=app.seal(week)),  # due now, says broker
+            Message(id=payments.id, queue="default", body=app.seal(payments)),
+        ]
+    )
+    with Running(app):
+        note.delay("control").get(timeout=5)
+        deadline = time.monotonic() + 5
+        while not app.broker.dlq_list() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert ran == ["control"]
+    [letter] = app.broker.dlq_list()
+    assert (letter.message_id, letter.reason) == (payments.id, "misrouted")
+    assert "'payments'" in letter.detail and "'default'" in letter.detail
+    [stats] = app.broker.stats(["default"])
+    assert (stats.ready, stats.delayed) == (0, 1)  # put back until its ETA
+
+
 def test_malformed_message_is_dead_lettered(app: Stem) -> None:
     app.broker.publish([Message(id="junk", queue="default", body=b"{not json")])
     with Running(app):
