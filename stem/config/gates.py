@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
-from stem.config.model import Settings, safe_url
+from stem.config.model import Settings
 from stem.config.secrets import hmac_key_sizes, mode_problem
 from stem.errors import ConfigError
+from stem.observability.redact import redact_url
 
 log = logging.getLogger("stem.config")
 
@@ -155,7 +156,7 @@ def _weak_keys(s: Settings, euid: int | None) -> list[str]:
 def _transport(state: str) -> Callable[[Settings, int | None], list[str]]:
     def check(s: Settings, euid: int | None) -> list[str]:
         return [
-            f"{key} {safe_url(url)} ({_who(s, key)}) is {state}"
+            f"{key} {redact_url(url)} ({_who(s, key)}) is {state}"
             for key, url in _urls(s)
             if _tls_state(url, s) == state
         ]

@@ -12,30 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
 
 from stem.config.provenance import Provenance
 from stem.config.schema import SCHEMA, ScheduleSettings, is_key_path
-from stem.observability.redact import REDACTED, is_secret_name, redact_mapping, redact_url
+from stem.observability.redact import REDACTED, redact_mapping, redact_url
 from stem.security.tls import TLSSettings
 
 if TYPE_CHECKING:
     from stem.security.signing import Keyring
-
-
-def safe_url(url: str) -> str:
-    """``url`` with its password and secret query values replaced by ``***``.
-
-    URLs without either are returned unchanged: ``redact_url`` re-assembles them with
-    ``urlunsplit``, which turns ``sqlite:///stem.db`` into ``sqlite:/stem.db``."""
-    try:
-        parts = urlsplit(url)
-        secret = parts.password is not None
-    except ValueError:
-        return REDACTED
-    if secret or any(is_secret_name(k) for k, _ in parse_qsl(parts.query)):
-        return redact_url(url)
-    return url
 
 
 def _redact_value(section: str, key: str, value: Any) -> Any:
@@ -43,7 +27,7 @@ def _redact_value(section: str, key: str, value: Any) -> Any:
     if not spec.secret or value is None:
         return value
     if isinstance(value, str):
-        return safe_url(value) if "://" in value else REDACTED
+        return redact_url(value) if "://" in value else REDACTED
     if isinstance(value, tuple | list):
         # Key ids and file paths are not secret; the key material is.
         return [v if is_key_path(v) else f"{v.partition(':')[0]}:{REDACTED}" for v in value]

@@ -237,3 +237,22 @@ def test_options_from_the_main_cli_context(etc: Path, tmp_path: Path) -> None:
     assert data["settings"]["broker"]["url"] == "redis://:***@h/0"
     assert data["provenance"]["broker.url"]["source"] == "--broker"
     assert "pw-cli" not in result.output
+
+
+@pytest.mark.parametrize("args", [["show"], ["show", "--json"], ["show", "--explain"]])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://u:Pw5/ecret@redis.internal:6379/0",
+        "postgresql://u:Pw5#ecret@db/stem?sslmode=verify-full",
+        "redis://:Pw5?ecret@redis.internal/0",
+    ],
+)
+def test_a_password_holding_url_delimiters_is_still_redacted(
+    etc: Path, url: str, args: list[str]
+) -> None:
+    """urlsplit cuts such a netloc short and sees no password; show must not print it."""
+    result = run(args, env={"STEM_BROKER_URL": url, "STEM_BACKEND_URL": url})
+    assert result.exit_code == 0, result.output
+    assert "ecret" not in result.output
+    assert ":***@" in result.output
