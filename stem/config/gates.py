@@ -226,7 +226,10 @@ def _dev_certs(s: Settings, euid: int | None) -> list[str]:
 
 
 def _secret_modes(s: Settings, euid: int | None) -> list[str]:
-    return [f"{key}: {p}" for key, path in s.secret_files() if (p := mode_problem(path))]
+    # Client keys named in a URL (?sslkey=, ?ssl_keyfile=) are secret files too.
+    url_keys = [(k, p) for k, p in _tls_paths(s) if k.endswith(("?sslkey", "?ssl_keyfile"))]
+    files = s.secret_files() + url_keys
+    return [f"{key}: {p}" for key, path in files if (p := mode_problem(path))]
 
 
 def _result_expiry(s: Settings, euid: int | None) -> list[str]:

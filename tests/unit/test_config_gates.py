@@ -233,6 +233,26 @@ def test_loose_secret_files_fail_the_gate(tmp_path: Path) -> None:
     assert run_gates(s, euid=1000)[6].ok
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss://:pw@redis.internal:6380/0?ssl_keyfile={key}",
+        "postgresql://db/s?sslmode=verify-full&sslkey={key}",
+    ],
+)
+def test_a_loose_client_key_named_in_a_url_fails_the_gate(tmp_path: Path, url: str) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o644)
+    found = failing(settings(tmp_path, STEM_BROKER_URL=url.format(key=key)))
+    assert "mode 0644" in found["G007-secret-file-mode"]
+    assert "broker.url ?" in found["G007-secret-file-mode"]
+    key.chmod(0o600)
+    assert "G007-secret-file-mode" not in failing(
+        settings(tmp_path, STEM_BROKER_URL=url.format(key=key))
+    )
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to hand files to other owners")
 def test_the_packaged_key_layout_passes_and_near_misses_fail(tmp_path: Path) -> None:
     """deploy/ keeps keys root-owned, readable by the service's group: 0640 root:stem."""
