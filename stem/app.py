@@ -80,9 +80,14 @@ class Stem:
         self.publish_retries = publish_retries
         self.publish_retry_backoff_s = publish_retry_backoff_s
         self.tls = tls
-        if keyring is None:
-            keyring = Keyring.from_env(os.environ)
-        self.keyring = keyring
+        # Without one, the keyring comes from STEM_SIGNING_* when first needed: not here,
+        # where the CLI has yet to apply its layers (keys in a file and the active key in
+        # the environment are one keyring, not a half one).
+        self._keyring: Keyring | None = keyring
+        self._keyring_pending = keyring is None
+        #: How the CLI configured this app (:func:`stem.config.apply.apply_layers`), for
+        #: process-pool children to do the same; None when configured in code only.
+        self.settings_source: dict[str, Any] | None = None
         self.import_spec: str | None = None  # "module:attr", set by the CLI loader
         self._code: dict[str, Any] = {}
         if isinstance(broker, str):
@@ -128,6 +133,16 @@ class Stem:
             return self.broker_url
         return arg if isinstance(arg, str) else arg.url
 
+    @property
+    def keyring(self) -> Keyring | None:
+        """The keys this app signs and verifies with (None: signing off)."""
+        if self._keyring_pending:
+            with self._lock:
+                if self._keyring_pending:
+                    self._keyring = Keyring.from_env(os.environ)
+                    self._keyring_pending = False
+        return self._keyring
+
     def configure(
         self,
         *,
@@ -136,10 +151,11 @@ class Stem:
         routes: Mapping[str, str] | None = None,
         result_ttl_s: float | None = _UNSET,
         tls: TLSSettings | None = None,
-        keyring: Keyring | None = None,
+        keyring: Keyring | None = _UNSET,
         publish_retries: int | None = None,
     ) -> None:
-        """Rebind connections and options (before first use; closes open connections)."""
+        """Rebind connections and options (before first use; closes open connections).
+        ``keyring=None`` switches signing off; leave it out to keep the keyring."""
         with self._lock:
             if broker is not None or backend is not None:
                 self.close()
@@ -154,8 +170,8 @@ class Stem:
                 self._result_store = None
             if tls is not None:
                 self.tls = tls
-            if keyring is not None:
-                self.keyring = keyring
+            if keyring is not _UNSET:
+                self._keyring, self._keyring_pending = keyring, False
                 self._result_store = None
             if publish_retries is not None:
                 self.publish_retries = publish_retries

@@ -342,3 +342,29 @@ def test_key_paths_may_contain_spaces_and_lists_may_span_lines(tmp_path: Path) -
         }
     )
     assert ring is not None and ring.key_ids == ("a", "b")
+
+
+def test_an_app_reads_its_keyring_from_the_environment_when_first_needed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not at construction: the CLI imports the app before applying its config layers, and
+    the active key alone in the environment is half a keyring until then."""
+    import base64
+
+    from stem import Stem
+
+    for name in list(os.environ):
+        if name.startswith("STEM_SIGNING_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("STEM_SIGNING_ACTIVE_KEY", "k1")
+    app = Stem("lazy", broker="memory://")  # does not raise
+    with pytest.raises(ConfigError, match="STEM_SIGNING_KEYS is empty"):
+        _ = app.keyring
+    ring = Keyring.build("hmac-sha256", {"k1": b"s" * 32})
+    app.configure(keyring=ring)
+    assert app.keyring is ring
+    app.configure(keyring=None)  # explicitly off
+    assert app.keyring is None
+    monkeypatch.setenv("STEM_SIGNING_KEYS", "k1:" + base64.b64encode(b"s" * 32).decode())
+    from_env = Stem("env", broker="memory://").keyring
+    assert from_env is not None and from_env.active_key_id == "k1"
