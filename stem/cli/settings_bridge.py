@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from stem.config import enforce_gates, load_settings
-from stem.observability.logs import setup_logging
+from stem.config.apply import apply_layers
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -33,27 +32,10 @@ def typed_flags(ctx: typer.Context, mapping: Mapping[str, str]) -> dict[str, Any
 
 
 def apply_settings(app: Stem, st: CLIState, *, gates: bool = False) -> Settings:
-    overrides = dict(st.overrides)
-    settings = load_settings(
+    return apply_layers(
+        app,
         profile=st.profile,
         config_file=st.config_file,
-        overrides=overrides,
-        code_defaults=app.code_settings(),
+        overrides=st.overrides,
+        gates=gates,
     )
-    # Logging from the files/env applies now (flags were applied at start-up already and
-    # are part of the settings, so this never undoes them).
-    setup_logging(settings.logging.level, settings.logging.format)
-    if gates:
-        enforce_gates(settings)
-    broker_from_code = settings.provenance("broker.url").layer in ("default",)
-    backend_from_code = settings.provenance("backend.url").layer in ("default",)
-    app.configure(
-        broker=None if broker_from_code and app.has_explicit_broker else settings.broker.url,
-        backend=None if backend_from_code and app.has_explicit_backend else settings.backend.url,
-        routes=dict(settings.routes),
-        result_ttl_s=settings.backend.result_ttl_s,
-        tls=settings.tls.to_tls_settings(),
-        keyring=settings.signing.to_keyring(),
-        publish_retries=settings.broker.publish_retries,
-    )
-    return settings

@@ -1,7 +1,8 @@
 """Entry point of a process-pool child: ``python -m stem.worker.child IN_FD OUT_FD``.
 
 The child imports the operator's app (the spec arrives in the bootstrap frame, with the
-connection URLs, over the pipe so secrets never show in ``ps``), then runs one job at a time.
+connection URLs and the configuration layers the worker applied, over the pipe so secrets
+never show in ``ps``), then runs one job at a time.
 It ignores SIGINT/SIGTERM (the parent drains and stops it) and exits if its parent dies.
 """
 
@@ -46,6 +47,10 @@ def main(argv: list[str]) -> int:
         from stem.loader import load_app
 
         app = load_app(boot["app"])
+        if boot.get("settings") is not None:
+            from stem.config.apply import apply_layers
+
+            apply_layers(app, **boot["settings"])
         app.configure(broker=boot.get("broker"), backend=boot.get("backend"))
     except (StemError, ImportError, Exception) as exc:  # report any import failure, then exit
         write_frame(out_fd, {"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})

@@ -128,6 +128,9 @@ class Worker:
                     "app": self.app.import_spec,
                     "broker": self.app.broker_url,
                     "backend": self.app.backend_url,
+                    # The layers the worker's app was configured with (keys, TLS,
+                    # routes), so tasks that publish from a child sign and connect alike.
+                    "settings": self.app.settings_source,
                 },
             )
         if cfg.pool == "async":

@@ -187,3 +187,26 @@ def test_dlq_replay_resigns_genuine_letters_but_not_forged_ones(
         for x in letters
     ] == [("signature-invalid", forged.id)]
     _stop(worker)
+
+
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_keys_from_a_config_file_sign_what_tasks_publish_in_every_pool(
+    cli: StemCLI, tmp_path: Path, pool: str
+) -> None:
+    """Keys in a YAML file and the active key in the environment (the rotation runbook's
+    step 1) are one keyring, for the worker and for its process-pool children: a task that
+    publishes from a child signs with it, so nothing it publishes is refused."""
+    keys = _keys(tmp_path, "hmac-sha256", "k1", "keys")
+    conf = tmp_path / "site.yaml"
+    conf.write_text(f"signing:\n  keys: [{keys}]\n")
+    env = {"STEM_CONFIG": str(conf), "STEM_SIGNING_ACTIVE_KEY": "k1"}
+    worker = cli.start_worker("-P", pool, "-c", "1", env=env)
+    out = cli.run("enqueue", "acc.fan_out", "--args", "[4]", "--wait", "30", env=env)
+    assert out.returncode == 0, out.stderr + cli.log_text()
+    _, state, value = out.stdout.splitlines()[-1].split(None, 2)  # "ID STATE RESULT"
+    assert state == "SUCCESS"
+    got = cli.run("result", json.loads(value), "--wait", "30", env=env)
+    assert got.returncode == 0, got.stderr + cli.log_text()
+    assert got.stdout.splitlines()[-1].split(None, 2)[1:] == ["SUCCESS", "16"]
+    assert json.loads(cli.run("dlq", "list", "--json", env=env, check=True).stdout) == []
+    _stop(worker)

@@ -44,6 +44,12 @@ def _record(line: str) -> None:
             os.close(fd)
 
 
+@app.task(name="acc.fan_out")
+def fan_out(n: int) -> str:
+    """Publishes from inside a task: the child task's id."""
+    return square.delay(n).id
+
+
 @app.task(name="acc.slow_square")
 def slow_square(n: int) -> int:
     time.sleep(0.05)

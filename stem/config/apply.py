@@ -1,0 +1,53 @@
+"""Apply the layered configuration to an app, and remember how, so a process-pool child
+can apply the very same layers to its own copy of the app (keys, TLS, routes)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from stem.config.gates import enforce_gates
+from stem.config.loader import load_settings
+from stem.observability.logs import setup_logging
+
+if TYPE_CHECKING:
+    from stem.app import Stem
+    from stem.config.model import Settings
+
+
+def apply_layers(
+    app: Stem,
+    *,
+    profile: str | None = None,
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    gates: bool = False,
+) -> Settings:
+    """Load the settings (code defaults < files < env < ``overrides``), check the gates if
+    asked, and configure ``app`` with them. ``app.settings_source`` records the arguments."""
+    flags = dict(overrides or {})
+    source = {"profile": profile, "config_file": config_file, "overrides": dict(flags)}
+    settings = load_settings(
+        profile=profile,
+        config_file=config_file,
+        overrides=flags,
+        code_defaults=app.code_settings(),
+    )
+    # Logging from the files/env applies now (flags are part of the settings, so this
+    # never undoes them).
+    setup_logging(settings.logging.level, settings.logging.format)
+    if gates:
+        enforce_gates(settings)
+    broker_from_code = settings.provenance("broker.url").layer in ("default",)
+    backend_from_code = settings.provenance("backend.url").layer in ("default",)
+    app.configure(
+        broker=None if broker_from_code and app.has_explicit_broker else settings.broker.url,
+        backend=None if backend_from_code and app.has_explicit_backend else settings.backend.url,
+        routes=dict(settings.routes),
+        result_ttl_s=settings.backend.result_ttl_s,
+        tls=settings.tls.to_tls_settings(),
+        keyring=settings.signing.to_keyring(),
+        publish_retries=settings.broker.publish_retries,
+    )
+    app.settings_source = source
+    return settings
