@@ -132,12 +132,15 @@ def check(
     profile: ProfileOpt = None,
     config_file: ConfigOpt = None,
 ) -> None:
-    """Validate the configuration and run the quality gates.
+    """Validate the configuration, load the signing keys, and run the quality gates.
 
     Exits 78 (EX_CONFIG) on an invalid configuration or a failing gate whose severity is
     error (every profile but development; with --strict, warnings too)."""
     try:
         settings = _load(ctx, profile, config_file)
+        # Load the keys as a worker will: a key file that is malformed, misnamed or
+        # unreadable by this user fails here, not at the next restart.
+        settings.signing.to_keyring()
     except ConfigError as exc:
         _config_failure(exc, as_json)
     results = run_gates(settings)

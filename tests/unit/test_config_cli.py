@@ -166,6 +166,25 @@ def test_check_exit_codes(etc: Path, secret_config: dict[str, str]) -> None:
     assert run(["check", "--strict"]).exit_code == 78
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("k9.hmac-sha256.key", "not base64 !!!", "neither PEM nor base64"),
+        ("bad.key", FILE_KEY, "must look like"),
+    ],
+)
+def test_check_loads_the_keys_a_worker_would_refuse(
+    etc: Path, tmp_path: Path, name: str, content: str, expected: str
+) -> None:
+    """Naming a key file is not enough: check loads it, as a worker does at start-up."""
+    key = tmp_path / name
+    key.write_text(content + "\n")
+    key.chmod(0o600)
+    result = run(["check"], env={"STEM_SIGNING_KEYS": str(key)})
+    assert result.exit_code == 78, result.output
+    assert expected in result.output
+
+
 def test_check_json(etc: Path, secret_config: dict[str, str]) -> None:
     result = run(["check", "--json"], env={**secret_config, "STEM_BROKER_URL": "memory://"})
     assert result.exit_code == 78
