@@ -48,12 +48,9 @@ def _from_obj(ctx: typer.Context) -> dict[str, Any]:
         "profile": getattr(obj, "profile", None),
         "config_file": getattr(obj, "config_file", None),
     }
-    overrides = dict(getattr(obj, "overrides", None) or {})
-    for key, attr in (("broker.url", "broker"), ("backend.url", "backend")):
-        value = getattr(obj, attr, None)
-        if value is not None:
-            overrides.setdefault(key, value)
-    found["overrides"] = overrides
+    # Only flags typed on the command line (an environment variable behind --broker
+    # reaches the settings through its own layer, and provenance names it).
+    found["overrides"] = dict(getattr(obj, "overrides", None) or {})
     return found
 
 

@@ -247,15 +247,37 @@ def test_options_from_the_main_cli_context(etc: Path, tmp_path: Path) -> None:
     data = json.loads(run(["show", "--json"], obj=obj).output)
     assert (data["profile"], data["settings"]["metrics"]["port"]) == ("production", 9100)
     assert data["settings"]["metrics"]["host"] == "0.0.0.0"
-    # the lead's CLIState: global --broker/--backend become command-line overrides
+    # the main CLI's state: a typed --broker is a command-line override
     state = SimpleNamespace(
-        profile=None, config_file=None, broker="redis://:pw-cli@h/0", backend=None, overrides={}
+        profile=None,
+        config_file=None,
+        broker="redis://:pw-cli@h/0",
+        backend=None,
+        overrides={"broker.url": "redis://:pw-cli@h/0"},
     )
     result = run(["show", "--json", "--explain"], obj=state)
     data = json.loads(result.output)
     assert data["settings"]["broker"]["url"] == "redis://:***@h/0"
     assert data["provenance"]["broker.url"]["source"] == "--broker"
     assert "pw-cli" not in result.output
+
+
+def test_a_url_from_the_environment_is_attributed_to_its_variable(etc: Path) -> None:
+    """STEM_BROKER_URL also feeds --broker; provenance must name the variable, not a flag
+    nobody typed."""
+    from stem.cli.main import app as main_cli
+
+    def source(*args: str) -> str:
+        result = CliRunner().invoke(
+            main_cli,
+            [*args, "config", "show", "--json", "--explain"],
+            env={"STEM_BROKER_URL": "redis://env-host/0"},
+        )
+        assert result.exit_code == 0, result.output
+        return str(json.loads(result.output)["provenance"]["broker.url"]["source"])
+
+    assert source() == "STEM_BROKER_URL"
+    assert source("--broker", "redis://flag-host/0") == "--broker"
 
 
 @pytest.mark.parametrize("args", [["show"], ["show", "--json"], ["show", "--explain"]])
