@@ -74,6 +74,8 @@ from stem.cli.multi_daemon import (
     launch,
     log_tail,
     node_environ,
+    node_lock,
+    prepare_dirs,
     probe,
     remove_pidfile,
     resolve_identity,
@@ -362,27 +364,35 @@ def cmd_start(p: Plan) -> MultiExit:
     started: dict[int, Node] = {}
     with ReadyListener() as listener:
         for node in p.nodes:
-            st = probe(node)
-            if st.state == "running":
-                say(f"{node.name}: already running (pid {st.pid})")
-                continue
-            if st.state == "stale":
-                remove_pidfile(node, st.pid)
-                say(f"{node.name}: removed a stale pidfile ({st.detail})")
-            env = node_environ(os.environ, node, p.identity, listener.address)
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            banner = f"--- stem-multi: starting node {node.name} at {stamp}\n"
             try:
-                pid = launch(node, p.identity, p.workdir, env, banner)
+                prepare_dirs(node, p.identity)
+                with node_lock(node):
+                    pid = _start_one(p, node, listener.address)
             except LaunchError as exc:
                 warn(f"{node.name}: failed to start: {exc}")
                 result = _worse(result, exc.code)
                 continue
-            started[pid] = node
+            if pid is not None:
+                started[pid] = node
         failed = _await_ready(p, listener, started)
     if failed:
         result = _worse(result, MultiExit.START_FAILED)
     return result
+
+
+def _start_one(p: Plan, node: Node, notify: str) -> int | None:
+    """Start ``node`` unless it runs; its pid, or None if it was running already."""
+    st = probe(node)
+    if st.state == "running":
+        say(f"{node.name}: already running (pid {st.pid})")
+        return None
+    if st.state == "stale":
+        remove_pidfile(node, st.pid)
+        say(f"{node.name}: removed a stale pidfile ({st.detail})")
+    env = node_environ(os.environ, node, p.identity, notify)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    banner = f"--- stem-multi: starting node {node.name} at {stamp}\n"
+    return launch(node, p.identity, p.workdir, env, banner)
 
 
 def _await_ready(p: Plan, listener: ReadyListener, started: dict[int, Node]) -> bool:
@@ -424,15 +434,16 @@ def _await_ready(p: Plan, listener: ReadyListener, started: dict[int, Node]) -> 
 def _signal_all(p: Plan, signum: signal.Signals) -> dict[int, Node]:
     sent: dict[int, Node] = {}
     for node in p.nodes:
-        st = probe(node)
-        if st.state == "running" and st.pid is not None and send_signal(st.pid, signum):
-            say(f"{node.name}: sent {signum.name} (pid {st.pid})")
-            sent[st.pid] = node
-        elif st.state == "stale":
-            remove_pidfile(node, st.pid)
-            say(f"{node.name}: not running (removed a stale pidfile: {st.detail})")
-        else:
-            say(f"{node.name}: not running")
+        with node_lock(node):  # not while a start of this node is between fork and exec
+            st = probe(node)
+            if st.state == "running" and st.pid is not None and send_signal(st.pid, signum):
+                say(f"{node.name}: sent {signum.name} (pid {st.pid})")
+                sent[st.pid] = node
+            elif st.state == "stale":
+                remove_pidfile(node, st.pid)
+                say(f"{node.name}: not running (removed a stale pidfile: {st.detail})")
+            else:
+                say(f"{node.name}: not running")
     return sent
 
 

@@ -19,12 +19,14 @@ abstract sd_notify socket of its own, checking the sender's pid with ``SCM_CREDE
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import pwd
 import signal
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -133,6 +135,34 @@ def probe(node: Node) -> PidState:
     return PidState("running", pid)
 
 
+@contextlib.contextmanager
+def node_lock(node: Node) -> Iterator[None]:
+    """Hold an exclusive lock on the directory of the node's pidfile while a command looks
+    at the pidfile and acts on it. Between writing the pidfile and its ``exec``, a starting
+    node does not yet carry ``$STEM_MULTI_PIDFILE`` (:func:`probe` would call it another
+    program); :func:`launch` returns only after the ``exec``, so a second ``stem-multi``
+    that waits here sees a node it can recognize. The lock is on the directory, so no
+    lock file is created in a place the node's user can write."""
+    try:
+        fd = os.open(node.pidfile.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield  # no pidfile can exist yet; start creates the directory first
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _exit_code(exc: BaseException | None) -> MultiExit:
+    """NOPERM for a permission problem; CONFIG for a path that does not exist or cannot
+    be one (a missing working directory, a log directory under /proc)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return MultiExit.NOPERM
+    return MultiExit.CONFIG if isinstance(exc, OSError) else MultiExit.NOPERM
+
+
 def remove_pidfile(node: Node, pid: int | None) -> None:
     """Remove the pidfile if it still holds ``pid`` (a new start may own it by now)."""
     current = read_pid(node.pidfile)
@@ -166,7 +196,8 @@ def node_environ(
 # -- starting --------------------------------------------------------------------------------
 
 
-def _prepare_dirs(node: Node, identity: Identity | None) -> None:
+def prepare_dirs(node: Node, identity: Identity | None) -> None:
+    """Create the node's pidfile, log and state directories (owned by its user)."""
     dirs = {node.pidfile.parent, node.logfile.parent}
     if node.state_file is not None:
         dirs.add(node.state_file.parent)
@@ -178,7 +209,7 @@ def _prepare_dirs(node: Node, identity: Identity | None) -> None:
             if identity is not None:
                 os.chown(d, identity.uid, identity.gid)
         except OSError as exc:
-            raise LaunchError(f"cannot create {d}: {exc.strerror}", MultiExit.NOPERM) from None
+            raise LaunchError(f"cannot create {d}: {exc.strerror}", _exit_code(exc)) from None
 
 
 def _open_log(node: Node, identity: Identity | None) -> int:
@@ -191,7 +222,7 @@ def _open_log(node: Node, identity: Identity | None) -> int:
             os.fchown(fd, identity.uid, identity.gid)
     except OSError as exc:
         raise LaunchError(
-            f"cannot open the log file {node.logfile}: {exc.strerror}", MultiExit.NOPERM
+            f"cannot open the log file {node.logfile}: {exc.strerror}", _exit_code(exc)
         ) from None
     return fd
 
@@ -271,7 +302,8 @@ def _daemonize_and_exec(
             f"cannot create the pidfile {node.pidfile}{as_user}: {why}", MultiExit.NOPERM
         ) from None
     except daemon.daemon.DaemonError as exc:
-        raise LaunchError(f"cannot become a daemon{as_user}: {exc}", MultiExit.NOPERM) from None
+        cause = exc.__cause__ or exc.__context__
+        raise LaunchError(f"cannot become a daemon{as_user}: {exc}", _exit_code(cause)) from None
     try:
         if identity is not None:
             _check_identity(identity)
@@ -286,8 +318,8 @@ def _daemonize_and_exec(
 def launch(
     node: Node, identity: Identity | None, workdir: str, env: dict[str, str], banner: str
 ) -> int:
-    """Start one node as a daemon; return its pid. Raises :class:`LaunchError`."""
-    _prepare_dirs(node, identity)
+    """Start one node as a daemon; return its pid once it has exec'd (its
+    directories made by :func:`prepare_dirs`). Raises :class:`LaunchError`."""
     log_fd = _open_log(node, identity)
     os.write(log_fd, banner.encode())
     read_end, write_end = os.pipe()  # both close on exec

@@ -309,6 +309,55 @@ def test_kill9_node_is_replaced_by_start_and_twins_are_refused(mt: Multi) -> Non
 
 
 @pytest.mark.slow
+def test_commands_on_a_node_wait_while_another_holds_its_pidfile_directory(mt: Multi) -> None:
+    """Between writing the pidfile and its exec, a starting node cannot yet be recognized
+    as stem-multi's: a second start or stop that looked then would call the pidfile
+    another program's, remove it and start an untracked twin. Commands on a node take an
+    exclusive lock on its pidfile directory, and launch returns only after the exec."""
+    import fcntl
+
+    run = mt.base / "run"
+    run.mkdir()
+    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a concurrent stem-multi between fork and exec
+    cmd = [sys.executable, "-m", "stem.cli.multi", "start", "a", *mt.paths(), *FAST]
+    cmd += ["--stem", STEM_CMD] if STEM_CMD else []
+    proc = subprocess.Popen(cmd, env=mt.env, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None and not (run / "a.pid").exists()  # waiting its turn
+    finally:
+        os.close(fd)  # the lock is released
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "a: started" in out, out
+    assert "already running" in _ok(mt("start", "a", *FAST))
+    _ok(mt("stopwait", "a"))
+
+
+@pytest.mark.slow
+def test_a_missing_directory_is_a_configuration_error(mt: Multi, tmp_path: Path) -> None:
+    """Not a permission problem (77, LSB 4 in the init script): the path is wrong (78)."""
+
+    def start(paths: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        paths = {"--pidfile": f"{mt.base}/run/%n.pid", "--logfile": f"{mt.base}/log/%n.log"} | paths
+        options = [x for item in paths.items() for x in item]
+        return subprocess.run(
+            [sys.executable, "-m", "stem.cli.multi", "start", "a", *options, "--stem", "/bin/true"],
+            env=mt.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    proc = start({"--workdir": str(tmp_path / "no-such-dir")})
+    assert proc.returncode == multi.MultiExit.CONFIG, proc.stderr
+    assert "no-such-dir" in proc.stderr
+    proc = start({"--logfile": "/proc/no-log/%n.log"})
+    assert proc.returncode == multi.MultiExit.CONFIG, proc.stderr
+    assert "cannot create /proc/no-log" in proc.stderr
+
+
+@pytest.mark.slow
 def test_stale_and_forged_pidfiles(mt: Multi) -> None:
     run = mt.base / "run"
     run.mkdir()
