@@ -16,7 +16,7 @@ class ExitCode(IntEnum):
     CONFIG = 78  # EX_CONFIG: bad configuration or failing quality gate
     UNAVAILABLE = 69  # EX_UNAVAILABLE: broker/backend unreachable
     SOFTWARE = 70  # EX_SOFTWARE: internal error
-    NOPERM = 77  # EX_NOPERM: permission problem (secret file mode, privilege drop)
+    NOPERM = 77  # EX_NOPERM: permission problem (stem-multi: privilege drop, pidfile, log)
     NOT_FOUND = 66  # EX_NOINPUT: task id / dead letter / app not found
     TIMEOUT = 75  # EX_TEMPFAIL: waited and the result was not ready
     TASK_FAILED = 65  # EX_DATAERR: the awaited task ended in failure
