@@ -80,6 +80,7 @@ from stem.cli.multi_daemon import (
     remove_pidfile,
     resolve_identity,
     send_signal,
+    started_state_file,
 )
 from stem.worker.service import pid_alive
 
@@ -470,13 +471,16 @@ def _wait_gone(sent: dict[int, Node], timeout_of: dict[int, float]) -> dict[int,
 def _stop_timeout_s(p: Plan, node: Node, pid: int) -> float:
     """How long to wait for a stopping node: --timeout if given; else its own drain budget
     as its state file reports it (set by a flag, a variable or YAML), plus the margin, or
-    what its command line and environment say when there is no such report."""
-    if p.timeout_given or node.state_file is None:
+    what its command line and environment say when there is no such report. The state
+    file is the one the node was started with, even when this command was given another
+    --state-file template (or none)."""
+    state_file = None if p.timeout_given else started_state_file(pid) or node.state_file
+    if state_file is None:
         return node.stop_timeout_s
     from stem.worker.service import read_state
 
     try:
-        state = read_state(node.state_file)
+        state = read_state(state_file)
     except (OSError, ValueError):
         return node.stop_timeout_s
     budget = state.get("shutdown_budget_s")

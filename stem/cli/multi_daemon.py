@@ -108,6 +108,24 @@ def read_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else -1
 
 
+def _environ(pid: int) -> list[bytes] | None:
+    """The environment ``pid`` was started with (None if it cannot be read)."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+
+
+def started_state_file(pid: int) -> Path | None:
+    """The state file a running node was started to write (``$STEM_WORKER_STATE_FILE``),
+    whatever template the command that now asks was given."""
+    prefix = b"STEM_WORKER_STATE_FILE="
+    for entry in _environ(pid) or ():
+        if entry.startswith(prefix) and len(entry) > len(prefix):
+            return Path(os.fsdecode(entry[len(prefix) :]))
+    return None
+
+
 def _started_for(pid: int, pidfile: Path) -> bool | None:
     """Whether ``pid`` was started by stem-multi for this pidfile (``None``: cannot tell).
 

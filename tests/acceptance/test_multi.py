@@ -205,6 +205,26 @@ def test_stopwait_waits_for_the_budget_the_node_reports(tmp_path: Path) -> None:
     assert multi._stop_timeout_s(given, given.nodes[0], 4242) == 5.0
 
 
+def test_stopwait_finds_the_state_file_the_node_was_started_with(tmp_path: Path) -> None:
+    """The README starts nodes with --state-file and stops them without it: the node's
+    own environment says where its report is."""
+    started_with = tmp_path / "run" / "a.json"
+    started_with.parent.mkdir()
+    node_env = {**os.environ, "STEM_WORKER_STATE_FILE": str(started_with)}
+    proc = subprocess.Popen(["sleep", "30"], env=node_env)
+    try:
+        started_with.write_text(json.dumps({"pid": proc.pid, "shutdown_budget_s": 90.0}))
+        plan = multi.plan(
+            multi.parse(["stopwait", "a", "--pidfile", str(tmp_path / "%n.pid")]),
+        )
+        [node] = plan.nodes
+        assert node.state_file != started_with  # the default template: elsewhere
+        assert multi._stop_timeout_s(plan, node, proc.pid) == 90.0 + multi.STOP_MARGIN_S
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
