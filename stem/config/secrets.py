@@ -17,13 +17,20 @@ from stem.config.schema import decode_key, is_key_path, key_entry_problem
 MAX_SECRET_BYTES = 1024 * 1024
 
 
+def euid() -> int:
+    """This process's effective uid (tests replace it to judge files as a service user)."""
+    return os.geteuid()
+
+
 def mode_problem(path: str) -> str | None:
     """Why ``path`` is too open for a secret, or None. Missing files are not judged here.
 
     Two layouts pass: owned by this user with mode 0600 (or stricter), and the packaged one,
     owned by root and readable by this process's group (``0640 root:stem``), which the
     service user can read but not change. Anything readable by others, or by a group this
-    process is not in, fails."""
+    process is not in, fails. Run as root (an operator checking the installation), the
+    service's group cannot be known: any group passes, and the service checks its own
+    membership when it starts."""
     try:
         st = os.stat(path)
     except OSError:
@@ -31,7 +38,8 @@ def mode_problem(path: str) -> str | None:
     mode = stat.S_IMODE(st.st_mode)
     if not mode & 0o077:
         return None
-    if not mode & 0o037 and st.st_uid == 0 and st.st_gid in {os.getegid(), *os.getgroups()}:
+    in_group = euid() == 0 or st.st_gid in {os.getegid(), *os.getgroups()}
+    if not mode & 0o037 and st.st_uid == 0 and in_group:
         return None
     return (
         f"secret file {path} is accessible by group or others (mode {mode:04o}); "

@@ -245,8 +245,11 @@ def test_secret_values_are_never_quoted_in_errors(tmp_path: Path) -> None:
 )
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])
 def test_loose_secret_files_are_refused_outside_development(
-    tmp_path: Path, key: str, content: str, mode: int
+    tmp_path: Path, key: str, content: str, mode: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from stem.config import secrets
+
+    monkeypatch.setattr(secrets, "euid", lambda: 1000)  # judged as the service user
     secret = write(tmp_path / "secret", content, mode)
     if os.getuid() == 0:  # root's own 0640 file is the accepted packaged layout
         os.chown(secret, 0, 54321)  # a group this process is not in

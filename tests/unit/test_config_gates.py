@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from stem.config import GatesFailed, Settings, enforce_gates, list_gates, load_settings, run_gates
 from stem.config import gates as gates_mod
+from stem.config import secrets as secrets_mod
 from stem.config.secrets import mode_problem
 from stem.errors import ConfigError
 
@@ -28,6 +29,13 @@ GOOD = {
     "STEM_SIGNING_KEYS": f"k1:{KEY32}",
 }
 ALL_IDS = [g.id for g in list_gates()]
+
+
+@pytest.fixture
+def as_service_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Judge secret files as an unprivileged service user would, even when tests run as
+    root (root accepts a root-owned 0640 file of any group: it cannot know the service's)."""
+    monkeypatch.setattr(secrets_mod, "euid", lambda: 1000)
 
 
 def settings(tmp_path: Path, profile: str = "production", **env: str) -> Settings:
@@ -213,7 +221,7 @@ def test_dev_certificates_by_path_even_without_devcerts(
     assert "sslrootcert" in found["G006-dev-certificate"]
 
 
-def test_loose_secret_files_fail_the_gate(tmp_path: Path) -> None:
+def test_loose_secret_files_fail_the_gate(tmp_path: Path, as_service_user: None) -> None:
     keys = tmp_path / "keys"
     keys.write_text(f"k1:{KEY32}\n")
     keys.chmod(0o640)
@@ -254,7 +262,9 @@ def test_a_loose_client_key_named_in_a_url_fails_the_gate(tmp_path: Path, url: s
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to hand files to other owners")
-def test_the_packaged_key_layout_passes_and_near_misses_fail(tmp_path: Path) -> None:
+def test_the_packaged_key_layout_passes_and_near_misses_fail(
+    tmp_path: Path, as_service_user: None
+) -> None:
     """deploy/ keeps keys root-owned, readable by the service's group: 0640 root:stem."""
     keys = tmp_path / "keys"
     keys.write_text(f"k1:{KEY32}\n")
@@ -270,6 +280,18 @@ def test_the_packaged_key_layout_passes_and_near_misses_fail(tmp_path: Path) -> 
         os.chown(keys, uid, gid)
         keys.chmod(mode)
         assert (mode_problem(str(keys)) is None) is ok, (oct(mode), uid, gid)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to hand files to other owners")
+def test_root_cannot_know_the_service_group_and_accepts_any(tmp_path: Path) -> None:
+    """An operator checking the installation as root: 0640 root:<service group> passes
+    whatever the group (the service checks its membership when it starts)."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"k1:{KEY32}\n")
+    for mode, uid, ok in [(0o640, 0, True), (0o644, 0, False), (0o640, 4321, False)]:
+        os.chown(keys, uid, OTHER_GID)
+        keys.chmod(mode)
+        assert (mode_problem(str(keys)) is None) is ok, (oct(mode), uid)
 
 
 def test_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
