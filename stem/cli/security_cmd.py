@@ -32,7 +32,10 @@ def generate(
         typer.Option(
             "--out",
             "-o",
-            help="Directory for the key files (created 0700). '-' prints the keys to stdout.",
+            help=(
+                "Directory for the key files (created 0700; in a 0750 root:GROUP directory, "
+                "keys are written 0640 root:GROUP). '-' prints the keys to stdout."
+            ),
         ),
     ] = "keys",
 ) -> None:

@@ -310,33 +310,49 @@ def inline_entries(files: dict[str, bytes]) -> dict[str, str]:
     return out
 
 
+def _packaged_group(out_dir: Path) -> int | None:
+    """The service group of a key directory laid out as deploy/ says (``0750 root:stem``),
+    when this process is root and can give files that group; else None."""
+    st = out_dir.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    packaged = st.st_uid == 0 and not mode & 0o027 and mode & 0o050
+    return st.st_gid if packaged and st.st_gid != 0 and os.geteuid() == 0 else None
+
+
 def write_key_files(files: dict[str, bytes], out_dir: Path) -> list[Path]:
     """Write key files into ``out_dir`` (created 0700): secrets 0600, public keys 0644.
-    Refuses to overwrite any existing file (nothing is written then)."""
+    Into a directory with the packaged layout (``0750 root:<service group>``, written by
+    root), secrets are ``0640 root:<service group>`` like the keys already there, so the
+    service can read them. Refuses to overwrite any existing file (nothing is written)."""
     targets = [out_dir / name for name in files]
     existing = [str(p) for p in targets if p.exists()]
     if existing:
         raise ConfigError(f"refusing to overwrite existing key file(s): {', '.join(existing)}")
+    group = None
     if not out_dir.exists():
         try:
             out_dir.mkdir(mode=0o700, parents=True)
             os.chmod(out_dir, 0o700)  # mkdir's mode is filtered by the umask
         except OSError as exc:
             raise ConfigError(f"cannot create key directory {out_dir}: {exc.strerror}") from None
-    elif stat.S_IMODE(out_dir.stat().st_mode) & 0o077:
+    elif (group := _packaged_group(out_dir)) is None and out_dir.stat().st_mode & 0o077:
         log.warning(
-            "key directory %s is accessible by group or others; consider chmod 700",
+            "key directory %s is accessible by group or others; chmod 700 it, or use the "
+            "packaged layout (0750 root:<service group>, keys 0640)",
             out_dir,
             extra={"event": "key-dir-permissive"},
         )
     written: list[Path] = []
     for path, content in zip(targets, files.values(), strict=True):
-        mode = 0o644 if path.name.endswith(".pub") else 0o600
+        public = path.name.endswith(".pub")
+        mode = 0o644 if public else (0o600 if group is None else 0o640)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         except OSError as exc:
             raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
         with os.fdopen(fd, "wb") as fh:
+            if group is not None and not public:
+                os.fchown(fh.fileno(), 0, group)
             os.fchmod(fh.fileno(), mode)  # exact mode whatever the umask
             fh.write(content)
         written.append(path)

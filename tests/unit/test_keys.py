@@ -368,3 +368,28 @@ def test_an_app_reads_its_keyring_from_the_environment_when_first_needed(
     monkeypatch.setenv("STEM_SIGNING_KEYS", "k1:" + base64.b64encode(b"s" * 32).decode())
     from_env = Stem("env", broker="memory://").keyring
     assert from_env is not None and from_env.active_key_id == "k1"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand files to a group")
+def test_generate_into_the_packaged_key_directory_keeps_its_layout(tmp_path: Path) -> None:
+    """deploy/ keeps keys 0640 root:stem in a 0750 root:stem directory, and the rotation
+    runbook generates the new key there as root: the service must be able to read it."""
+    service_gid = 54321
+    out = tmp_path / "keys"
+    out.mkdir()
+    os.chown(out, 0, service_gid)
+    out.chmod(0o750)
+    hmac_key = keys.write_key_files(keys.generate_key("hmac-sha256", "v2"), out)[0]
+    ed_files = keys.write_key_files(keys.generate_key("ed25519", "e2"), out)
+    for secret in (hmac_key, *[p for p in ed_files if p.suffix == ".key"]):
+        st = secret.stat()
+        assert (mode(secret), st.st_uid, st.st_gid) == (0o640, 0, service_gid), secret
+    [pub] = [p for p in ed_files if p.suffix == ".pub"]
+    assert mode(pub) == 0o644
+    # a directory others may enter is not the packaged layout: owner-only keys
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    os.chown(loose, 0, service_gid)
+    loose.chmod(0o755)
+    [written] = keys.write_key_files(keys.generate_key("hmac-sha256", "v3"), loose)
+    assert (mode(written), written.stat().st_gid) == (0o600, 0)
