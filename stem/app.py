@@ -320,6 +320,10 @@ class Stem:
         now = now_ms()
         task = self.tasks.get(name)
         opts = task.options if task is not None else None
+        if task is None and (problem := env_codec.name_problem("task name", name)):
+            raise ConfigError(problem)  # a registered task's name was checked already
+        if task_id is not None and (problem := env_codec.name_problem("task id", task_id)):
+            raise ConfigError(problem)
         if eta is not None and countdown is not None:
             raise ConfigError("give countdown or eta, not both")
         not_before = _to_ms(eta if eta is not None else countdown, relative_to_ms=now)

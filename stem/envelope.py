@@ -31,14 +31,23 @@ PRIORITY_MAX = 9
 def queue_problem(name: Any) -> str | None:
     """What makes ``name`` unusable as a queue name, or None: a worker must be able to name
     it on its command line (``-Q a,b``), so no spaces, commas or control characters."""
-    if not isinstance(name, str) or not name:
-        return f"queue name {name!r} must be a non-empty string"
+    if problem := name_problem("queue name", name):
+        return problem
     if any(c.isspace() or c == "," or not c.isprintable() for c in name):
         return f"queue name {name!r} must be non-empty without spaces, commas or control characters"
     return None
 
 
 _NAME_MAX = 255
+
+
+def name_problem(what: str, value: Any) -> str | None:
+    """Why ``value`` cannot be a task name, task id or queue name in a message, or None:
+    what the decoder refuses, for producers to refuse before publishing."""
+    if isinstance(value, str) and 0 < len(value) <= _NAME_MAX:
+        return None
+    shown = repr(value[:40]) + "..." if isinstance(value, str) and len(value) > 40 else repr(value)
+    return f"{what} must be a non-empty string of at most {_NAME_MAX} characters, got {shown}"
 
 
 def now_ms() -> int:

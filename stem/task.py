@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from stem.envelope import PRIORITY_MAX, PRIORITY_MIN
+from stem.envelope import PRIORITY_MAX, PRIORITY_MIN, name_problem
 from stem.errors import ConfigError
 from stem.retry import Retry, RetryPolicy
 
@@ -66,8 +66,8 @@ class TaskOptions:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 255:
-            raise ConfigError("task name must be 1..255 characters")
+        if problem := name_problem("task name", self.name):
+            raise ConfigError(problem)
         if not PRIORITY_MIN <= self.priority <= PRIORITY_MAX:
             raise ConfigError(
                 f"task {self.name!r}: priority must be {PRIORITY_MIN}..{PRIORITY_MAX}"

@@ -233,9 +233,15 @@ def test_the_producer_refuses_what_no_worker_would_take(app: Stem) -> None:
         ({"queue": "nul\x00"}, "control characters"),
         ({"countdown": float("nan")}, "finite number of seconds"),
         ({"expires": float("inf")}, "finite number of seconds"),
+        ({"queue": "q" * 256}, "queue name must be a non-empty string of at most 255"),
+        ({"task_id": "x" * 256}, "task id must be a non-empty string of at most 255"),
+        ({"task_id": ""}, "task id must be a non-empty string"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(words)):
             plain_task.enqueue(**bad)
+    for name in ("", "n" * 256):  # by name, unregistered here
+        with pytest.raises(ConfigError, match="task name must be a non-empty string"):
+            app.send_task(name)
     assert app.broker.stats() == [] or all(s.ready == 0 for s in app.broker.stats())
 
 
