@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 _SEND_OPTIONS = {"queue", "priority", "countdown", "expires", "ignore_result"}
 _LINK_OPTIONS = {"link", "link_error"}
+# Options only a signature sent at once takes (Task.enqueue's), not one stored in a canvas.
+_CALL_OPTIONS = {"eta", "task_id", "headers"}
 # Headers that carry canvas state (see the module docstring), checked by workers before a
 # message runs: a worker acts on them only after the task ran, too late to refuse it.
 CANVAS_HEADERS = frozenset({"chain", "chord", *_LINK_OPTIONS})
@@ -195,15 +197,27 @@ class Signature:
     def apply_async(
         self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, **options: Any
     ) -> AsyncResult:
-        from stem.result import AsyncResult
-
-        app = self._app()
-        wire = self.to_wire()
-        wire["args"] = [*wire["args"], *args]
-        wire["kwargs"] = {**wire["kwargs"], **(kwargs or {})}
-        wire["options"] = {**wire["options"], **options}
-        app.publish([envelope_from_wire(app, wire)])
-        return AsyncResult(wire["id"], app)
+        """Send now, as :meth:`Task.enqueue <stem.task.Task.enqueue>` does (the same options,
+        a unique task's deduplication included), plus ``link`` and ``link_error``."""
+        unknown = set(options) - _SEND_OPTIONS - _LINK_OPTIONS - _CALL_OPTIONS
+        if unknown:
+            raise ConfigError(f"unknown option(s) for {self.task!r}: {', '.join(sorted(unknown))}")
+        call = {k: options.pop(k) for k in _CALL_OPTIONS if k in options}
+        wire = self.set(**options).to_wire(call.get("task_id"))
+        sent = dict(wire["options"])
+        headers = dict(call.get("headers") or {})
+        for key in _LINK_OPTIONS:
+            if key in sent:
+                headers[key] = sent.pop(key)
+        return self._app().send_task(
+            self.task,
+            [*wire["args"], *args],
+            {**wire["kwargs"], **(kwargs or {})},
+            task_id=wire["id"],
+            headers=headers,
+            eta=call.get("eta"),
+            **sent,
+        )
 
 
 def envelope_from_wire(

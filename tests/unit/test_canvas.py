@@ -508,3 +508,31 @@ def test_limit_store_failure_fails_open_or_closed_as_declared(
         if not runs:
             stats = app.broker.stats(["default"])[0]
             assert stats.ready + stats.delayed + stats.reserved == 1  # held, not lost
+
+
+def test_a_signature_sent_at_once_takes_what_enqueue_takes(app: Stem) -> None:
+    """eta, task_id and headers are honoured, a unique task is deduplicated as through
+    enqueue, and an unknown option is an error rather than silently dropped."""
+    from stem import envelope as codec
+
+    add = app.tasks["add"]
+    later = datetime.now(UTC) + timedelta(hours=1)
+    res = add.s(1, 2).apply_async(eta=later, task_id="my-id", headers={"origin": "test"})
+    assert res.id == "my-id"
+    [stats] = app.broker.stats(["default"])
+    assert (stats.ready, stats.delayed) == (0, 1)
+    with pytest.raises(ConfigError, match=r"unknown option.*bogus"):
+        add.s(1, 2).apply_async(bogus=1)
+
+    @app.task(name="once", unique=True)
+    def once(n: int) -> int:
+        return n
+
+    first = once.s(9).delay()
+    assert once.s(9).delay().id == first.id == once.delay(9).id
+    assert once.s(10).delay().id != first.id
+    app.broker.purge("default")  # the delayed add, to read the header of a ready one
+    add.s(3).apply_async((4,), headers={"origin": "test"}, priority=7)
+    [delivery] = app.broker.reserve(["default"], 1, 30.0, 1.0)
+    env = codec.decode(delivery.body)
+    assert (env.args, env.priority, env.headers.get("origin")) == ((3, 4), 7, "test")
