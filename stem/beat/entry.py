@@ -28,7 +28,7 @@ from croniter import CroniterError, croniter
 from stem.beat.calendar import calendar_cron
 from stem.beat.schedules import Cron, Interval, OneOff, Schedule, Window, iso_ms
 from stem.beat.solar import EVENTS, Solar
-from stem.envelope import PRIORITY_MAX, PRIORITY_MIN, dumps
+from stem.envelope import PRIORITY_MAX, PRIORITY_MIN, dumps, queue_problem
 from stem.errors import ConfigError, EncodeError
 
 __all__ = ["KINDS", "ORIGINS", "ScheduleEntry", "parse_entry", "parse_instant_ms"]
@@ -332,6 +332,9 @@ def parse_entry(name: str, spec: Mapping[str, Any], *, origin: str | None = None
         or not PRIORITY_MIN <= priority <= PRIORITY_MAX
     ):
         s.fail("priority", f"expected an integer {PRIORITY_MIN}..{PRIORITY_MAX}, got {priority!r}")
+    queue = s.text("queue")
+    if queue is not None and (problem := queue_problem(queue)):
+        s.fail("queue", problem)  # no worker could consume it: every tick would fail
     chosen = origin or s.get("origin") or "code"
     if chosen not in ORIGINS:
         s.fail("origin", f"expected one of {', '.join(ORIGINS)}, got {chosen!r}")
@@ -342,7 +345,7 @@ def parse_entry(name: str, spec: Mapping[str, Any], *, origin: str | None = None
         schedule=schedule,
         args=tuple(args or ()),
         kwargs=dict(kwargs or {}),
-        queue=s.text("queue"),
+        queue=queue,
         priority=priority,
         expires_s=s.opt_seconds("expires_s", positive=True),
         jitter_s=s.opt_seconds("jitter_s", positive=False) or None,

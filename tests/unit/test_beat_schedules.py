@@ -333,6 +333,8 @@ def test_durations_and_aliases() -> None:
         ({"task": "t", "every": 5, "start": "2030-01-02T00:00Z", "end": "2030-01-01T00:00Z"},
          "before start"),
         ({"task": "t", "every": 5, "priority": 11}, "field 'priority': expected an integer 0..9"),
+        ({"task": "t", "every": 5, "queue": "bad q"}, "field 'queue': queue name 'bad q' must"),
+        ({"task": "t", "every": 5, "queue": "a,b"}, "without spaces, commas"),
         ({"task": "t", "every": 5, "args": "x"}, "field 'args': expected a list"),
         ({"task": "t", "every": 5, "kwargs": {1: 2}}, "field 'kwargs'"),
         ({"task": "t", "every": 5, "args": [object()]}, "field 'args'"),
