@@ -74,5 +74,8 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler._stem = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    # An unknown level is the settings' to report (logging.level, exit 78), as an unknown
+    # format is: until they do, log at info rather than fail with a traceback.
+    known = logging.getLevelNamesMapping()
+    root.setLevel(known.get(level.upper(), logging.INFO))
     root.propagate = False

@@ -297,3 +297,30 @@ def test_a_password_holding_url_delimiters_is_still_redacted(
     assert result.exit_code == 0, result.output
     assert "ecret" not in result.output
     assert ":***@" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        (["--log-level", "banana"], {}),
+        ([], {"STEM_LOG_LEVEL": "banana"}),
+        (["--log-format", "banana"], {}),
+    ],
+)
+def test_a_bad_log_setting_is_a_configuration_error_not_a_traceback(
+    etc: Path, tmp_path: Path, args: list[str], env: dict[str, str]
+) -> None:
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    result = subprocess.run(
+        [sys.executable, "-m", "stem.cli.main", *args, "--broker", url, "queues"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "expected one of" in result.stderr and "banana" in result.stderr
