@@ -383,7 +383,9 @@ class Stem:
         if task is not None and (task.options.unique or task.options.unique_key):
             from stem.limits import unique_key
 
-            key = unique_key(name, task.options.unique_key, env.args, env.kwargs)
+            key = unique_key(
+                name, task.options.unique_key, env.args, env.kwargs, names=task.arguments
+            )
             owner = self.broker.claim(key, env.id, task.options.unique_window_s)
             if owner != env.id:
                 return AsyncResult(owner, self)

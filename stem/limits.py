@@ -107,15 +107,18 @@ def unique_key(
     spec: str | Callable[..., str] | None,
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
+    names: Callable[[Sequence[Any], Mapping[str, Any]], Mapping[str, Any]] | None = None,
 ) -> str:
     """The key two enqueues share when they are "the same task". ``spec`` may be a callable
     (given the task's args and kwargs), a template formatted with them
-    (``"order:{order_id}"``), or None for the task name and all arguments."""
+    (``"order:{order_id}"``: ``names`` maps the arguments, positional ones included, to the
+    task's parameter names), or None for the task name and all arguments."""
     if callable(spec):
         part = str(spec(*args, **kwargs))
     elif isinstance(spec, str):
+        named = names(args, kwargs) if names is not None else kwargs
         try:
-            part = spec.format(*args, **kwargs)
+            part = spec.format(*args, **named)
         except (IndexError, KeyError) as exc:
             raise ConfigError(f"unique_key {spec!r} names a missing argument: {exc}") from None
     else:

@@ -190,6 +190,25 @@ class Task(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
 
+    def arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The call's arguments by parameter name (defaults included; ``**kwargs`` spread
+        out), as the function would see them; just ``kwargs`` if they do not bind."""
+        try:
+            params = list(inspect.signature(self.fn).parameters.values())
+        except (TypeError, ValueError):
+            return dict(kwargs)
+        sig = inspect.Signature(params[1:] if self.options.bind else params)  # ctx first
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError:
+            return dict(kwargs)
+        bound.apply_defaults()
+        named = dict(bound.arguments)
+        for p in sig.parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(named.pop(p.name, {}))
+        return named
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         if self.options.bind:
             ctx = TaskContext(

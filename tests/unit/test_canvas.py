@@ -364,6 +364,27 @@ def test_unique_key_template_and_concurrent_producers(app: Stem) -> None:
         invoice.enqueue(kwargs={"other": 1})
 
 
+def test_a_unique_key_template_names_parameters_however_they_are_passed(app: Stem) -> None:
+    """README: unique_key="order:{order_id}"; order.delay(7) and order.delay(order_id=7)
+    are the same task, for bound tasks too (the context is not an argument)."""
+
+    @app.task(name="order", unique_key="order:{order_id}:{region}")
+    def order(order_id: int, region: str = "eu", **extra: Any) -> int:
+        return order_id
+
+    @app.task(name="bound_order", bind=True, unique_key="order:{order_id}")
+    def bound_order(ctx: Any, order_id: int) -> int:
+        return order_id
+
+    first = order.delay(7)
+    assert order.delay(order_id=7).id == first.id
+    assert order.delay(7, "eu").id == first.id
+    assert order.delay(7, "us").id != first.id
+    assert order.delay(order_id=8, note="x").id != first.id
+    bound = bound_order.delay(7)
+    assert bound_order.delay(order_id=7).id == bound.id
+
+
 # -- rate limits ---------------------------------------------------------------------------
 
 
