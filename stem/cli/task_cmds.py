@@ -27,7 +27,7 @@ def _json_arg(value: str | None, name: str, kind: type) -> Any:
 
 def enqueue(
     ctx: typer.Context,
-    task: Annotated[str, typer.Argument(help="Registered task name.")],
+    task: Annotated[str, typer.Argument(help="Task name (need not be registered here).")],
     args: Annotated[
         str | None, typer.Option("--args", envvar="STEM_ENQUEUE_ARGS", help="JSON array.")
     ] = None,
@@ -126,8 +126,9 @@ def result(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show a task's state and result. Exit 0 on success, 65 if it failed, 66 if unknown,
-    75 if --wait ran out."""
+    """Show a task's state and result. Exit 0 on success, 65 if it failed, 66 if there is
+    no record of it (PENDING: queued or delayed and not started, or an unknown id; a result
+    store keeps no record of what was only enqueued), 75 if --wait ran out."""
     _print_result(load_app(ctx), task_id, wait, as_json=as_json)
 
 

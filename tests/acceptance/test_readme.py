@@ -81,3 +81,29 @@ def test_quick_start_and_cli_examples_run(tmp_path: Path) -> None:
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
+
+
+def test_the_commands_the_readme_names_read_every_option_from_the_environment() -> None:
+    """README: every option of the global set, worker, beat, enqueue and result reads a
+    STEM_* variable."""
+    import typer.main
+
+    from stem.cli.main import app
+
+    root = typer.main.get_command(app)
+    commands = {
+        "(global)": root,
+        **{n: root.commands[n] for n in ("worker", "beat", "enqueue", "result")},
+    }  # type: ignore[attr-defined]
+    missing = [
+        f"{name} {p.opts[0]}"
+        for name, cmd in commands.items()
+        for p in cmd.params
+        if type(p).__name__.endswith("Option")
+        and p.opts[0] not in ("--help", "--install-completion", "--show-completion", "--json")
+        and not str(p.envvar or "").startswith("STEM_")
+    ]
+    assert "every option of the global set, `worker`, `beat`, `enqueue` and `result`" in (
+        " ".join(README.read_text().split()).lower()
+    )
+    assert missing == []
