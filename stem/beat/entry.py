@@ -95,8 +95,9 @@ class ScheduleEntry:
 class _Spec:
     """Reads one spec dict, raising ConfigError messages that name the entry and field."""
 
-    def __init__(self, name: str, raw: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, raw: Mapping[str, Any], *, label: str | None = None) -> None:
         self.name = name
+        self.label = label  # what errors name instead of "schedule NAME, field KEY"
         self.raw: dict[str, Any] = {}
         self.written: dict[str, str] = {}  # canonical key -> the key the spec used
         for key, value in raw.items():
@@ -113,7 +114,7 @@ class _Spec:
 
     def fail(self, key: str | None, problem: str) -> NoReturn:
         key = self.written.get(key, key) if key else key
-        where = f"schedule {self.name!r}" + (f", field {key!r}" if key else "")
+        where = self.label or f"schedule {self.name!r}" + (f", field {key!r}" if key else "")
         raise ConfigError(f"{where}: {problem}")
 
     def get(self, key: str) -> Any:
@@ -299,7 +300,7 @@ def _json_value(s: _Spec, key: str, check: Callable[[Any], bool], what: str) -> 
 
 def parse_instant_ms(value: str, *, tz: str | None = None, what: str = "datetime") -> int:
     """An ISO 8601 datetime as epoch ms; one without an offset is read in ``tz``."""
-    s = _Spec(what, {"at": value, "tz": tz})
+    s = _Spec(what, {"at": value, "tz": tz}, label=what)
     at_ms = s.instant_ms("at", s.zone()[1])
     assert at_ms is not None
     return at_ms

@@ -380,3 +380,12 @@ def test_add_schedule_records_the_canonical_spec_on_the_app() -> None:
     with pytest.raises(ConfigError, match="schedule 'bad'"):
         add_schedule(app, "bad", "x", every=1, cron="* * * * *")
     assert "bad" not in app.schedules
+
+
+def test_a_bad_instant_on_the_command_line_is_named_as_given() -> None:
+    """`schedule dry-run --after garbage` names the flag, not a schedule or a field."""
+    from stem.beat.entry import parse_instant_ms
+
+    with pytest.raises(ConfigError) as info:
+        parse_instant_ms("garbage", what="--after")
+    assert str(info.value) == "--after: expected an ISO 8601 datetime, got 'garbage'"
