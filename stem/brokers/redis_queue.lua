@@ -95,10 +95,44 @@ local function pack(p, n, nonce, mid, body)
     return p .. ':' .. n .. ':' .. nonce .. ':' .. #mid .. ':' .. mid .. body
 end
 
+-- nil unless s is in the packed form (written by publish, or by nack with a delay)
 local function unpack_message(s)
-    local p, n, _, len, pos = string.match(s, '^(%d+):(%d+):([^:]*):(%d+):()')
+    local p, n, _, len, pos = string.match(s, '^(%d):(%d+):([^:]*):(%d+):()')
     len = tonumber(len)
+    if not p or len == 0 or pos + len - 1 > #s then
+        return nil
+    end
     return p, n, string.sub(s, pos, pos + len - 1), string.sub(s, pos + len)
+end
+
+-- Add a dead letter (see the key layout).
+local function bury(q, p, mid, body, n, reason, detail)
+    redis.call(
+        'XADD', P .. 'dead', '*', 'q', q, 'p', p, 'm', mid, 'b', body,
+        'r', reason, 'd', detail, 't', now_ms(), 'n', n
+    )
+    redis.call('HINCRBY', P .. 'dead:count', q, 1)
+end
+
+-- What is wrong with a stream entry's fields, or nil. Entries this script writes are always
+-- right; only a writer to Redis can add another, and it must not stop the queue (the
+-- caller reads its fields) nor vanish: it is dead-lettered as malformed.
+local function entry_problem(f)
+    if type(f.m) ~= 'string' or f.m == '' then
+        return 'no message id (field m)'
+    end
+    if type(f.b) ~= 'string' then
+        return 'no body (field b)'
+    end
+    if not tonumber(f.n) then
+        return 'delivery count (field n) is not a number'
+    end
+    return nil
+end
+
+local function bury_entry(q, p, id, f, problem)
+    local mid = (type(f.m) == 'string' and f.m ~= '') and f.m or id
+    bury(q, p, mid, f.b or '', 1, 'malformed', 'storage entry ' .. id .. ': ' .. problem)
 end
 
 local notified = {}
@@ -143,7 +177,11 @@ local function promote(q, now)
     local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 1000)
     for _, packed in ipairs(due) do
         local p, n, mid, body = unpack_message(packed)
-        add_ready(q, p, mid, body, n)
+        if p then
+            add_ready(q, p, mid, body, n)
+        else
+            bury(q, '0', 'delayed', packed, 0, 'malformed', 'a delayed entry is not a packed message')
+        end
     end
     if #due > 0 then
         redis.call('ZREM', key, unpack(due))
@@ -156,7 +194,12 @@ local function reclaim(q, now, limit)
     for _, receipt in ipairs(lapsed) do
         local _, p, f = take_leased(q, receipt, true)
         if f then
-            add_ready(q, p, f.m, f.b, tonumber(f.n) + 1)
+            local problem = entry_problem(f)
+            if problem then
+                bury_entry(q, p, string.match(receipt, '/(.-)/') or receipt, f, problem)
+            else
+                add_ready(q, p, f.m, f.b, tonumber(f.n) + 1)
+            end
         end
     end
     return #lapsed
@@ -240,19 +283,26 @@ if cmd == 'reserve' then
                     local lkey = qkey(q, 'lease')
                     for _, e in ipairs(res[1][2]) do
                         local f = fields(e[2])
-                        local receipt = p .. '/' .. e[1] .. '/' .. token
-                        redis.call('ZADD', lkey, expires, receipt)
-                        out[#out + 1] = q
-                        out[#out + 1] = receipt
-                        out[#out + 1] = f.m
-                        out[#out + 1] = f.b
-                        out[#out + 1] = tonumber(f.n) + 1
-                        if peek ~= '' then
-                            local k, held = peek_nonce(f.b, peek)
-                            out[#out + 1] = k
-                            out[#out + 1] = held
+                        local problem = entry_problem(f)
+                        if problem then
+                            redis.call('XACK', key, GROUP, e[1])
+                            redis.call('XDEL', key, e[1])
+                            bury_entry(q, p, e[1], f, problem)
+                        else
+                            local receipt = p .. '/' .. e[1] .. '/' .. token
+                            redis.call('ZADD', lkey, expires, receipt)
+                            out[#out + 1] = q
+                            out[#out + 1] = receipt
+                            out[#out + 1] = f.m
+                            out[#out + 1] = f.b
+                            out[#out + 1] = tonumber(f.n) + 1
+                            if peek ~= '' then
+                                local k, held = peek_nonce(f.b, peek)
+                                out[#out + 1] = k
+                                out[#out + 1] = held
+                            end
+                            got = got + 1
                         end
-                        got = got + 1
                     end
                 end
             end
@@ -339,11 +389,7 @@ if cmd == 'dead' then
         return 0
     end
     if f then
-        redis.call(
-            'XADD', P .. 'dead', '*', 'q', q, 'p', p, 'm', f.m, 'b', f.b,
-            'r', ARGV[5], 'd', ARGV[6], 't', now_ms(), 'n', tonumber(f.n) + 1
-        )
-        redis.call('HINCRBY', P .. 'dead:count', q, 1)
+        bury(q, p, f.m, f.b, tonumber(f.n) + 1, ARGV[5], ARGV[6])
     end
     return 1
 end

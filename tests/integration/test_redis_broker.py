@@ -198,6 +198,37 @@ def test_out_of_range_priority_is_clamped_not_lost(broker: RedisBroker) -> None:
     assert [d.message_id for d in got] == ["high", "low"]
 
 
+def test_storage_records_not_written_by_stem_are_dead_lettered_not_stuck(
+    broker: RedisBroker, redis_url: str
+) -> None:
+    """Only a writer to Redis can add such records; none may stop the queue (a reserve
+    that fails, a worker thread that dies on a short reply), none may vanish unlogged."""
+    broker.publish([msg("q", "before")])  # creates the stream and its group
+    raw = redis.Redis.from_url(redis_url)
+    prefix = broker._prefix
+    try:
+        stream, delayed = f"{prefix}q:q:0", f"{prefix}q:q:delayed"
+        raw.xadd(stream, {"m": "no-body", "n": "0"})
+        raw.xadd(stream, {"b": "{}", "n": "0"})
+        raw.xadd(stream, {"m": "bad-count", "b": "{}", "n": "abc"})
+        raw.zadd(delayed, {"garbage-member": 0})
+        raw.zadd(delayed, {"9:0:x:99:short": 0})  # claims more bytes than it holds
+    finally:
+        raw.close()
+    broker.publish([msg("q", "after")])
+    got = drain(broker, "q", until_n=2)
+    assert sorted(d.message_id for d in got) == ["after", "before"]
+    assert broker.ack(got) == 2
+    letters = broker.dlq_list("q")
+    assert [d.reason for d in letters] == ["malformed"] * 5
+    details = " ".join(d.detail for d in letters)
+    for words in ("no body", "no message id", "not a number", "not a packed message"):
+        assert words in details
+    assert {d.message_id for d in letters} >= {"no-body", "bad-count", "delayed"}
+    [stats] = broker.stats(["q"])
+    assert (stats.ready, stats.delayed, stats.reserved, stats.dead) == (0, 0, 0, 5)
+
+
 # -- scripts and keys ----------------------------------------------------------------------
 
 
