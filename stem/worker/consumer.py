@@ -316,6 +316,7 @@ class Worker:
 
     def _consume(self) -> None:
         backoff = 0.1
+        failing_since: float | None = None  # monotonic time of the first failed reserve
         dry = False
         while not self._stop_reserving.is_set():
             with self._slots:
@@ -343,16 +344,27 @@ class Worker:
             wait_s = self.config.poll_wait_s if free else 0.0
             try:
                 deliveries = self.app.broker.reserve(queues, want, self.config.lease_s, wait_s)
-            except BrokerError as exc:
+            except Exception as exc:
+                # Any error, not only BrokerError: this thread must not end while the
+                # process lives on (a worker that heartbeats but consumes nothing).
                 log.warning(
                     "reserve failed, retrying in %.1fs: %s",
                     backoff,
                     exc,
+                    exc_info=not isinstance(exc, BrokerError),
                     extra={"event": "reserve-failed"},
                 )
+                failing_since = failing_since or time.monotonic()
                 self._stop_reserving.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            if failing_since is not None:
+                log.info(
+                    "reserving again after %.1fs of failures",
+                    time.monotonic() - failing_since,
+                    extra={"event": "reserve-recovered"},
+                )
+                failing_since = None
             backoff = 0.1
             self.last_consume_ms = self.last_loop_ms = _now_ms()
             dry = len(deliveries) < want
@@ -380,11 +392,36 @@ class Worker:
                 self.settler.release(delivery)
             else:
                 wanted.append(delivery)
-        for delivery, env in self.admission.decode_many(wanted):
+        try:
+            decoded = self.admission.decode_many(wanted)
+        except Exception:
+            log.exception(
+                "admission of %d deliveries failed; handing them back",
+                len(wanted),
+                extra={"event": "admission-failed"},
+            )
+            for delivery in wanted:
+                self.settler.release(delivery, delay_s=1.0)
+            return
+        for delivery, env in decoded:
             if self._stop_reserving.is_set():
                 self.settler.release(delivery)
                 continue
-            job = self.admission.admit(delivery, self._limits, env)
+            try:
+                job = self.admission.admit(delivery, self._limits, env)
+            except Exception as exc:
+                # A result store or limit store that is down (a canvas step's check): the
+                # delivery comes back in a second, counted, so a fault that never clears
+                # ends in the dead-letter queue, and this thread keeps consuming.
+                log.warning(
+                    "could not admit task %s, handing it back: %s",
+                    env.id,
+                    exc,
+                    exc_info=not isinstance(exc, StemError),
+                    extra={"event": "admission-failed", "task_id": env.id},
+                )
+                self.settler.release(delivery, delay_s=1.0)
+                continue
             if job is None:
                 continue
             job.on_acked = functools.partial(self._free_slot, job)

@@ -765,3 +765,68 @@ def test_a_message_that_fits_at_enqueue_can_be_retried() -> None:
             assert edge.delay(largest).get(timeout=10) == len(largest)
     finally:
         app.close()
+
+
+def test_a_result_store_outage_during_admission_does_not_stop_consuming(
+    app: Stem, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chain step is checked against the result store before it runs; while that store
+    is down the step goes back to the broker, and the worker keeps consuming (its thread
+    used to die, leaving a process that heartbeats but runs nothing)."""
+    from stem import chain
+    from stem.errors import BackendConnectionError
+
+    ran: list[str] = []
+
+    @app.task(name="step")
+    def step(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    store = app.result_store
+    real_read = store.read
+    outage = threading.Event()
+    outage.set()
+
+    def read(task_id: str) -> Any:
+        if outage.is_set():
+            raise BackendConnectionError("cannot reach the result store (test)")
+        return real_read(task_id)
+
+    monkeypatch.setattr(store, "read", read)
+    with Running(app):
+        res = chain(step.si("one"), step.si("two")).delay()
+        deadline = time.monotonic() + 5
+        while "could not admit task" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "could not admit task" in caplog.text
+        step.delay("plain").get(timeout=5)  # the consumer still runs other work
+        outage.clear()
+        assert res.get(timeout=10) == "two"
+    assert ran.count("plain") == 1 and ran[-1] == "two"
+
+
+def test_reserve_errors_of_any_kind_are_retried_and_the_recovery_is_logged(
+    app: Stem, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from stem.errors import BrokerConnectionError
+
+    @app.task(name="ping_task")
+    def ping_task() -> str:
+        return "pong"
+
+    broker = app.broker
+    real_reserve = broker.reserve
+    failures = [BrokerConnectionError("broker down (test)"), RuntimeError("a bug (test)")]
+
+    def reserve(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop(0)
+        return real_reserve(*args, **kwargs)
+
+    monkeypatch.setattr(broker, "reserve", reserve)
+    caplog.set_level("INFO", logger="stem")
+    with Running(app):
+        assert ping_task.delay().get(timeout=10) == "pong"
+    assert "broker down (test)" in caplog.text and "a bug (test)" in caplog.text
+    assert "reserving again after" in caplog.text
