@@ -156,6 +156,21 @@ def _replay_batch(app: Stem, letters: list[DeadLetter], resign: bool) -> int:
     return n
 
 
+def _purge_batch(app: Stem, letters: list[DeadLetter]) -> int:
+    """Delete dead letters for good, and let a new task take the unique key each held (a
+    dead task keeps it while a replay may still run it)."""
+    n = app.broker.dlq_purge([d.id for d in letters])
+    for d in letters:
+        try:
+            env = decode(d.body, max_bytes=app.max_message_bytes)
+        except DecodeError:
+            continue
+        key = env.headers.get("unique_key")
+        if isinstance(key, str):
+            app.broker.release(key, env.id)  # only if this task still holds it
+    return n
+
+
 def _not_found(missing: list[str]) -> None:
     if missing:
         shown = ", ".join(repr(m) for m in missing[:10])
@@ -224,13 +239,13 @@ def purge(
     selection = _selection(ids, queue, all_)
     if not yes and not typer.confirm("Delete these dead letters for good?"):
         raise typer.Exit(int(ExitCode.FAILURE))
-    broker = load_app(ctx).broker
+    stem_app = load_app(ctx)
     n = 0
     missing: list[str] = []
     with _progress("purging") as bar:
         task = bar.add_task("purge", total=None)
-        for letters in _batches(broker, selection, queue, missing):
-            done = broker.dlq_purge([d.id for d in letters])
+        for letters in _batches(stem_app.broker, selection, queue, missing):
+            done = _purge_batch(stem_app, letters)
             n += done
             bar.advance(task, len(letters))
             if not done:

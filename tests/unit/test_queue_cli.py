@@ -150,3 +150,30 @@ def test_replay_resigns_only_letters_whose_signature_verifies(tmp_path: Path) ->
             ring.verify(decode(got[resigned].body), body=got[resigned].body)
     finally:
         app.close()
+
+
+def test_purging_a_dead_unique_task_frees_its_key(tmp_path: Path) -> None:
+    """A dead-lettered unique task keeps its key while a replay may still run it; once
+    purged for good, the same enqueue creates a new task instead of returning the dead one."""
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    app = Stem("dlq-unique", broker=url, backend=url)
+
+    @app.task(name="once", unique=True)
+    def once(n: int) -> int:
+        return n
+
+    try:
+        first = once.delay(1)
+        other = once.delay(2)
+        assert once.delay(1).id == first.id
+        for _ in range(2):
+            [delivery] = app.broker.reserve(["default"], 1, 30.0, 1.0)
+            app.broker.dead_letter(delivery, "max-deliveries-exceeded", "test")
+        assert once.delay(1).id == first.id  # dead, but replayable: still holds its key
+        letter = next(d for d in app.broker.dlq_list() if d.message_id == first.id)
+        out = CliRunner().invoke(cli, ["--broker", url, "dlq", "purge", "--yes", letter.id])
+        assert out.exit_code == 0, out.output
+        assert once.delay(1).id != first.id
+        assert once.delay(2).id == other.id  # a letter not purged keeps its key
+    finally:
+        app.close()
