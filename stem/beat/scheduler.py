@@ -2,10 +2,15 @@
 
 Several ``stem beat`` processes may run against one broker (for availability); there is no
 leader. Every process computes the same tick times, and a tick is enqueued only by the
-process that claims ``beat:tick:<name>:<tick_ms>`` in the broker. The winner publishes with
-the task id ``beat-<name>-<tick_ms>`` and then moves ``beat:last:<name>`` forward, so the
-others skip the tick; if publishing fails it releases the claim and another process (or its
-own next pass) tries again.
+process that claims ``beat:firing:<name>:<tick_ms>`` in the broker, a short claim (two
+minutes) that says "being published". The winner publishes with the task id
+``beat-<name>-<tick_ms>``, then records the tick as fired (``beat:tick:<name>:<tick_ms>``,
+kept until no process can see the tick as due any more) and moves ``beat:last:<name>``
+forward, so the others skip it. If publishing fails it releases its claim and another
+process (or its own next pass) tries again; if the winner dies before publishing, its
+claim lapses and another process publishes the tick then. Only a winner that dies after
+publishing and before recording the tick (a window of one broker call) leaves the tick
+to be published twice, under the same task id.
 
 After downtime an entry fires its latest missed tick once, not a burst of them, unless it
 asks to ``catch_up`` (then every missed tick fires, oldest first, at most
@@ -29,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from stem.beat.entry import ScheduleEntry, parse_entry
 from stem.beat.schedules import jitter_ms
-from stem.beat.store import TICK_PREFIX, ScheduleStore
+from stem.beat.store import FIRING_PREFIX, TICK_PREFIX, ScheduleStore
 from stem.envelope import now_ms
 from stem.errors import BrokerError, ConfigError, StemError
 
@@ -42,6 +47,10 @@ log = logging.getLogger("stem.beat")
 
 _MIN_CLAIM_TTL_S = 600.0
 _MAX_CLAIM_TTL_S = 90 * 86400.0
+# How long a claim to publish a tick holds: above a publish with its retries (each may
+# wait out a socket timeout), and the delay before another beat takes over from one that
+# died while publishing.
+FIRING_TTL_S = 120.0
 _MIN_SLEEP_S = 0.005
 _ERROR_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
@@ -184,11 +193,17 @@ class Beat:
 
     def _fire(self, entry: ScheduleEntry, tick: int) -> bool:
         broker = self.app.broker
-        key = f"{TICK_PREFIX}{entry.name}:{tick}"
+        fired_key = f"{TICK_PREFIX}{entry.name}:{tick}"
+        key = f"{FIRING_PREFIX}{entry.name}:{tick}"
         # A fresh token per attempt: this process must not mistake its own earlier claim
         # (whose outcome it does not know) for a go-ahead.
         token = f"{self.beat_id}/{secrets.token_hex(4)}"
-        if broker.claim(key, token, self._claim_ttl_s(entry, tick)) != token:
+        if broker.peek(fired_key) is not None:
+            return False
+        if broker.claim(key, token, FIRING_TTL_S) != token:
+            return False
+        if broker.peek(fired_key) is not None:  # fired by one whose claim lapsed since
+            self._release(key, token)
             return False
         delay_ms = jitter_ms(entry.name, tick, entry.jitter_s)
         # Relative to publishing, like the countdown: a run is dropped if it has not
@@ -216,11 +231,9 @@ class Beat:
                 exc_info=not isinstance(exc, StemError),
                 extra={"event": "beat-publish-failed", "entry": entry.name, "tick_ms": tick},
             )
-            try:
-                broker.release(key, token)
-            except BrokerError:
-                log.warning("could not release %s; it expires by itself", key)
+            self._release(key, token)
             return False
+        broker.claim(fired_key, token, self._claim_ttl_s(entry, tick))
         log.info(
             "schedule %r: enqueued %s as %s",
             entry.name,
@@ -231,7 +244,14 @@ class Beat:
         self.store.advance_last(entry.name, tick)
         if entry.one_off:
             self.store.set_enabled(entry.name, False)
+        self._release(key, token)
         return True
+
+    def _release(self, key: str, token: str) -> None:
+        try:
+            self.app.broker.release(key, token)
+        except BrokerError:
+            log.warning("could not release %s; it expires by itself", key)
 
     def _warn_once(self, name: str, problem: str) -> None:
         if (name, problem) not in self._warned:

@@ -5,7 +5,8 @@ Key layout (no expiry unless noted):
 * ``beat:entry:<name>``: the entry's canonical spec as JSON (see :mod:`stem.beat.entry`);
 * ``beat:last:<name>``: the latest tick (epoch ms) handled for the entry: fired, or passed
   over when beat first saw the entry or when the entry was enabled again;
-* ``beat:tick:<name>:<tick_ms>``: the claim of one tick by one beat (expires).
+* ``beat:firing:<name>:<tick_ms>``: one beat's claim to publish a tick (two minutes).
+* ``beat:tick:<name>:<tick_ms>``: the record that a tick was published (expires).
 
 Every write is a compare-and-set (``swap``) in a short retry loop, so two processes editing
 the same entry never lose an update silently, and the last tick only moves forward.
@@ -30,13 +31,21 @@ from stem.brokers.base import Broker
 from stem.errors import BrokerError, ConfigError, SignatureError
 from stem.security.signing import Keyring, is_sealed, unverified_payload
 
-__all__ = ["ENTRY_PREFIX", "LAST_PREFIX", "TICK_PREFIX", "ScheduleStore", "StoredEntries"]
+__all__ = [
+    "ENTRY_PREFIX",
+    "FIRING_PREFIX",
+    "LAST_PREFIX",
+    "TICK_PREFIX",
+    "ScheduleStore",
+    "StoredEntries",
+]
 
 log = logging.getLogger("stem.beat")
 
 ENTRY_PREFIX = "beat:entry:"
 LAST_PREFIX = "beat:last:"
 TICK_PREFIX = "beat:tick:"
+FIRING_PREFIX = "beat:firing:"
 _CAS_ATTEMPTS = 20
 
 

@@ -208,6 +208,32 @@ def test_publish_failure_releases_the_tick_for_another_beat(rec: Recorder, twin:
     assert ids(rec, twin) == sorted([task_id_for("sec", T0), task_id_for("sec", T0 + S)])
 
 
+def test_a_beat_that_dies_before_publishing_leaves_the_tick_to_another(
+    rec: Recorder, twin: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between claiming a tick and publishing it, a beat used to hold the tick for
+    ten minutes or more, so no beat ever enqueued it. Its claim to publish is short now."""
+    import time
+
+    from stem.beat import scheduler as scheduler_mod
+    from stem.beat.store import FIRING_PREFIX
+
+    monkeypatch.setattr(scheduler_mod, "FIRING_TTL_S", 0.3)
+    put(rec, "sec", every=1)
+    a, b = rec.beat(beat_id="a"), twin.beat(beat_id="b")
+    a.tick(T0)
+    # "a" claims the next tick and dies before publishing (its claim, as _fire makes it).
+    dead = rec.app.broker.claim(f"{FIRING_PREFIX}sec:{T0 + S}", "a/dead", 0.3)
+    assert dead == "a/dead"
+    assert b.tick(T0 + S + 100).fired == []  # being published, as far as b can tell
+    time.sleep(0.4)
+    assert b.tick(T0 + S + 600).fired == [("sec", T0 + S)]
+    # A pass that read beat:last before b recorded the tick does not fire it again.
+    entry = ScheduleStore(rec.app.broker).load().entries["sec"]
+    assert a._fire(entry, T0 + S) is False
+    assert ids(rec, twin) == sorted([task_id_for("sec", T0), task_id_for("sec", T0 + S)])
+
+
 def test_entry_options_reach_the_envelope(rec: Recorder) -> None:
     put(rec, "opts", every=20, queue="low", priority=7, expires=30, jitter=20)
     before = now_ms()
