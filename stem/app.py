@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -85,9 +86,8 @@ class Stem:
         # the environment are one keyring, not a half one).
         self._keyring: Keyring | None = keyring
         self._keyring_pending = keyring is None
-        #: How the CLI configured this app (:func:`stem.config.apply.apply_layers`), for
-        #: process-pool children to do the same; None when configured in code only.
-        self.settings_source: dict[str, Any] | None = None
+        #: A keyring given in code: configuration without keys leaves it in place.
+        self.has_explicit_keyring = keyring is not None
         self.import_spec: str | None = None  # "module:attr", set by the CLI loader
         self._code: dict[str, Any] = {}
         if isinstance(broker, str):
@@ -142,6 +142,48 @@ class Stem:
                     self._keyring = Keyring.from_env(os.environ)
                     self._keyring_pending = False
         return self._keyring
+
+    @keyring.setter
+    def keyring(self, keyring: Keyring | None) -> None:
+        self.configure(keyring=keyring)
+
+    def child_config(self) -> dict[str, Any]:
+        """What a process-pool child needs to act as this app, as configured now (by code,
+        files, environment and flags): JSON-ready, keys inline, so send it only over a
+        private channel. The child does not read configuration again (a file edited since
+        must not stop new pool processes from starting)."""
+        config: dict[str, Any] = {
+            "broker": self.broker_url,
+            "backend": self.backend_url,
+            "routes": dict(self.routes),
+            "result_ttl_s": self.result_ttl_s,
+            "publish_retries": self.publish_retries,
+            "tls": None if self.tls is None else dataclasses.asdict(self.tls),
+        }
+        ring = self.keyring
+        if ring is None:
+            config["keyring"] = None
+        elif (portable := ring.to_settings()) is not None:
+            config["keyring"] = portable
+        # else: a keyring made in code from verifiers; the child's own app module makes it
+        return config
+
+    def configure_child(self, config: Mapping[str, Any]) -> None:
+        """Apply :meth:`child_config` of the parent process."""
+        tls = config.get("tls")
+        extra: dict[str, Any] = {}
+        if "keyring" in config:
+            spec = config["keyring"]
+            extra["keyring"] = None if spec is None else Keyring.from_settings(**spec)
+        self.configure(
+            broker=config.get("broker"),
+            backend=config.get("backend"),
+            routes=config.get("routes"),
+            result_ttl_s=config.get("result_ttl_s", _UNSET),
+            publish_retries=config.get("publish_retries"),
+            tls=None if tls is None else TLSSettings(**tls),
+            **extra,
+        )
 
     def configure(
         self,

@@ -1,5 +1,4 @@
-"""Apply the layered configuration to an app, and remember how, so a process-pool child
-can apply the very same layers to its own copy of the app (keys, TLS, routes)."""
+"""Apply the layered configuration to an app (what every CLI command does first)."""
 
 from __future__ import annotations
 
@@ -24,9 +23,9 @@ def apply_layers(
     gates: bool = False,
 ) -> Settings:
     """Load the settings (code defaults < files < env < ``overrides``), check the gates if
-    asked, and configure ``app`` with them. ``app.settings_source`` records the arguments."""
+    asked, and configure ``app`` with them. A keyring given in code stays when the
+    configuration names no keys."""
     flags = dict(overrides or {})
-    source = {"profile": profile, "config_file": config_file, "overrides": dict(flags)}
     settings = load_settings(
         profile=profile,
         config_file=config_file,
@@ -38,6 +37,8 @@ def apply_layers(
     setup_logging(settings.logging.level, settings.logging.format)
     if gates:
         enforce_gates(settings)
+    ring = settings.signing.to_keyring()
+    keys = {"keyring": ring} if ring is not None or not app.has_explicit_keyring else {}
     broker_from_code = settings.provenance("broker.url").layer in ("default",)
     backend_from_code = settings.provenance("backend.url").layer in ("default",)
     app.configure(
@@ -46,8 +47,7 @@ def apply_layers(
         routes=dict(settings.routes),
         result_ttl_s=settings.backend.result_ttl_s,
         tls=settings.tls.to_tls_settings(),
-        keyring=settings.signing.to_keyring(),
         publish_retries=settings.broker.publish_retries,
+        **keys,
     )
-    app.settings_source = source
     return settings

@@ -234,6 +234,8 @@ class Keyring:
     replay_window_s: float = DEFAULT_REPLAY_WINDOW_S
     clock_skew_s: float = DEFAULT_CLOCK_SKEW_S
     results_required: bool = False
+    #: The parsed keys it was built from (empty for one made of verifiers directly).
+    materials: tuple[KeyMaterial, ...] = ()
 
     def __post_init__(self) -> None:
         check_algorithm(self.algorithm, "signing")
@@ -439,6 +441,7 @@ class Keyring:
             replay_window_s=replay_window_s,
             clock_skew_s=clock_skew_s,
             results_required=results_required,
+            materials=tuple(materials),
         )
 
     def retire(self, *kids: str) -> Keyring:
@@ -446,7 +449,30 @@ class Keyring:
         if self.active_key_id in kids:
             raise ConfigError(f"cannot retire the active key {self.active_key_id!r}")
         kept = {k: v for k, v in self.verifiers.items() if k not in kids}
-        return dataclasses.replace(self, verifiers=kept)
+        materials = tuple(m for m in self.materials if m.kid not in kids)
+        return dataclasses.replace(self, verifiers=kept, materials=materials)
+
+    def to_settings(self) -> dict[str, Any] | None:
+        """Arguments of :meth:`from_settings` that build this keyring again, keys inline:
+        for a process-pool child, over its private pipe (this *is* key material). None for
+        a keyring made of verifiers directly, which has no key material to hand on."""
+        if not self.materials:
+            return None
+        keys: list[str] = []
+        public: list[str] = []
+        for m in self.materials:
+            entry = f"{m.kid}:{base64.b64encode(m.raw).decode('ascii')}"
+            (public if m.kind == "public" else keys).append(entry)
+        return {
+            "algorithm": self.algorithm,
+            "keys": keys,
+            "public_keys": public,
+            "active_key": self.active_key_id,
+            "required": self.required,
+            "replay_window_s": self.replay_window_s,
+            "results_required": self.results_required,
+            "clock_skew_s": self.clock_skew_s,
+        }
 
     # -- properties ----------------------------------------------------------------------
 

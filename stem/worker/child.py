@@ -1,7 +1,7 @@
 """Entry point of a process-pool child: ``python -m stem.worker.child IN_FD OUT_FD``.
 
 The child imports the operator's app (the spec arrives in the bootstrap frame, with the
-connection URLs and the configuration layers the worker applied, over the pipe so secrets
+worker's configuration as it resolved it: URLs, TLS, routes, keys; over the pipe so secrets
 never show in ``ps``), then runs one job at a time.
 It ignores SIGINT/SIGTERM (the parent drains and stops it) and exits if its parent dies.
 """
@@ -47,11 +47,7 @@ def main(argv: list[str]) -> int:
         from stem.loader import load_app
 
         app = load_app(boot["app"])
-        if boot.get("settings") is not None:
-            from stem.config.apply import apply_layers
-
-            apply_layers(app, **boot["settings"])
-        app.configure(broker=boot.get("broker"), backend=boot.get("backend"))
+        app.configure_child(boot["config"])
     except (StemError, ImportError, Exception) as exc:  # report any import failure, then exit
         write_frame(out_fd, {"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})
         return 1

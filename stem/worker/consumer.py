@@ -124,14 +124,9 @@ class Worker:
                 cfg.concurrency,
                 self._done,
                 self._progress,
-                bootstrap={
-                    "app": self.app.import_spec,
-                    "broker": self.app.broker_url,
-                    "backend": self.app.backend_url,
-                    # The layers the worker's app was configured with (keys, TLS,
-                    # routes), so tasks that publish from a child sign and connect alike.
-                    "settings": self.app.settings_source,
-                },
+                # The worker's configuration as resolved (keys, TLS, routes), so tasks that
+                # publish from a child sign and connect alike.
+                bootstrap={"app": self.app.import_spec, "config": self.app.child_config()},
             )
         if cfg.pool == "async":
             return AsyncPool(cfg.concurrency, self._done, self._progress)

@@ -209,4 +209,17 @@ def test_keys_from_a_config_file_sign_what_tasks_publish_in_every_pool(
     assert got.returncode == 0, got.stderr + cli.log_text()
     assert got.stdout.splitlines()[-1].split(None, 2)[1:] == ["SUCCESS", "16"]
     assert json.loads(cli.run("dlq", "list", "--json", env=env, check=True).stdout) == []
+    if pool == "process":
+        # The file is edited badly while the worker runs; a pool process that dies is
+        # replaced all the same: children take the worker's configuration, not the file's.
+        conf.write_text("signing:\n  keys: [\n")
+        producer = {"STEM_CONFIG": "", "STEM_SIGNING_KEYS": str(keys), **env}
+        producer["STEM_CONFIG"] = ""  # the broken file is the worker's to survive
+        crashed = cli.run("enqueue", "acc.crash", "--wait", "30", env=producer)
+        assert "WorkerLost" in crashed.stdout + crashed.stderr, crashed.stdout + crashed.stderr
+        again = cli.run("enqueue", "acc.fan_out", "--args", "[5]", "--wait", "30", env=producer)
+        assert again.returncode == 0, again.stderr + cli.log_text()
+        _, _, value = again.stdout.splitlines()[-1].split(None, 2)
+        sub = cli.run("result", json.loads(value), "--wait", "30", env=producer)
+        assert sub.stdout.splitlines()[-1].split(None, 2)[1:] == ["SUCCESS", "25"], sub.stderr
     _stop(worker)

@@ -393,3 +393,58 @@ def test_generate_into_the_packaged_key_directory_keeps_its_layout(tmp_path: Pat
     loose.chmod(0o755)
     [written] = keys.write_key_files(keys.generate_key("hmac-sha256", "v3"), loose)
     assert (mode(written), written.stat().st_gid) == (0o600, 0)
+
+
+def test_a_keyring_given_in_code_survives_configuration_without_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI applies its configuration layers to every app: one that names no keys must
+    not switch off the signing an app was built with in code."""
+    import base64
+
+    from stem import Stem
+    from stem.config.apply import apply_layers
+
+    for name in list(os.environ):
+        if name.startswith("STEM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("STEM_CONFIG_DIR", str(tmp_path / "etc"))
+    ring = Keyring.build("hmac-sha256", {"code": b"c" * 32})
+    app = Stem("coded", broker="memory://", keyring=ring)
+    apply_layers(app)
+    assert app.keyring is ring
+    monkeypatch.setenv("STEM_SIGNING_KEYS", "cfg:" + base64.b64encode(b"f" * 32).decode())
+    apply_layers(app)  # configured keys replace it
+    assert app.keyring is not None and app.keyring.key_ids == ("cfg",)
+    plain = Stem("plain", broker="memory://")
+    monkeypatch.delenv("STEM_SIGNING_KEYS")
+    apply_layers(plain)
+    assert plain.keyring is None
+
+
+def test_a_pool_child_gets_the_workers_configuration_not_the_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """child_config is JSON (it crosses a pipe) and rebuilds the same keyring, TLS and
+    routes in a fresh app, without reading any configuration again."""
+    import json
+
+    from stem import Stem
+    from stem.security.tls import TLSSettings
+
+    ring = Keyring.build("hmac-sha256", {"a": b"a" * 32, "b": b"b" * 32}, active_key="b")
+    parent = Stem("p", broker="memory://", keyring=ring, routes={"mail.*": "mail"})
+    parent.configure(tls=TLSSettings(ca_file="/etc/ca.pem"), result_ttl_s=None)
+    wire = json.loads(json.dumps(parent.child_config()))
+    monkeypatch.setenv("STEM_SIGNING_ACTIVE_KEY", "half-a-keyring")  # must not be read
+    child = Stem("p", broker="memory://")
+    child.configure_child(wire)
+    assert child.keyring is not None
+    assert (child.keyring.key_ids, child.keyring.active_key_id) == (("a", "b"), "b")
+    env = child.build_envelope("mail.send", task_id="t1")
+    assert ring.verify(child.keyring.sign(env)) is None
+    assert child.tls == parent.tls and child.route("mail.send") == "mail"
+    assert child.result_ttl_s is None
+    unsigned = Stem("u", broker="memory://", keyring=None)
+    monkeypatch.delenv("STEM_SIGNING_ACTIVE_KEY")
+    assert unsigned.child_config()["keyring"] is None

@@ -50,6 +50,12 @@ def fan_out(n: int) -> str:
     return square.delay(n).id
 
 
+@app.task(name="acc.crash", max_retries=0)
+def crash() -> None:
+    """Ends its pool process (the worker replaces it)."""
+    os._exit(3)
+
+
 @app.task(name="acc.slow_square")
 def slow_square(n: int) -> int:
     time.sleep(0.05)
