@@ -113,14 +113,26 @@ def unique_key(
     (given the task's args and kwargs), a template formatted with them
     (``"order:{order_id}"``: ``names`` maps the arguments, positional ones included, to the
     task's parameter names), or None for the task name and all arguments."""
-    if callable(spec):
-        part = str(spec(*args, **kwargs))
-    elif isinstance(spec, str):
-        named = names(args, kwargs) if names is not None else kwargs
-        try:
-            part = spec.format(*args, **named)
-        except (IndexError, KeyError) as exc:
-            raise ConfigError(f"unique_key {spec!r} names a missing argument: {exc}") from None
-    else:
+    if spec is None:
         part = hashlib.sha256(dumps([list(args), dict(kwargs)])).hexdigest()
+    else:
+        part = key_part("unique_key", spec, args, kwargs, names)
     return f"unique:{task_name}:{part}"
+
+
+def key_part(
+    what: str,
+    spec: str | Callable[..., str],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    names: Callable[[Sequence[Any], Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> str:
+    """A key template (``"order:{order_id}"``, filled with the arguments by parameter name
+    via ``names``, positional ones included) or a callable given the arguments."""
+    if callable(spec):
+        return str(spec(*args, **kwargs))
+    named = names(args, kwargs) if names is not None else kwargs
+    try:
+        return spec.format(*args, **named)
+    except (IndexError, KeyError) as exc:
+        raise ConfigError(f"{what} {spec!r} names a missing argument: {exc}") from None

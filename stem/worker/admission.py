@@ -162,6 +162,17 @@ class Admission:
         self.settler.consume_nonce(env)
         self.settler.dead_letter(delivery, reason, detail, env)
 
+    def refuse(self, delivery: Delivery, env: Envelope, exc: Exception) -> None:
+        """A delivery whose admission raised something waiting will not fix: DEAD and
+        dead-lettered as ``admission-failed`` (replayable once the cause is fixed)."""
+        detail = f"{type(exc).__name__}: {exc}"
+        error = ErrorInfo(type(exc).__name__, str(exc))
+        try:
+            self._dead(delivery, env, error, "admission-failed", detail)
+        except Exception:
+            log.exception("recording task %s as DEAD failed", env.id)
+            self.settler.dead_letter(delivery, "admission-failed", detail, env)
+
     def admit(
         self, delivery: Delivery, set_limits: Callable[[Job], None], env: Envelope | None = None
     ) -> Job | None:

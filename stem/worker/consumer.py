@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from stem.brokers.base import Delivery
 from stem.envelope import now_ms as _now_ms
-from stem.errors import BrokerError, StemError
+from stem.errors import BackendError, BrokerError, StemError
 from stem.observability import signals
 from stem.worker.admission import Admission
 from stem.worker.control import ControlServer
@@ -404,18 +404,22 @@ class Worker:
                 continue
             try:
                 job = self.admission.admit(delivery, self._limits, env)
-            except Exception as exc:
-                # A result store or limit store that is down (a canvas step's check): the
-                # delivery comes back in a second, counted, so a fault that never clears
-                # ends in the dead-letter queue, and this thread keeps consuming.
+            except (BrokerError, BackendError) as exc:
+                # A result or limit store that is down (a canvas step's check): the
+                # delivery comes back in a second, and this thread keeps consuming.
                 log.warning(
                     "could not admit task %s, handing it back: %s",
                     env.id,
                     exc,
-                    exc_info=not isinstance(exc, StemError),
                     extra={"event": "admission-failed", "task_id": env.id},
                 )
                 self.settler.release(delivery, delay_s=1.0)
+                continue
+            except Exception as exc:  # waiting will not fix it (a bad key template, a bug)
+                log.exception(
+                    "could not admit task %s", env.id, extra={"event": "admission-failed"}
+                )
+                self.admission.refuse(delivery, env, exc)
                 continue
             if job is None:
                 continue

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from stem.brokers.base import Delivery
 from stem.envelope import Envelope, now_ms
 from stem.errors import BrokerError, StemError
-from stem.limits import ConcurrencyCap, RateLimiter, parse_rate
+from stem.limits import ConcurrencyCap, RateLimiter, key_part, parse_rate
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -46,11 +46,7 @@ class LimitGate:
         spec = opts.rate_limit_key
         if spec is None:
             return base
-        part = (
-            spec(*env.args, **env.kwargs)
-            if callable(spec)
-            else spec.format(*env.args, **env.kwargs)
-        )
+        part = key_part("rate_limit_key", spec, env.args, env.kwargs, task.arguments)
         return f"{base}:{part}"
 
     def admit(self, task: Task[Any, Any], env: Envelope, delivery: Delivery) -> bool:

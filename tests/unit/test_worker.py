@@ -830,3 +830,27 @@ def test_reserve_errors_of_any_kind_are_retried_and_the_recovery_is_logged(
         assert ping_task.delay().get(timeout=10) == "pong"
     assert "broker down (test)" in caplog.text and "a bug (test)" in caplog.text
     assert "reserving again after" in caplog.text
+
+
+def test_an_admission_fault_that_waiting_cannot_fix_dead_letters_the_task(app: Stem) -> None:
+    """A rate-limit key template naming no argument raises on every delivery: the task is
+    DEAD and dead-lettered (replayable once fixed), not handed back every second forever.
+    A template fills positional arguments by parameter name, as unique_key does."""
+
+    @app.task(name="by_user", rate_limit="100/s", rate_limit_key="user:{user}")
+    def by_user(user: str) -> str:
+        return user
+
+    @app.task(name="broken_key", rate_limit="100/s", rate_limit_key="user:{nope}")
+    def broken_key(user: str) -> str:
+        return user
+
+    with Running(app):
+        assert by_user.delay("ann").get(timeout=5) == "ann"
+        res = broken_key.delay("bob")
+        with pytest.raises(TaskError, match="names a missing argument"):
+            res.get(timeout=5)
+    assert res.state == states.DEAD
+    [letter] = app.broker.dlq_list()
+    assert (letter.message_id, letter.reason) == (res.id, "admission-failed")
+    assert "rate_limit_key" in letter.detail
