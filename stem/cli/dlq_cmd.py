@@ -14,7 +14,7 @@ from stem.app import Stem
 from stem.brokers.base import Broker, DeadLetter, Message
 from stem.cli.context import emit_json, fail, load_app
 from stem.cli.exitcodes import ExitCode
-from stem.envelope import Envelope, decode
+from stem.envelope import Envelope, decode, now_ms
 from stem.errors import DecodeError, SignatureError
 
 app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_help=True)
@@ -145,9 +145,10 @@ def _replay_batch(app: Stem, letters: list[DeadLetter], resign: bool) -> int:
             moved.append(d.id)
         else:
             # A fresh signature, so an old message is not refused as signature-expired; on
-            # the queue it was signed for (a misrouted letter goes back where it belongs).
-            env = env.replace(signature=None, not_before_ms=None)
-            fresh.append(Message(env.id, env.queue, app.seal(env), env.priority))
+            # the queue it was signed for, and not before its ETA if that is still ahead.
+            later = env.not_before_ms is not None and env.not_before_ms > now_ms()
+            env = env.replace(signature=None, not_before_ms=env.not_before_ms if later else None)
+            fresh.append(Message(env.id, env.queue, app.seal(env), env.priority, env.not_before_ms))
     n = broker.dlq_replay(moved) if moved else 0
     if fresh:
         app.publish_messages(fresh)
@@ -161,6 +162,8 @@ def _purge_batch(app: Stem, letters: list[DeadLetter]) -> int:
     dead task keeps it while a replay may still run it)."""
     n = app.broker.dlq_purge([d.id for d in letters])
     for d in letters:
+        # Unverified, like the unique-key store itself (a broker writer can free any key
+        # there directly: SECURITY.md, what is not signed).
         try:
             env = decode(d.body, max_bytes=app.max_message_bytes)
         except DecodeError:

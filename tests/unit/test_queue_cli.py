@@ -120,6 +120,8 @@ def test_replay_resigns_only_letters_whose_signature_verifies(tmp_path: Path) ->
         dead("unknown-task", retired.id, encode(retired))
         routed = app.build_envelope("t", [5], queue="payments", task_id="routed")
         dead("misrouted", routed.id, app.seal(routed))
+        later = app.build_envelope("t", [6], countdown=3600, task_id="later")
+        dead("misrouted", later.id, app.seal(later))  # its ETA is still ahead
 
         env = {
             "STEM_SIGNING_KEYS": "v1:" + base64.b64encode(secrets["v1"]).decode(),
@@ -127,7 +129,9 @@ def test_replay_resigns_only_letters_whose_signature_verifies(tmp_path: Path) ->
         }
         out = CliRunner().invoke(cli, ["--broker", url, "dlq", "replay", "--all"], env=env)
         assert out.exit_code == 0, out.output
-        assert "replayed 5" in out.stdout
+        assert "replayed 6" in out.stdout
+        [stats] = app.broker.stats(["default"])
+        assert stats.delayed == 1  # "later" waits for its ETA
 
         got = {
             d.message_id: d
