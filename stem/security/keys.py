@@ -322,8 +322,10 @@ def _packaged_group(out_dir: Path) -> int | None:
 def write_key_files(files: dict[str, bytes], out_dir: Path) -> list[Path]:
     """Write key files into ``out_dir`` (created 0700): secrets 0600, public keys 0644.
     Into a directory with the packaged layout (``0750 root:<service group>``, written by
-    root), secrets are ``0640 root:<service group>`` like the keys already there, so the
-    service can read them. Refuses to overwrite any existing file (nothing is written)."""
+    root), HMAC secrets are ``0640 root:<service group>`` like the keys already there, so
+    the service's workers can read them; an Ed25519 private key stays ``0600``: workers
+    need only its public half, and a worker that could read it could forge tasks. Refuses
+    to overwrite any existing file (nothing is written)."""
     targets = [out_dir / name for name in files]
     existing = [str(p) for p in targets if p.exists()]
     if existing:
@@ -345,13 +347,14 @@ def write_key_files(files: dict[str, bytes], out_dir: Path) -> list[Path]:
     written: list[Path] = []
     for path, content in zip(targets, files.values(), strict=True):
         public = path.name.endswith(".pub")
-        mode = 0o644 if public else (0o600 if group is None else 0o640)
+        shared = group is not None and path.name.endswith(f".{HMAC_SHA256}.key")
+        mode = 0o644 if public else (0o640 if shared else 0o600)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         except OSError as exc:
             raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
         with os.fdopen(fd, "wb") as fh:
-            if group is not None and not public:
+            if shared and group is not None:
                 os.fchown(fh.fileno(), 0, group)
             os.fchmod(fh.fileno(), mode)  # exact mode whatever the umask
             fh.write(content)

@@ -380,10 +380,12 @@ def test_generate_into_the_packaged_key_directory_keeps_its_layout(tmp_path: Pat
     os.chown(out, 0, service_gid)
     out.chmod(0o750)
     hmac_key = keys.write_key_files(keys.generate_key("hmac-sha256", "v2"), out)[0]
+    st = hmac_key.stat()
+    assert (mode(hmac_key), st.st_uid, st.st_gid) == (0o640, 0, service_gid)
+    # An Ed25519 private key is the producers' alone: workers get the public half only.
     ed_files = keys.write_key_files(keys.generate_key("ed25519", "e2"), out)
-    for secret in (hmac_key, *[p for p in ed_files if p.suffix == ".key"]):
-        st = secret.stat()
-        assert (mode(secret), st.st_uid, st.st_gid) == (0o640, 0, service_gid), secret
+    [private] = [p for p in ed_files if p.suffix == ".key"]
+    assert (mode(private), private.stat().st_gid) == (0o600, 0)
     [pub] = [p for p in ed_files if p.suffix == ".pub"]
     assert mode(pub) == 0o644
     # a directory others may enter is not the packaged layout: owner-only keys
