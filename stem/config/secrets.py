@@ -7,6 +7,7 @@ in every profile.
 
 from __future__ import annotations
 
+import grp
 import os
 import stat
 from pathlib import Path
@@ -28,9 +29,8 @@ def mode_problem(path: str) -> str | None:
     Two layouts pass: owned by this user with mode 0600 (or stricter), and the packaged one,
     owned by root and readable by this process's group (``0640 root:stem``), which the
     service user can read but not change. Anything readable by others, or by a group this
-    process is not in, fails. Run as root (an operator checking the installation), the
-    service's group cannot be known: any group passes, and the service checks its own
-    membership when it starts."""
+    process is not in, fails. Run as root, the packaged layout fails too (root cannot know
+    which group is the service's), with a message that says to check as the service user."""
     try:
         st = os.stat(path)
     except OSError:
@@ -38,13 +38,26 @@ def mode_problem(path: str) -> str | None:
     mode = stat.S_IMODE(st.st_mode)
     if not mode & 0o077:
         return None
-    in_group = euid() == 0 or st.st_gid in {os.getegid(), *os.getgroups()}
-    if not mode & 0o037 and st.st_uid == 0 and in_group:
+    packaged = not mode & 0o037 and st.st_uid == 0
+    if packaged and st.st_gid in {os.getegid(), *os.getgroups()}:
         return None
+    if packaged and euid() == 0:
+        return (
+            f"secret file {path} is readable by group {_group_name(st.st_gid)} (mode "
+            f"{mode:04o}): right if that is the service's group; root cannot tell, so run "
+            "this check as the service user (sudo -u stem stem config check)"
+        )
     return (
         f"secret file {path} is accessible by group or others (mode {mode:04o}); "
         f"run: chmod 600 {path} (or keep it root-owned, group of the service, mode 0640)"
     )
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return repr(grp.getgrgid(gid).gr_name)
+    except KeyError:
+        return str(gid)
 
 
 def read_secret_file(path: str) -> str:
