@@ -432,20 +432,31 @@ def _await_ready(p: Plan, listener: ReadyListener, started: dict[int, Node]) -> 
     return failed
 
 
-def _signal_all(p: Plan, signum: signal.Signals) -> dict[int, Node]:
+def _signal_all(p: Plan, signum: signal.Signals) -> tuple[dict[int, Node], bool]:
+    """Signal each running node: (pid -> node for each signalled, whether any node could
+    not be looked at because its pidfile directory stayed locked)."""
     sent: dict[int, Node] = {}
+    locked = False
     for node in p.nodes:
-        with node_lock(node):  # not while a start of this node is between fork and exec
-            st = probe(node)
-            if st.state == "running" and st.pid is not None and send_signal(st.pid, signum):
-                say(f"{node.name}: sent {signum.name} (pid {st.pid})")
-                sent[st.pid] = node
-            elif st.state == "stale":
-                remove_pidfile(node, st.pid)
-                say(f"{node.name}: not running (removed a stale pidfile: {st.detail})")
-            else:
-                say(f"{node.name}: not running")
-    return sent
+        try:
+            _signal_one(node, signum, sent)
+        except LaunchError as exc:
+            warn(f"{node.name}: not signalled: {exc}")
+            locked = True
+    return sent, locked
+
+
+def _signal_one(node: Node, signum: signal.Signals, sent: dict[int, Node]) -> None:
+    with node_lock(node):  # not while a start of this node is between fork and exec
+        st = probe(node)
+        if st.state == "running" and st.pid is not None and send_signal(st.pid, signum):
+            say(f"{node.name}: sent {signum.name} (pid {st.pid})")
+            sent[st.pid] = node
+        elif st.state == "stale":
+            remove_pidfile(node, st.pid)
+            say(f"{node.name}: not running (removed a stale pidfile: {st.detail})")
+        else:
+            say(f"{node.name}: not running")
 
 
 def _wait_gone(sent: dict[int, Node], timeout_of: dict[int, float]) -> dict[int, Node]:
@@ -490,17 +501,17 @@ def _stop_timeout_s(p: Plan, node: Node, pid: int) -> float:
 
 
 def cmd_stop(p: Plan, *, wait: bool) -> MultiExit:
-    sent = _signal_all(p, signal.SIGTERM)
+    sent, locked = _signal_all(p, signal.SIGTERM)
     if not wait:
-        return MultiExit.OK
+        return MultiExit.STOP_TIMEOUT if locked else MultiExit.OK
     left = _wait_gone(sent, {pid: _stop_timeout_s(p, node, pid) for pid, node in sent.items()})
-    return MultiExit.STOP_TIMEOUT if left else MultiExit.OK
+    return MultiExit.STOP_TIMEOUT if left or locked else MultiExit.OK
 
 
 def cmd_kill(p: Plan) -> MultiExit:
-    sent = _signal_all(p, signal.SIGKILL)
+    sent, locked = _signal_all(p, signal.SIGKILL)
     left = _wait_gone(sent, dict.fromkeys(sent, KILL_WAIT_S))
-    return MultiExit.STOP_TIMEOUT if left else MultiExit.OK
+    return MultiExit.STOP_TIMEOUT if left or locked else MultiExit.OK
 
 
 def cmd_status(p: Plan) -> MultiExit:

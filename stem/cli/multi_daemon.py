@@ -26,6 +26,7 @@ import pwd
 import signal
 import socket
 import struct
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -153,21 +154,37 @@ def probe(node: Node) -> PidState:
     return PidState("running", pid)
 
 
+LOCK_WAIT_S = 60.0  # a command holds the lock for a probe and, at most, one exec
+
+
 @contextlib.contextmanager
-def node_lock(node: Node) -> Iterator[None]:
+def node_lock(node: Node, wait_s: float | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the directory of the node's pidfile while a command looks
     at the pidfile and acts on it. Between writing the pidfile and its ``exec``, a starting
     node does not yet carry ``$STEM_MULTI_PIDFILE`` (:func:`probe` would call it another
     program); :func:`launch` returns only after the ``exec``, so a second ``stem-multi``
     that waits here sees a node it can recognize. The lock is on the directory, so no
-    lock file is created in a place the node's user can write."""
+    lock file is created in a place the node's user can write; since that user could
+    hold it, waiting is bounded (:class:`LaunchError` after ``wait_s``)."""
     try:
         fd = os.open(node.pidfile.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         yield  # no pidfile can exist yet; start creates the directory first
         return
+    deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LaunchError(
+                        f"{node.pidfile.parent} stayed locked by another stem-multi "
+                        "(or a process of the node's user); try again",
+                        MultiExit.START_FAILED,
+                    ) from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -354,6 +354,30 @@ def test_commands_on_a_node_wait_while_another_holds_its_pidfile_directory(mt: M
     _ok(mt("stopwait", "a"))
 
 
+def test_a_lock_held_too_long_fails_the_command_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The pidfile directory may belong to the node's user, who could hold its lock
+    forever: root's stop or start gives up after a while, naming the directory."""
+    import fcntl
+
+    from stem.cli import multi_daemon
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    monkeypatch.setattr(multi_daemon, "LOCK_WAIT_S", 0.2)
+    try:
+        argv = ["--pidfile", f"{run}/%n.pid", "--logfile", f"{tmp_path}/%n.log"]
+        assert multi.run(["stop", "a", *argv]) == multi.MultiExit.STOP_TIMEOUT
+        assert multi.run(["start", "a", *argv, "--stem", "/bin/true"]) != multi.MultiExit.OK
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert err.count(f"{run} stayed locked") == 2, err
+
+
 @pytest.mark.slow
 def test_a_missing_directory_is_a_configuration_error(mt: Multi, tmp_path: Path) -> None:
     """Not a permission problem (77, LSB 4 in the init script): the path is wrong (78)."""
