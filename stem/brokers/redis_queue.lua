@@ -275,7 +275,11 @@ if cmd == 'reserve' then
     for p = 9, 0, -1 do
         for _, q in ipairs(queues) do
             local key = qkey(q, p)
-            if got < max_n and redis.call('EXISTS', key) == 1 then
+            -- Read again after burying malformed entries, so they never cost a reserve
+            -- the valid messages behind them.
+            local again = got < max_n and redis.call('EXISTS', key) == 1
+            while again do
+                again = false
                 local res = redis.call(
                     'XREADGROUP', 'GROUP', GROUP, GROUP, 'COUNT', max_n - got, 'STREAMS', key, '>'
                 )
@@ -288,6 +292,7 @@ if cmd == 'reserve' then
                             redis.call('XACK', key, GROUP, e[1])
                             redis.call('XDEL', key, e[1])
                             bury_entry(q, p, e[1], f, problem)
+                            again = got < max_n
                         else
                             local receipt = p .. '/' .. e[1] .. '/' .. token
                             redis.call('ZADD', lkey, expires, receipt)
