@@ -485,10 +485,13 @@ class Worker:
         stale_ms = int((self.config.poll_wait_s * 2 + 10) * 1000)
         loop_alive = any(t.name == "stem-consumer" and t.is_alive() for t in self._threads)
         busy = self.free_slots() == 0
+        # Every queue paused by an operator: not reserving is right too, not a stall (a
+        # watchdog restart would also drop the pause, which lives in this process).
+        idle = busy or all(q in self.paused for q in self.config.queues)
         consuming = (
             loop_alive
             and now - self.last_loop_ms < stale_ms
-            and (busy or now - self.last_consume_ms < stale_ms)
+            and (idle or now - self.last_consume_ms < stale_ms)
         ) or self._stop_reserving.is_set()
         return {
             "worker": self.name,
@@ -497,6 +500,7 @@ class Worker:
             "pool": self.config.pool,
             "concurrency": self.pool.size,
             "queues": list(self.config.queues),
+            "paused": sorted(self.paused),
             "running": len(self.inflight),
             "prefetched": len(self.buffered),
             "processed": dict(self.settler.counts),

@@ -296,3 +296,16 @@ def test_a_tampered_request_is_refused_while_signing_is_not_required() -> None:
             assert control.broadcast(app, "ping", destination=["gamma"])[0].result == "pong"
     finally:
         app.close()
+
+
+def test_a_worker_with_every_queue_paused_is_healthy_not_stalled(app: Stem) -> None:
+    """An operator's pause must not read as a stalled consumer (health failing, watchdog
+    pings stopping, systemd restarting the node and so dropping the pause)."""
+    with running_worker(app, node_name="solo", queues=("default",)) as worker:
+        worker.paused.add("default")  # what the pause command does
+        worker.last_consume_ms = 1  # the broker last answered long ago: it is not asked
+        health = worker.health()
+        assert health["consuming"] is True and health["paused"] == ["default"]
+        worker.paused.discard("default")
+        worker.last_consume_ms = 1
+        assert worker.health()["consuming"] is False  # not paused: that would be a stall
