@@ -86,6 +86,7 @@ class Reply:
     worker: str
     ok: bool
     result: Any
+    answered: bool = True  # False: the node was asked and said nothing in time
 
 
 def revoke(app: Stem, task_ids: Sequence[str]) -> None:
@@ -117,9 +118,11 @@ def broadcast(
     *,
     destination: Sequence[str] | None = None,
     timeout_s: float = 2.0,
+    report_silent: bool = False,
 ) -> list[Reply]:
     """Send ``command`` to the named workers (default: every live one) and collect the
-    replies that arrive within ``timeout_s``."""
+    replies that arrive within ``timeout_s``. With ``report_silent``, each node asked that
+    did not answer in time gets a failed reply saying so."""
     if command not in COMMANDS:
         raise StemError(f"unknown control command {command!r}; known: {', '.join(COMMANDS)}")
     nodes = resolve_nodes(app, destination) if destination else live_nodes(app)
@@ -165,4 +168,11 @@ def broadcast(
     finally:
         # Requests nobody took (a node that died) expire; the reply queue goes now.
         app.broker.purge(reply_queue)
+    if report_silent:
+        answered = {r.worker for r in replies}
+        replies += [
+            Reply(node, False, f"no reply within {timeout_s:g}s", answered=False)
+            for node in nodes
+            if node not in answered
+        ]
     return sorted(replies, key=lambda r: r.worker)

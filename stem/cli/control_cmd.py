@@ -38,13 +38,15 @@ def _run(
     as_json: bool,
 ) -> None:
     stem_app = load_app(ctx)
-    replies = control.broadcast(stem_app, command, args, destination=destination, timeout_s=timeout)
+    replies = control.broadcast(
+        stem_app, command, args, destination=destination, timeout_s=timeout, report_silent=True
+    )
     if as_json:
         emit_json([{"worker": r.worker, "ok": r.ok, "result": r.result} for r in replies])
     else:
         for r in replies:
             typer.echo(f"{r.worker}: {'OK' if r.ok else 'ERROR'} {r.result}")
-    if not replies:
+    if not any(r.answered for r in replies):
         live = control.live_nodes(stem_app)
         fail(
             f"no worker replied within {timeout:g}s (live nodes: {', '.join(live) or 'none'})",

@@ -107,6 +107,11 @@ def test_every_control_command_against_two_workers(cli: StemCLI) -> None:
     assert alpha.wait(timeout=30) == 0
     after = {w["worker"]: w["status"] for w in _json(cli, "workers")}  # type: ignore
     assert after.get("alpha") in ("offline", None) and after["beta"] == "online"
+    # A node asked by name that does not answer is named, and the command fails.
+    silent = cli.run("control", "ping", "-d", "alpha@nowhere", "-d", "beta", "-t", "1")
+    assert silent.returncode == 1, silent.stdout + silent.stderr
+    assert "alpha@nowhere: ERROR no reply within 1s" in silent.stdout
+    assert "beta: OK pong" in silent.stdout
     app.close()
 
 
