@@ -51,6 +51,7 @@ TASK_EVENTS = (
     "task-failed",
     "task-retried",
     "task-revoked",
+    "task-expired",
     "task-dead-lettered",
 )
 WORKER_EVENTS = ("worker-online", "worker-heartbeat", "worker-offline")
@@ -111,6 +112,7 @@ class EventPublisher:
                 (signals.task_failure, self._on_failed),
                 (signals.task_retry, self._on_retried),
                 (signals.task_revoked, self._on_revoked),
+                (signals.task_expired, self._on_expired),
                 (signals.task_rejected, self._on_dead_lettered),
                 (signals.worker_ready, self._on_online),
                 (signals.heartbeat, self._on_heartbeat),
@@ -226,6 +228,9 @@ class EventPublisher:
 
     def _on_revoked(self, envelope: Envelope, **_: Any) -> None:
         self._task("task-revoked", envelope, state=states.REVOKED)
+
+    def _on_expired(self, envelope: Envelope, **_: Any) -> None:
+        self._task("task-expired", envelope, state=states.EXPIRED)
 
     def _on_dead_lettered(
         self,

@@ -100,6 +100,7 @@ def test_stream_carries_every_task_and_worker_event(app: Stem) -> None:
     add, boom, flaky, never = _register(app)
     revoked = never.delay()
     revoke(app, [revoked.id])
+    expired = add.enqueue(args=(1, 1), expires=-1)
     with observed_worker(app) as worker:
         ok = add.delay(1, 2)
         bad = boom.delay()
@@ -143,6 +144,8 @@ def test_stream_carries_every_task_and_worker_event(app: Stem) -> None:
     dead = next(e for e in by_task[stray.id] if e["type"] == "task-dead-lettered")
     assert (dead["reason"], dead["task"]) == ("unknown-task", "not.registered")
     assert [e["type"] for e in by_task[revoked.id]][-1] == "task-revoked"
+    gone = by_task[expired.id][-1]
+    assert (gone["type"], gone["state"]) == ("task-expired", "EXPIRED")
 
     worker_events = [e for e in events if e["type"].startswith("worker-")]
     assert worker_events[0]["type"] == "worker-online"
