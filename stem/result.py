@@ -31,14 +31,19 @@ class ErrorInfo:
     def from_exception(cls, exc: BaseException, tb: str | None = None) -> ErrorInfo:
         """Never raises: an exception whose ``str()`` fails is recorded as unprintable (a
         failure while recording a failure would leave the task unsettled), and a huge
-        message is cut to ``MAX_MESSAGE`` characters."""
+        message is cut to ``MAX_MESSAGE`` characters. Passwords in URLs are redacted from
+        the message and traceback, as from log lines: results are read by more people."""
+        from stem.observability.redact import redact_text
+
         try:
             message = str(exc)
         except Exception:
             message = f"<unprintable {type(exc).__name__} object>"
         if len(message) > MAX_MESSAGE:
             message = f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters)"
-        return cls(type(exc).__name__, message, tb)
+        return cls(
+            type(exc).__name__, redact_text(message), None if tb is None else redact_text(tb)
+        )
 
 
 @dataclass(frozen=True, slots=True)

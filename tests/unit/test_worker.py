@@ -854,3 +854,22 @@ def test_an_admission_fault_that_waiting_cannot_fix_dead_letters_the_task(app: S
     [letter] = app.broker.dlq_list()
     assert (letter.message_id, letter.reason) == (res.id, "admission-failed")
     assert "rate_limit_key" in letter.detail
+
+
+def test_a_password_in_a_task_error_is_not_stored(app: Stem) -> None:
+    """The worker's log redacts it; the result record (read by `stem result`, get(),
+    events) must not keep it either."""
+
+    @app.task(name="connect", max_retries=0)
+    def connect() -> None:
+        raise ConnectionError("could not connect to postgresql://app:hunter2@db:5432/shop")
+
+    with Running(app):
+        res = connect.delay()
+        with pytest.raises(TaskError) as info:
+            res.get(timeout=5)
+    rec = res.record
+    assert rec is not None and rec.error is not None
+    assert "hunter2" not in rec.error.message and "hunter2" not in (rec.error.traceback or "")
+    assert "postgresql://app:***@db:5432/shop" in rec.error.message
+    assert "hunter2" not in str(info.value)
