@@ -109,7 +109,7 @@ def is_secret_name(name: str) -> bool:
 
 def redact_mapping(data: Any) -> Any:
     """A copy of nested mappings/lists with values under secret-looking keys redacted,
-    and passwords inside URL strings removed."""
+    and passwords removed from URLs, whether a string is one or holds one in its text."""
     if isinstance(data, dict):
         return {
             k: (
@@ -122,5 +122,5 @@ def redact_mapping(data: Any) -> Any:
     if isinstance(data, list):
         return [redact_mapping(v) for v in data]
     if isinstance(data, str) and "://" in data:
-        return redact_url(data)
+        return redact_text(redact_url(data))
     return data

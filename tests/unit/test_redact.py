@@ -54,6 +54,9 @@ def test_text_and_mappings_are_redacted() -> None:
     )
     assert data["signing"]["keys"] == "***" and data["signing"]["active_key"] == "v1"
     assert "s3cret" not in data["broker"]["url"]
+    # a URL inside a longer string (a log record's extra field, logged task arguments)
+    fields = redact_mapping({"task_kwargs": {"dsn": "use postgresql://u:s3cret@db/x now"}})
+    assert fields == {"task_kwargs": {"dsn": "use postgresql://u:***@db/x now"}}
 
 
 @pytest.mark.parametrize(
