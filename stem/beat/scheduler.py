@@ -8,9 +8,10 @@ minutes) that says "being published". The winner publishes with the task id
 kept until no process can see the tick as due any more) and moves ``beat:last:<name>``
 forward, so the others skip it. If publishing fails it releases its claim and another
 process (or its own next pass) tries again; if the winner dies before publishing, its
-claim lapses and another process publishes the tick then. Only a winner that dies after
-publishing and before recording the tick (a window of one broker call) leaves the tick
-to be published twice, under the same task id.
+claim lapses and another process publishes the tick then. A winner whose broker fails
+just after publishing records the tick on its next pass. Only a winner that dies after
+publishing and before recording the tick (a window of one broker call), or stays cut off
+longer than its claim, leaves the tick to be published twice, under the same task id.
 
 After downtime an entry fires its latest missed tick once, not a burst of them, unless it
 asks to ``catch_up`` (then every missed tick fires, oldest first, at most
@@ -99,6 +100,9 @@ class Beat:
         self.recent_ms = max(int(2 * tick_s * 1000), 1000)
         self._stop = threading.Event()
         self._warned: set[tuple[str, str]] = set()
+        # Ticks this process published but could not record (the broker failed just
+        # then): (entry, tick) -> token. Recorded before anything else is tried for them.
+        self._unrecorded: dict[tuple[str, int], str] = {}
 
     # -- entries defined in code and config --------------------------------------------------
 
@@ -132,6 +136,11 @@ class Beat:
         stored = self.store.load()
         for name, problem in stored.broken.items():
             self._warn_once(name, problem)
+        for (name, tick), token in list(self._unrecorded.items()):
+            if name in stored.entries:
+                self._record(stored.entries[name], tick, token)  # BrokerError: pass ends
+            else:
+                del self._unrecorded[(name, tick)]
         lasts = self.store.lasts()
         for entry in stored.entries.values():
             if not entry.enabled:
@@ -233,7 +242,6 @@ class Beat:
             )
             self._release(key, token)
             return False
-        broker.claim(fired_key, token, self._claim_ttl_s(entry, tick))
         log.info(
             "schedule %r: enqueued %s as %s",
             entry.name,
@@ -241,11 +249,20 @@ class Beat:
             task_id,
             extra={"event": "beat-fire", "entry": entry.name, "tick_ms": tick, "task_id": task_id},
         )
+        self._unrecorded[(entry.name, tick)] = token
+        self._record(entry, tick, token)
+        return True
+
+    def _record(self, entry: ScheduleEntry, tick: int, token: str) -> None:
+        """Record a published tick as fired (raises BrokerError; then a later pass of this
+        process records it, while its claim to publish keeps the others off)."""
+        fired_key = f"{TICK_PREFIX}{entry.name}:{tick}"
+        self.app.broker.claim(fired_key, token, self._claim_ttl_s(entry, tick))
         self.store.advance_last(entry.name, tick)
         if entry.one_off:
             self.store.set_enabled(entry.name, False)
-        self._release(key, token)
-        return True
+        del self._unrecorded[(entry.name, tick)]
+        self._release(f"{FIRING_PREFIX}{entry.name}:{tick}", token)
 
     def _release(self, key: str, token: str) -> None:
         try:

@@ -234,6 +234,33 @@ def test_a_beat_that_dies_before_publishing_leaves_the_tick_to_another(
     assert ids(rec, twin) == sorted([task_id_for("sec", T0), task_id_for("sec", T0 + S)])
 
 
+def test_a_tick_published_but_not_recorded_is_recorded_not_published_again(
+    rec: Recorder, twin: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker fails right after a publish, on the call that records the tick: the
+    beat records it on its next pass, while its claim to publish keeps the others off."""
+    put(rec, "sec", every=1)
+    a, b = rec.beat(beat_id="a"), twin.beat(beat_id="b")
+    a.tick(T0)
+    broker = rec.app.broker
+    real_claim = broker.claim
+    fail = [True]
+
+    def claim(key: str, value: str, ttl_s: float) -> str:
+        if key.startswith("beat:tick:") and fail:
+            fail.clear()
+            raise BrokerConnectionError("broker down (test)")
+        return real_claim(key, value, ttl_s)
+
+    monkeypatch.setattr(broker, "claim", claim)
+    with pytest.raises(BrokerConnectionError):
+        a.tick(T0 + S)  # published, then the record failed
+    assert b.tick(T0 + S + 100).fired == []  # a's claim to publish holds
+    assert a.tick(T0 + S + 200).fired == []  # recorded now, not published again
+    assert ScheduleStore(broker).last("sec") == T0 + S
+    assert ids(rec, twin) == sorted([task_id_for("sec", T0), task_id_for("sec", T0 + S)])
+
+
 def test_entry_options_reach_the_envelope(rec: Recorder) -> None:
     put(rec, "opts", every=20, queue="low", priority=7, expires=30, jitter=20)
     before = now_ms()
