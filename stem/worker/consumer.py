@@ -75,6 +75,10 @@ class WorkerConfig:
         if not 0 <= self.prefetch <= 64:
             raise StemError(f"prefetch must be 0..64 deliveries per slot, got {self.prefetch}")
         if self.autoscale is not None:
+            if self.pool == "solo":
+                raise StemError(
+                    "--autoscale needs a pool that can grow (the solo pool has one slot)"
+                )
             hi, lo = self.autoscale
             if not 1 <= lo <= hi:
                 raise StemError(f"--autoscale MAX,MIN needs 1 <= MIN <= MAX, got {hi},{lo}")
@@ -206,15 +210,16 @@ class Worker:
         self.request_stop(now=mode == "hard")
 
     def resize(self, size: int) -> None:
-        size = max(1, size)
-        if size != self.pool.size:
+        size, before = max(1, size), self.pool.size
+        if size != before:
+            self.pool.resize(size)
+        if self.pool.size != before:
             log.info(
                 "pool size %d -> %d",
+                before,
                 self.pool.size,
-                size,
                 extra={"event": "pool-resized", "worker": self.name},
             )
-            self.pool.resize(size)
         with self._slots:
             self._slots.notify_all()
 

@@ -157,6 +157,8 @@ class ControlServer:
             n = int(args.get("n", 1))
             if n < 1:
                 raise ValueError("n must be at least 1")
+            if w.config.pool == "solo":
+                raise ValueError("the solo pool has one slot; run the thread or process pool")
             w.resize(w.pool.size + (n if command == "pool-grow" else -n))
             return {"pool_size": w.pool.size}
         if command in ("pause", "resume"):

@@ -309,3 +309,20 @@ def test_a_worker_with_every_queue_paused_is_healthy_not_stalled(app: Stem) -> N
         worker.paused.discard("default")
         worker.last_consume_ms = 1
         assert worker.health()["consuming"] is False  # not paused: that would be a stall
+
+
+def test_the_solo_pool_says_it_cannot_grow(app: Stem) -> None:
+    """It used to answer OK and log 'pool size 1 -> 4' while staying at one slot."""
+    from stem.errors import StemError
+    from stem.worker.consumer import WorkerConfig
+
+    with running_worker(app, node_name="one", pool="solo") as worker:
+        from stem.worker.control import ControlServer
+
+        server = ControlServer(worker)
+        with pytest.raises(ValueError, match="solo pool has one slot"):
+            server.dispatch("pool-grow", {"n": 3})
+        worker.resize(4)
+        assert worker.pool.size == 1
+    with pytest.raises(StemError, match="autoscale needs a pool that can grow"):
+        WorkerConfig(pool="solo", autoscale=(4, 1))
