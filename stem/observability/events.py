@@ -324,9 +324,18 @@ def tail(
             if follow:
                 continue
             return
-        broker.ack(deliveries)
-        for d in deliveries:
-            event = parse_event(d.body)
-            if event is not None:
-                seen += 1
-                yield event
+        # Acked once shown: a reader that stops early (`stem events | head`) leaves the
+        # rest for the next one (handed back now, or after the lease if it was killed).
+        done = 0
+        try:
+            for d in deliveries:
+                done += 1  # counted before the yield: a reader that stops there saw it
+                event = parse_event(d.body)
+                if event is not None:
+                    seen += 1
+                    yield event
+        finally:
+            if done:
+                broker.ack(deliveries[:done])
+            for d in deliveries[done:]:
+                broker.nack(d)

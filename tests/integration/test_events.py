@@ -168,6 +168,18 @@ def test_each_event_goes_to_one_tailer(app: Stem) -> None:
     assert list(tail(app.broker, follow=False)) == []
 
 
+def test_a_reader_that_stops_early_leaves_the_rest_for_the_next(app: Stem) -> None:
+    """`stem events | head -3` used to take a whole batch off the stream and show 3."""
+    pub = EventPublisher(app, source="p")
+    for i in range(7):
+        pub.emit({"type": "custom", "n": i})
+    pub.close()
+    reader = tail(app.broker, follow=False)
+    assert [next(reader)["n"] for _ in range(3)] == [0, 1, 2]
+    reader.close()  # what a consumer that stops does
+    assert sorted(e["n"] for e in tail(app.broker, follow=False)) == [3, 4, 5, 6]
+
+
 def test_follow_waits_for_new_events_and_skips_junk(app: Stem) -> None:
     got: list[dict[str, Any]] = []
     stop = threading.Event()
