@@ -118,15 +118,16 @@ def execute(
     env: Envelope,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Outcome:
-    """Run a task function and turn whatever happens into an Outcome. Never raises
-    (except for SystemExit/KeyboardInterrupt aimed at the process running it)."""
+    """Run a task function and turn whatever happens into an Outcome. Never raises: a
+    task's SystemExit, KeyboardInterrupt or other BaseException is its failure, not the
+    pool thread's end (which would leave the task unsettled and its slot taken)."""
     start = time.perf_counter()
     token = RUNNING.set(env)
     try:
         value = task.fn(*call_args(task, env, progress), **env.kwargs)
         if inspect.isawaitable(value):
             value = asyncio.run(_await(value))
-    except Exception as exc:
+    except BaseException as exc:
         return classify(task, exc, start)
     finally:
         RUNNING.reset(token)

@@ -235,7 +235,7 @@ class AsyncPool:
             if not (job.soft_fired or job.hard_fired):
                 raise  # the pool is stopping: the worker hands the job back
             return failure(_limit_error(job), runtime_s=time.perf_counter() - start)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit in a task must not end the event loop
             return classify(job.task, exc, start)
         finally:
             RUNNING.reset(token)

@@ -873,3 +873,31 @@ def test_a_password_in_a_task_error_is_not_stored(app: Stem) -> None:
     assert "hunter2" not in rec.error.message and "hunter2" not in (rec.error.traceback or "")
     assert "postgresql://app:***@db:5432/shop" in rec.error.message
     assert "hunter2" not in str(info.value)
+
+
+class _Custom(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("pool", ["thread", "solo", "async"])
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), _Custom("odd")])
+def test_a_task_raising_a_base_exception_fails_and_frees_its_slot(
+    app: Stem, pool: str, exc: BaseException
+) -> None:
+    """It used to end the pool thread (or the async pool's loop): the task stayed PENDING
+    with its lease renewed for ever, and its slot was gone."""
+
+    @app.task(name="quits", max_retries=0)
+    def quits() -> None:
+        raise exc
+
+    @app.task(name="after")
+    def after() -> str:
+        return "ran"
+
+    with Running(app, pool=pool, concurrency=1):
+        res = quits.delay()
+        with pytest.raises(TaskError, match=type(exc).__name__):
+            res.get(timeout=5)
+        assert after.delay().get(timeout=5) == "ran"
+    assert res.state == states.FAILURE
