@@ -66,7 +66,10 @@ INSERT OR IGNORE INTO stem_queues (name) VALUES (?);
 SELECT name FROM stem_queues;
 
 -- name: candidates
-SELECT id, message_id, queue, body, delivery_count, priority, visible_ms
+-- CAST: a row written by something else than Stem (a text priority, say) must reach the
+-- worker, which dead-letters what it cannot decode, instead of failing every reserve.
+SELECT id, message_id, queue, body, CAST(delivery_count AS INTEGER),
+       CAST(priority AS INTEGER), CAST(visible_ms AS INTEGER)
 FROM stem_messages
 WHERE queue = ? AND visible_ms <= ?
 ORDER BY priority DESC, visible_ms, id

@@ -222,6 +222,22 @@ def test_expired_claims_are_swept(broker: PostgresBroker, postgres_url: str) -> 
     assert keys == {"new"}
 
 
+def test_a_delivery_count_at_the_integer_limit_does_not_stop_the_queue(
+    broker: PostgresBroker, postgres_url: str
+) -> None:
+    """A row written by something else than Stem: every reserve failed with 'integer out
+    of range'. It is delivered (a worker dead-letters it past max deliveries)."""
+    broker.publish([Message("odd", "maxed", b"{}"), Message("good", "maxed", b"{}")])
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute(
+            "UPDATE stem_messages SET delivery_count = 2147483647 WHERE message_id = 'odd'"
+        )
+    got = broker.reserve(["maxed"], 10, 30.0)
+    assert sorted(d.message_id for d in got) == ["good", "odd"]
+    assert max(d.delivery_count for d in got) == 2147483647
+    broker.ack(got)
+
+
 def test_unreachable_server_error_is_clear_and_redacted() -> None:
     with socket_closed_port() as port:
         broker = PostgresBroker(

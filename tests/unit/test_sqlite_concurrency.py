@@ -181,3 +181,24 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(BrokerError, match="schema version 99"):
         SQLiteBroker(url).ping()
+
+
+def test_a_row_with_mistyped_columns_does_not_stop_other_queues(tmp_path: Path) -> None:
+    """A row written by something else than Stem (a text priority and delivery count)
+    used to fail every reserve of a worker serving several queues."""
+    db = tmp_path / "stem.db"
+    broker = SQLiteBroker(f"sqlite:///{db}")
+    try:
+        broker.publish([Message("good-a", "a", b"{}"), Message("good-b", "b", b"{}")])
+        raw = sqlite3.connect(db)
+        raw.execute(
+            "INSERT INTO stem_messages (message_id, queue, priority, visible_ms, "
+            "delivery_count, body) VALUES ('odd', 'a', 'high', 0, 'x', x'78')"
+        )
+        raw.commit()
+        raw.close()
+        got = broker.reserve(["a", "b"], 10, 30.0)
+        assert sorted(d.message_id for d in got) == ["good-a", "good-b", "odd"]
+        assert all(isinstance(d.delivery_count, int) for d in got)
+    finally:
+        broker.close()

@@ -40,7 +40,7 @@ WITH picked AS (
 UPDATE stem_messages AS m
 SET lease_token = gen_random_uuid(),
     available_at = stem_now_ms() + %(lease_ms)s,
-    delivery_count = m.delivery_count + 1
+    delivery_count = LEAST(m.delivery_count, 2147483646) + 1  -- a count written as int max
 FROM picked
 WHERE m.id = picked.id
 RETURNING m.id, m.lease_token, m.message_id, m.queue, m.body, m.delivery_count,
