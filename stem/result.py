@@ -83,7 +83,7 @@ class ResultRecord:
         raw = loads(data)
         if not isinstance(raw, dict) or "task_id" not in raw or "state" not in raw:
             raise DecodeError("result record must be an object with task_id and state")
-        if raw["state"] not in states.ALL_STATES:
+        if not isinstance(raw["state"], str) or raw["state"] not in states.ALL_STATES:
             raise DecodeError(f"result record has unknown state {raw['state']!r}")
         err = raw.get("error")
         try:

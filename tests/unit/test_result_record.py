@@ -60,3 +60,20 @@ def test_every_field_is_encoded() -> None:
     encoded = FULL.encode().decode()
     for f in dataclasses.fields(ResultRecord):
         assert f'"{f.name}":' in encoded, f"ResultRecord.encode leaves out {f.name}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"task_id": "t", "state": ["SUCCESS"]}',
+        b'{"task_id": "t", "state": {"a": 1}}',
+        b'{"task_id": "t", "state": "SUCCESS", "error": {"type": 1}}',
+        b'{"task_id": "t", "state": "NOPE"}',
+    ],
+)
+def test_a_malformed_record_is_a_decode_error(body: bytes) -> None:
+    """Not a raw TypeError (unhashable state): readers report a rejected record."""
+    from stem.errors import DecodeError
+
+    with pytest.raises(DecodeError):
+        ResultRecord.decode(body)
