@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stem.errors import ConfigError
 from stem.observability import signals
 
 if TYPE_CHECKING:
@@ -353,5 +354,10 @@ def attach(
     notifier = Notifier.from_environ() if notify else None
     if notifier is not None and not notifier.enabled:
         notifier = None
+    if state_file and not Path(state_file).parent.is_dir():
+        # Not a warning to miss: `stem health` and stopwait would find no node there.
+        raise ConfigError(
+            f"state file {state_file}: the directory {Path(state_file).parent} does not exist"
+        )
     state = StateFile(state_file) if state_file else None
     return ServiceHooks(worker, notifier, state, pidfile or os.environ.get(PIDFILE_ENV))

@@ -373,3 +373,13 @@ def test_health_command_with_no_state_files(tmp_path: Path) -> None:
     result = CliRunner().invoke(_app(), ["--state-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert "no state files" in result.output
+
+
+def test_a_state_file_in_a_missing_directory_is_refused_at_start(tmp_path: Path) -> None:
+    """A warning at start was easy to miss, and `stem health` then found no node."""
+    from stem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="missing-dir does not exist"):
+        service.attach(
+            FakeWorker(), state_file=str(tmp_path / "missing-dir" / "a.json"), notify=False
+        )
