@@ -51,8 +51,9 @@ def main(argv: list[str]) -> int:
     except (StemError, ImportError, Exception) as exc:  # report any import failure, then exit
         write_frame(out_fd, {"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})
         return 1
-    signals.pool_process_init.send(pid=os.getpid())
-    write_frame(out_fd, {"type": "ready", "pid": os.getpid()})
+    pid = os.getpid()
+    signals.pool_process_init.send(pid=pid)
+    write_frame(out_fd, {"type": "ready", "pid": pid})
 
     def progress(data: dict[str, Any]) -> None:
         write_frame(out_fd, {"type": "progress", "data": data})
@@ -77,6 +78,10 @@ def main(argv: list[str]) -> int:
                 outcome = failure(exc)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+        if os.getpid() != pid:
+            # A process the task forked, returning instead of exiting: it must not report
+            # an outcome or take jobs as if it were this pool process.
+            os._exit(0)
         try:
             write_frame(out_fd, {"type": "result", "outcome": outcome.to_wire()})
         except FrameTooLarge as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +34,14 @@ class _Child:
     job: Job | None = None
     retiring: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a pool process and every process in its group (what its task forked)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()  # the group is gone already (or never formed): the process alone
 
 
 class ProcessPool:
@@ -82,6 +91,9 @@ class ProcessPool:
                 pass_fds=(c_in, c_out),
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                # Its own process group: a kill reaches what its task forked too, which
+                # would otherwise keep the outcome pipe open and the slot taken.
+                process_group=0,
             )
         finally:
             os.close(c_in)
@@ -136,7 +148,7 @@ class ProcessPool:
             write_frame(child.to_child, {"soft": job.soft_limit_s}, job.delivery.body)
         except OSError:
             # The child died; its reader reports WorkerLost for this job and replaces it.
-            child.proc.kill()
+            _kill(child.proc)
 
     def _reader(self, child: _Child) -> None:
         while True:
@@ -151,7 +163,7 @@ class ProcessPool:
                     exc,
                     extra={"event": "pool-frame-failed"},
                 )
-                child.proc.kill()
+                _kill(child.proc)
                 frame = None
             if frame is None:
                 break
@@ -208,7 +220,7 @@ class ProcessPool:
             children = list(self._children)
         for child in children:
             if child.job is job:
-                child.proc.kill()
+                _kill(child.proc)
 
     def resize(self, size: int) -> None:
         size = max(1, size)
@@ -237,12 +249,12 @@ class ProcessPool:
         for child in children:
             child.retiring = True
             if kill:
-                child.proc.kill()
+                _kill(child.proc)
             else:
                 self._close_writer(child)
         for child in children:
             try:
                 child.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                child.proc.kill()
+                _kill(child.proc)
                 child.proc.wait()

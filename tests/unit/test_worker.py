@@ -691,6 +691,19 @@ def plain():
 @app.task(name="crash.huge")
 def huge():
     return "x" * (70 << 20)  # over the 64 MiB frame limit between worker and child
+
+@app.task(name="crash.fork_returns")
+def fork_returns():
+    return "child" if os.fork() == 0 else "parent"  # the child returns, not os._exit
+
+@app.task(name="crash.fork_lingers", time_limit=1.0)
+def fork_lingers():
+    if os.fork() == 0:
+        import time
+        time.sleep(600)  # holds the outcome pipe, inherited from the pool process
+        os._exit(0)
+    import time
+    time.sleep(600)
 """
 
 
@@ -712,6 +725,14 @@ def test_a_lost_pool_process_fails_the_task_or_retries_it_if_asked(
                 app.tasks["crash.plain"].delay().get(timeout=30)
             with pytest.raises(TaskError, match="too large to hand back"):
                 app.tasks["crash.huge"].delay().get(timeout=30)
+            assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
+            # A forked process that returns is not taken for the pool process.
+            assert app.tasks["crash.fork_returns"].delay().get(timeout=30) == "parent"
+            assert app.tasks["crash.fork_returns"].delay().get(timeout=30) == "parent"
+            # The hard limit kills what the task forked too: settled at once, slot free.
+            # (Its grandchild sleeps 600 s: before, the outcome waited for it.)
+            with pytest.raises(TaskError, match=r"HardTimeLimitExceeded|WorkerLost"):
+                app.tasks["crash.fork_lingers"].delay().get(timeout=20)
             assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
     finally:
         app.close()
