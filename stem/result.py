@@ -151,14 +151,21 @@ class AsyncResult:
 
     def wait_record(self, timeout: float | None = None) -> ResultRecord:
         deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.05
         while True:
             remaining = 3600.0 if deadline is None else deadline - time.monotonic()
+            asked = time.monotonic()
             rec = self.app.result_store.wait(self.id, max(0.0, remaining))
             if rec is not None and rec.state in states.READY_STATES:
                 return rec
             if deadline is not None and time.monotonic() >= deadline:
                 state = rec.state if rec else states.PENDING
                 raise ResultTimeout(f"task {self.id} not ready after {timeout}s (state {state})")
+            if time.monotonic() - asked < pause:
+                # The store answered at once without a ready record (its index and the
+                # record disagree, say): do not spin on it.
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> Any:
         """Wait for the task to finish and return its value.

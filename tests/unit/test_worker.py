@@ -922,3 +922,22 @@ def test_a_task_raising_a_base_exception_fails_and_frees_its_slot(
             res.get(timeout=5)
         assert after.delay().get(timeout=5) == "ran"
     assert res.state == states.FAILURE
+
+
+def test_get_does_not_spin_on_a_store_that_answers_at_once_without_a_result(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend whose index says ready while the record says STARTED answered every
+    wait at once: get() asked it tens of thousands of times a second."""
+    from stem.result import ResultRecord
+
+    calls = []
+
+    def wait(task_id: str, timeout_s: float) -> ResultRecord:
+        calls.append(timeout_s)
+        return ResultRecord(task_id, states.STARTED)
+
+    monkeypatch.setattr(app.result_store, "wait", wait)
+    with pytest.raises(ResultTimeout):
+        app.AsyncResult("t1").get(timeout=1.0)
+    assert 2 <= len(calls) <= 20, len(calls)
