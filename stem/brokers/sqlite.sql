@@ -107,14 +107,16 @@ INSERT INTO stem_dead_letters
 VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: dlq_list
-SELECT id, message_id, queue, body, reason, detail, dead_ms, delivery_count
+SELECT id, message_id, queue, CAST(body AS BLOB), reason, detail,
+       CAST(dead_ms AS INTEGER), CAST(delivery_count AS INTEGER)
 FROM stem_dead_letters
 WHERE :queue IS NULL OR queue = :queue
 ORDER BY id
 LIMIT :limit;
 
 -- name: dlq_get
-SELECT id, message_id, queue, body, reason, detail, dead_ms, delivery_count
+SELECT id, message_id, queue, CAST(body AS BLOB), reason, detail,
+       CAST(dead_ms AS INTEGER), CAST(delivery_count AS INTEGER)
 FROM stem_dead_letters WHERE id = ?;
 
 -- Dead-letter selections: :ids is a JSON array of ids, or NULL for all; :queue narrows.

@@ -37,7 +37,7 @@ def list_(
             "reason": d.reason,
             "detail": d.detail,
             "deliveries": d.delivery_count,
-            "dead_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.dead_ms / 1000)),
+            "dead_at": _iso(d.dead_ms),
         }
         for d in letters
     ]
@@ -78,6 +78,15 @@ def show(ctx: typer.Context, dead_id: Annotated[str, typer.Argument()]) -> None:
             "body": d.body.decode("utf-8", errors="replace"),
         }
     )
+
+
+def _iso(ms: int) -> str:
+    """UTC time of an epoch-ms stamp; the number itself where it is no time (a row
+    written by something else than Stem)."""
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+    except (OverflowError, OSError, ValueError, TypeError):
+        return str(ms)
 
 
 def _selection(ids: list[str] | None, queue: str | None, all_: bool) -> list[str] | None:

@@ -181,3 +181,28 @@ def test_purging_a_dead_unique_task_frees_its_key(tmp_path: Path) -> None:
         assert once.delay(2).id == other.id  # a letter not purged keeps its key
     finally:
         app.close()
+
+
+def test_dead_letter_rows_with_mistyped_columns_still_list_and_show(tmp_path: Path) -> None:
+    """Rows written by something else than Stem made `dlq list` fail for every letter."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    _dead_letter(url)  # one well-formed letter (and the schema)
+    raw = sqlite3.connect(tmp_path / "stem.db")
+    for dead_ms in ("'yesterday'", "1e30"):
+        raw.execute(
+            "INSERT INTO stem_dead_letters (message_id, queue, priority, body, reason, detail, "
+            f"dead_ms, delivery_count) VALUES ('odd', 'default', 0, 'text body', 'r', 'd', "
+            f"{dead_ms}, 'x')"
+        )
+    raw.commit()
+    raw.close()
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["--broker", url, "dlq", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.stdout)
+    assert len(rows) == 3
+    shown = runner.invoke(cli, ["--broker", url, "dlq", "show", str(rows[-1]["id"])])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["body"] == "text body"
