@@ -444,8 +444,9 @@ class Stem:
     def seal(self, env: Envelope, *, headroom: int = 0) -> bytes:
         """Sign (when a keyring can sign) and encode an envelope for the broker, leaving
         ``headroom`` bytes under the size limit (new messages leave room for a retry)."""
-        if self.keyring is not None and self.keyring.can_sign:
-            env = self.keyring.sign(env)
+        keyring = self.keyring
+        if keyring is not None and keyring.can_sign:
+            return keyring.seal_envelope(env, max_bytes=self.max_message_bytes, headroom=headroom)
         return env_codec.encode(env, max_bytes=self.max_message_bytes, headroom=headroom)
 
     def publish(self, envelopes: Iterable[Envelope]) -> None:

@@ -264,23 +264,42 @@ REPUBLISH_HEADROOM = 96
 def encode(env: Envelope, *, max_bytes: int = DEFAULT_MAX_BYTES, headroom: int = 0) -> bytes:
     """Encode to canonical JSON, refusing payloads over ``max_bytes - headroom``."""
     d = to_dict(env)
-    data = dumps(d, user_data=_user_data(d))
+    return checked_size(env.task, dumps(d, user_data=_user_data(d)), max_bytes, headroom)
+
+
+def checked_size(task: str, data: bytes, max_bytes: int, headroom: int) -> bytes:
+    """``data``, unless it is over ``max_bytes - headroom`` (:class:`EnvelopeTooLarge`)."""
     if len(data) > max_bytes - headroom:
         kept = f", less {headroom} bytes kept for a retry" if headroom else ""
         raise EnvelopeTooLarge(
-            f"message for task {env.task!r} is {len(data)} bytes, over the {max_bytes}-byte "
-            f"limit{kept}"
+            f"message for task {task!r} is {len(data)} bytes, over the {max_bytes}-byte limit{kept}"
         )
     return data
 
 
-def signing_bytes(env: Envelope) -> bytes:
+def signing_bytes(env: Envelope, block: SignatureBlock | None = None) -> bytes:
     """The canonical bytes a signature covers: every field, and the signature block less its
-    value (so algorithm, key id, issued-at and nonce are covered too)."""
+    value (so algorithm, key id, issued-at and nonce are covered too). ``block``: the block
+    to sign with, in place of the envelope's own."""
     d = to_dict(env, with_signature=False)
-    if env.signature is not None:
-        d["signature"] = signature_dict(env.signature, with_value=False)
+    sig = env.signature if block is None else block
+    if sig is not None:
+        d["signature"] = signature_dict(sig, with_value=False)
     return dumps(d, user_data=_user_data(d))
+
+
+def with_signature_value(signed: bytes, nonce: str, value: str) -> bytes:
+    """The body :func:`encode` writes for an envelope whose :func:`signing_bytes` are
+    ``signed``, once its signature ``value`` is known (the inverse of :func:`signed_part`):
+    ``value`` sorts last in the block, right after ``nonce``. Both are base64url, which JSON
+    writes as is. The block is the last object holding this nonce: only ``task`` (a string)
+    and ``version`` follow it."""
+    anchor = b'"nonce":"' + nonce.encode("ascii") + b'"}'
+    at = signed.rfind(anchor)
+    if at < 0:
+        raise EncodeError("the signed bytes hold no signature block with this nonce")
+    end = at + len(anchor) - 1
+    return signed[:end] + b',"value":"' + value.encode("ascii") + b'"' + signed[end:]
 
 
 def signed_part(body: bytes, value: str) -> bytes | None:

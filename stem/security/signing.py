@@ -502,10 +502,25 @@ class Keyring:
     def sign(self, env: Envelope, *, now_ms: int | None = None) -> Envelope:
         """The envelope with a fresh signature block (new nonce, issued now)."""
         signer, _ = self._signer()
-        unsigned = env.replace(signature=self._new_block(now_ms))
-        assert unsigned.signature is not None
-        value = b64url(signer.sign(codec.signing_bytes(unsigned)))
-        return unsigned.replace(signature=dataclasses.replace(unsigned.signature, value=value))
+        block = self._new_block(now_ms)
+        value = b64url(signer.sign(codec.signing_bytes(env, block)))
+        return env.replace(signature=dataclasses.replace(block, value=value))
+
+    def seal_envelope(
+        self,
+        env: Envelope,
+        *,
+        max_bytes: int = codec.DEFAULT_MAX_BYTES,
+        headroom: int = 0,
+        now_ms: int | None = None,
+    ) -> bytes:
+        """``encode(sign(env))`` without building the signed envelope, or encoding twice:
+        the same bytes (the signature value goes into the signed bytes where it sorts)."""
+        signer, _ = self._signer()
+        block = self._new_block(now_ms)
+        data = codec.signing_bytes(env, block)
+        body = codec.with_signature_value(data, block.nonce, b64url(signer.sign(data)))
+        return codec.checked_size(env.task, body, max_bytes, headroom)
 
     def verify(
         self,

@@ -242,3 +242,33 @@ def test_non_string_keys_are_refused_or_signed_without_duplicate_keys(
         return
     json.loads(wire, object_pairs_hook=_no_duplicate_keys)
     ring.verify(codec.decode(wire), body=wire)
+
+
+@pytest.mark.parametrize("algorithm", sorted(RINGS))
+@PROPS
+@given(env=envelopes(), planted=st.booleans())
+def test_seal_envelope_writes_what_encode_of_sign_writes(
+    algorithm: str, env: Envelope, planted: bool
+) -> None:
+    """The producer's fast path splices the signature value into the signed bytes; the body
+    must be exactly the canonical encoding of the signed envelope, and verify on the
+    worker's fast path (signed_part), even when the arguments or headers hold a "nonce"
+    member with the very nonce of the signature."""
+    from unittest import mock
+
+    from stem.security import signing
+
+    ring = RINGS[algorithm]
+    if planted:
+        env = env.replace(
+            kwargs={**env.kwargs, "nonce": "PLANTED"},
+            headers={**env.headers, "x": {"nonce": "PLANTED"}},
+        )
+    with mock.patch.object(signing.secrets, "token_urlsafe", return_value="PLANTED"):
+        body = ring.seal_envelope(env, now_ms=NOW)
+    decoded = codec.decode(body)
+    assert decoded.signature is not None and decoded.signature.nonce == "PLANTED"
+    assert codec.encode(decoded) == body
+    assert codec.signing_bytes(decoded) == codec.signing_bytes(env, decoded.signature)
+    assert codec.signed_part(body, decoded.signature.value) == codec.signing_bytes(decoded)
+    ring.verify(decoded, body=body, now_ms=NOW)
