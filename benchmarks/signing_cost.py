@@ -6,7 +6,8 @@ For the envelope of a no-op task (the one the drain workload sends), each operat
 timed over --n calls, five times; the best of the five averages is reported (the least
 disturbed by other work on the machine):
 
-sign          producer: ``Keyring.sign`` (a fresh nonce, canonical bytes, the signature).
+sign          producer: ``Keyring.seal_envelope``, what ``publish`` pays per message: a fresh
+              nonce, canonical bytes, the signature, the body (compare with encode).
 verify        worker: ``Keyring.verify`` of the body as received (less its signature value:
               no re-encoding), the signature check and freshness; decoding not counted.
 result seal   worker: sealing the result record (``record_sealers``, context "result").
@@ -73,7 +74,7 @@ def measure(n: int) -> dict[str, dict[str, float]]:
         assert seal is not None
         sealed = seal(record)
         out[algorithm] = {
-            "sign": best_us(functools.partial(ring.sign, env), n),
+            "sign": best_us(functools.partial(ring.seal_envelope, env), n),
             "verify": best_us(functools.partial(ring.verify, codec.decode(wire), body=wire), n),
             "result_seal": best_us(functools.partial(seal, record), n),
             "result_unseal": best_us(functools.partial(unseal, sealed), n),
