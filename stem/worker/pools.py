@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded
@@ -169,6 +169,47 @@ class SoloPool(ThreadPool):
         """The solo pool always has one slot."""
 
 
+_Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class _DaemonThreads(Executor):
+    """A fixed set of daemon threads running submitted calls, for the async pool's plain
+    functions. ThreadPoolExecutor's threads are joined when the interpreter exits, so a
+    call still blocked after a hard shutdown handed its task back kept the worker alive,
+    and the task could run twice at once; daemon threads end with the process, as the
+    thread pool's do."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._work: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(size)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._work.put((future, functools.partial(fn, **kwargs) if kwargs else fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for _ in self._threads:
+            self._work.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
+
+
 class AsyncPool:
     """An asyncio event loop in one thread: ``async def`` tasks run natively as coroutines,
     plain functions in threads of the pool's own (one per slot, so ``size`` of them can run
@@ -191,7 +232,7 @@ class AsyncPool:
             target=self._loop.run_forever, name="stem-async", daemon=True
         )
         self._tasks: dict[Job, asyncio.Task[Any]] = {}
-        self._runners = ThreadPoolExecutor(size, thread_name_prefix="stem-async-sync")
+        self._runners: Executor = _DaemonThreads(size, "stem-async-sync")
         self._settlers = ThreadPoolExecutor(_SETTLERS, thread_name_prefix="stem-async-settle")
 
     def start(self) -> None:
@@ -267,10 +308,7 @@ class AsyncPool:
         size = max(1, size)
         if size > self.size:
             # An executor cannot grow: new work goes to a larger one, the old one finishes.
-            old, self._runners = (
-                self._runners,
-                ThreadPoolExecutor(size, thread_name_prefix="stem-async-sync"),
-            )
+            old, self._runners = self._runners, _DaemonThreads(size, "stem-async-sync")
             old.shutdown(wait=False)
         self.size = size
 

@@ -94,9 +94,13 @@ def test_sigterm_drains_running_tasks_before_exit(cli: StemCLI) -> None:
     app.close()
 
 
-def test_drain_budget_hands_back_and_second_signal_stops_now(cli: StemCLI) -> None:
+@pytest.mark.parametrize("pool", ["process", "thread", "async"])
+def test_drain_budget_hands_back_and_second_signal_stops_now(cli: StemCLI, pool: str) -> None:
+    """On every pool, a task still running when the worker stops now is handed back and
+    the process ends: one that lived on (the async pool's plain functions, in threads
+    joined at exit) could run the task a second time beside its next delivery."""
     app = _producer(cli)
-    worker = cli.start_worker("--pool", "process", "-c", "1", "--shutdown-budget", "60")
+    worker = cli.start_worker("--pool", pool, "-c", "1", "--shutdown-budget", "60")
     res = app.send_task("acc.sleep", [30])
     deadline = time.monotonic() + 30
     while app.broker.stats(["default"])[0].reserved == 0 and time.monotonic() < deadline:
