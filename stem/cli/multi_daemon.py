@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from stem.worker.service import PIDFILE_ENV, pid_alive
+from stem.worker.service import PIDFILE_ENV, STATE_FILE_ENV, pid_alive
 
 UMASK = 0o027
 DIR_MODE = 0o750
@@ -109,19 +109,21 @@ def read_pid(path: Path) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else -1
 
 
-def _environ(pid: int) -> list[bytes] | None:
-    """The environment ``pid`` was started with (None if it cannot be read)."""
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
+def _environ(pid: int) -> list[bytes]:
+    """The environment ``pid`` was started with, as ``NAME=value`` entries (OSError if it
+    cannot be read)."""
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
 
 
 def started_state_file(pid: int) -> Path | None:
     """The state file a running node was started to write (``$STEM_WORKER_STATE_FILE``),
     whatever template the command that now asks was given."""
-    prefix = b"STEM_WORKER_STATE_FILE="
-    for entry in _environ(pid) or ():
+    prefix = f"{STATE_FILE_ENV}=".encode()
+    try:
+        environ = _environ(pid)
+    except OSError:
+        return None
+    for entry in environ:
         if entry.startswith(prefix) and len(entry) > len(prefix):
             return Path(os.fsdecode(entry[len(prefix) :]))
     return None
@@ -133,12 +135,12 @@ def _started_for(pid: int, pidfile: Path) -> bool | None:
     A pidfile lives in a directory the node's user can write, and ``stem-multi`` may run as
     root: without this check a forged pidfile could make root signal any process."""
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        environ = _environ(pid)
     except FileNotFoundError:
         return False if Path("/proc/self/environ").exists() else None
     except OSError:
         return None
-    return f"{PIDFILE_ENV}={pidfile}".encode() in environ.split(b"\0")
+    return f"{PIDFILE_ENV}={pidfile}".encode() in environ
 
 
 def probe(node: Node) -> PidState:
@@ -158,20 +160,20 @@ LOCK_WAIT_S = 60.0  # a command holds the lock for a probe and, at most, one exe
 
 
 @contextlib.contextmanager
-def node_lock(node: Node, wait_s: float | None = None) -> Iterator[None]:
+def node_lock(node: Node) -> Iterator[None]:
     """Hold an exclusive lock on the directory of the node's pidfile while a command looks
     at the pidfile and acts on it. Between writing the pidfile and its ``exec``, a starting
     node does not yet carry ``$STEM_MULTI_PIDFILE`` (:func:`probe` would call it another
     program); :func:`launch` returns only after the ``exec``, so a second ``stem-multi``
     that waits here sees a node it can recognize. The lock is on the directory, so no
     lock file is created in a place the node's user can write; since that user could
-    hold it, waiting is bounded (:class:`LaunchError` after ``wait_s``)."""
+    hold it, waiting is bounded (:class:`LaunchError` after ``LOCK_WAIT_S``)."""
     try:
         fd = os.open(node.pidfile.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         yield  # no pidfile can exist yet; start creates the directory first
         return
-    deadline = time.monotonic() + (LOCK_WAIT_S if wait_s is None else wait_s)
+    deadline = time.monotonic() + LOCK_WAIT_S
     try:
         while True:
             try:
@@ -220,7 +222,7 @@ def node_environ(
     env = {k: v for k, v in base.items() if k not in _SERVICE_MANAGER_VARS}
     env[PIDFILE_ENV] = str(node.pidfile)
     if node.state_file is not None:
-        env["STEM_WORKER_STATE_FILE"] = str(node.state_file)
+        env[STATE_FILE_ENV] = str(node.state_file)
     if notify_socket:
         env["NOTIFY_SOCKET"] = notify_socket
     if identity is not None:
