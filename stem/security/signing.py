@@ -492,18 +492,23 @@ class Keyring:
             )
         return self.signer, self.active_key_id
 
-    def _new_block(self, now_ms: int | None) -> SignatureBlock:
-        _, kid = self._signer()
+    def _new_block(self, kid: str, now_ms: int | None) -> SignatureBlock:
         issued = codec.now_ms() if now_ms is None else now_ms
         return SignatureBlock(self.algorithm, kid, issued, secrets.token_urlsafe(NONCE_BYTES), "")
 
     # -- envelopes -----------------------------------------------------------------------
 
+    def _signed(self, env: Envelope, now_ms: int | None) -> tuple[SignatureBlock, bytes, str]:
+        """A fresh block (new nonce, issued now), the bytes it covers for ``env``, and the
+        signature value."""
+        signer, kid = self._signer()
+        block = self._new_block(kid, now_ms)
+        data = codec.signing_bytes(env, block)
+        return block, data, b64url(signer.sign(data))
+
     def sign(self, env: Envelope, *, now_ms: int | None = None) -> Envelope:
         """The envelope with a fresh signature block (new nonce, issued now)."""
-        signer, _ = self._signer()
-        block = self._new_block(now_ms)
-        value = b64url(signer.sign(codec.signing_bytes(env, block)))
+        block, _, value = self._signed(env, now_ms)
         return env.replace(signature=dataclasses.replace(block, value=value))
 
     def seal_envelope(
@@ -516,10 +521,8 @@ class Keyring:
     ) -> bytes:
         """``encode(sign(env))`` without building the signed envelope, or encoding twice:
         the same bytes (the signature value goes into the signed bytes where it sorts)."""
-        signer, _ = self._signer()
-        block = self._new_block(now_ms)
-        data = codec.signing_bytes(env, block)
-        body = codec.with_signature_value(data, block.nonce, b64url(signer.sign(data)))
+        block, data, value = self._signed(env, now_ms)
+        body = codec.with_signature_value(data, block.nonce, value)
         return codec.checked_size(env.task, body, max_bytes, headroom)
 
     def verify(
@@ -615,8 +618,8 @@ class Keyring:
         self, payload: bytes, *, context: str = "", now_ms: int | None = None
     ) -> dict[str, Any]:
         """A signature block (as a JSON-ready dict) over ``payload`` for ``context``."""
-        signer, _ = self._signer()
-        block = self._new_block(now_ms)
+        signer, kid = self._signer()
+        block = self._new_block(kid, now_ms)
         value = b64url(signer.sign(_bytes_input(block, context, payload)))
         return codec.signature_dict(dataclasses.replace(block, value=value))
 
