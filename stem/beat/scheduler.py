@@ -56,6 +56,11 @@ _MIN_SLEEP_S = 0.005
 _ERROR_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 
+def _tick_keys(name: str, tick_ms: int) -> tuple[str, str]:
+    """(the claim to publish an entry's tick, the record that it was published)."""
+    return f"{FIRING_PREFIX}{name}:{tick_ms}", f"{TICK_PREFIX}{name}:{tick_ms}"
+
+
 def task_id_for(name: str, tick_ms: int) -> str:
     """The task id of an entry's tick: the same in every beat process."""
     return f"beat-{name}-{tick_ms}"
@@ -202,8 +207,7 @@ class Beat:
 
     def _fire(self, entry: ScheduleEntry, tick: int) -> bool:
         broker = self.app.broker
-        fired_key = f"{TICK_PREFIX}{entry.name}:{tick}"
-        key = f"{FIRING_PREFIX}{entry.name}:{tick}"
+        key, fired_key = _tick_keys(entry.name, tick)
         # A fresh token per attempt: this process must not mistake its own earlier claim
         # (whose outcome it does not know) for a go-ahead.
         token = f"{self.beat_id}/{secrets.token_hex(4)}"
@@ -256,13 +260,13 @@ class Beat:
     def _record(self, entry: ScheduleEntry, tick: int, token: str) -> None:
         """Record a published tick as fired (raises BrokerError; then a later pass of this
         process records it, while its claim to publish keeps the others off)."""
-        fired_key = f"{TICK_PREFIX}{entry.name}:{tick}"
+        key, fired_key = _tick_keys(entry.name, tick)
         self.app.broker.claim(fired_key, token, self._claim_ttl_s(entry, tick))
         self.store.advance_last(entry.name, tick)
         if entry.one_off:
             self.store.set_enabled(entry.name, False)
         del self._unrecorded[(entry.name, tick)]
-        self._release(f"{FIRING_PREFIX}{entry.name}:{tick}", token)
+        self._release(key, token)
 
     def _release(self, key: str, token: str) -> None:
         try:
