@@ -346,16 +346,16 @@ def write_key_files(files: dict[str, bytes], out_dir: Path) -> list[Path]:
         )
     written: list[Path] = []
     for path, content in zip(targets, files.values(), strict=True):
-        public = path.name.endswith(".pub")
-        shared = group is not None and path.name.endswith(f".{HMAC_SHA256}.key")
-        mode = 0o644 if public else (0o640 if shared else 0o600)
+        # The service group reads HMAC secrets (workers need them); nothing else gets it.
+        share_gid = group if path.name.endswith(f".{HMAC_SHA256}.key") else None
+        mode = 0o644 if path.name.endswith(".pub") else (0o600 if share_gid is None else 0o640)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         except OSError as exc:
             raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
         with os.fdopen(fd, "wb") as fh:
-            if shared and group is not None:
-                os.fchown(fh.fileno(), 0, group)
+            if share_gid is not None:
+                os.fchown(fh.fileno(), 0, share_gid)
             os.fchmod(fh.fileno(), mode)  # exact mode whatever the umask
             fh.write(content)
         written.append(path)
