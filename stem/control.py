@@ -166,8 +166,9 @@ def broadcast(
                         Reply(str(kw.get("worker")), bool(kw.get("ok")), kw.get("result"))
                     )
     finally:
-        # Requests nobody took (a node that died) expire; the reply queue goes now.
-        app.broker.purge(reply_queue)
+        # Requests nobody took (a node that died) expire; the reply queue goes now (nodes
+        # do not answer a request past its expiry, which is this deadline).
+        app.broker.drop(reply_queue)
     if report_silent:
         answered = {r.worker for r in replies}
         replies += [

@@ -135,6 +135,12 @@ class Broker(Protocol):
     def purge(self, queue: str) -> int:
         """Delete the ready and delayed messages of a queue (not leased ones)."""
 
+    def drop(self, queue: str) -> int:
+        """Delete a queue: all its messages, leased ones included, and its name, so
+        :meth:`stats` no longer lists it (its dead letters stay, under its name). For queues
+        that live briefly: a control call's reply queue, a stopped worker's control queue.
+        Publishing to it later creates it again. Returns how many messages were deleted."""
+
     def claim(self, key: str, value: str, ttl_s: float) -> str:
         """Set ``key`` to ``value`` for ``ttl_s`` seconds unless it holds a live value.
         Returns the value now held (equal to ``value`` when this call claimed it)."""

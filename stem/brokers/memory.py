@@ -405,6 +405,18 @@ class MemoryBroker:
                 s.remove(e)
             return len(doomed)
 
+    def drop(self, queue: str) -> int:
+        s = self._store
+        with s.cond:
+            s.known.discard(queue)
+            q = s.queues.get(queue)
+            if q is None:
+                return 0
+            doomed = list(q.entries.values())
+            for e in doomed:
+                s.remove(e)
+            return len(doomed)
+
     # -- claims --------------------------------------------------------------------------
 
     def _held_claim(self, key: str, now: int) -> str | None:

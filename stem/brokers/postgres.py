@@ -303,6 +303,11 @@ class PostgresBroker:
             "purging a queue", lambda c: c.execute(_Q["purge"], {"queue": queue}).rowcount
         )
 
+    def drop(self, queue: str) -> int:
+        return self._client.run(
+            "dropping a queue", lambda c: c.execute(_Q["drop"], {"queue": queue}).rowcount
+        )
+
     # -- claims ------------------------------------------------------------------------------
 
     def claim(self, key: str, value: str, ttl_s: float) -> str:

@@ -302,8 +302,11 @@ class RedisBroker:
 
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         if queues is None:
-            known = self._conn.run("listing queues", lambda c: c.smembers(f"{self._prefix}queues"))
-            names = sorted(_str(q) for q in known)
+            # Every queue published to and not dropped, and every queue with dead letters.
+            def listing(c: Any) -> list[Any]:
+                return [*c.smembers(f"{self._prefix}queues"), *c.hkeys(f"{self._prefix}dead:count")]
+
+            names = sorted({_str(q) for q in self._conn.run("listing queues", listing)})
         else:
             names = list(dict.fromkeys(queues))
         if not names:
@@ -316,6 +319,9 @@ class RedisBroker:
 
     def purge(self, queue: str) -> int:
         return int(self._call("purging a queue", "purge", queue))
+
+    def drop(self, queue: str) -> int:
+        return int(self._call("dropping a queue", "drop", queue))
 
     # -- claims ------------------------------------------------------------------------------
 

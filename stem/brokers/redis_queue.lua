@@ -55,6 +55,8 @@ Commands and their ARGV after COMMAND and PREFIX:
   replay / dlq_purge  queue filter or "", dead id...  -> number moved / deleted
   stats    queue...                           -> {ready, delayed, reserved, dead} per queue
   purge    queue                              -> number of ready and delayed messages deleted
+  drop     queue                              -> number of messages deleted (all its keys
+                                                 and its name in P.."queues" go)
 ]]
 
 local cmd = ARGV[1]
@@ -470,6 +472,20 @@ if cmd == 'purge' then
     local dkey = qkey(q, 'delayed')
     n = n + redis.call('ZCARD', dkey)
     redis.call('DEL', dkey)
+    return n
+end
+
+if cmd == 'drop' then
+    local q = ARGV[3]
+    local n = redis.call('ZCARD', qkey(q, 'delayed'))
+    local keys = {qkey(q, 'delayed'), qkey(q, 'lease'), qkey(q, 'notify')}
+    for p = 0, 9 do
+        local key = qkey(q, p)
+        n = n + redis.call('XLEN', key)
+        keys[#keys + 1] = key
+    end
+    redis.call('DEL', unpack(keys))
+    redis.call('SREM', P .. 'queues', q)
     return n
 end
 

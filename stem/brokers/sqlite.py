@@ -230,6 +230,13 @@ class SQLiteBroker:
         with self._db.session(None) as conn:
             return conn.execute(_Q["purge"], (queue, now_ms())).rowcount
 
+    def drop(self, queue: str) -> int:
+        with self._db.session("BEGIN IMMEDIATE") as conn:
+            n = conn.execute(_Q["drop"], (queue,)).rowcount
+            conn.execute(_Q["forget_queue"], (queue,))
+        self._known.discard(queue)
+        return n
+
     # -- claims --------------------------------------------------------------------------
 
     def claim(self, key: str, value: str, ttl_s: float) -> str:

@@ -156,6 +156,12 @@ SELECT count(*) FROM stem_dead_letters WHERE queue = ?;
 DELETE FROM stem_messages
 WHERE queue = ? AND (lease_token IS NULL OR visible_ms <= ?);
 
+-- name: drop
+DELETE FROM stem_messages WHERE queue = ?;
+
+-- name: forget_queue
+DELETE FROM stem_queues WHERE name = ?;
+
 -- name: claim
 INSERT INTO stem_claims (key, value, expires_ms) VALUES (:key, :value, :expires_ms)
 ON CONFLICT (key) DO UPDATE

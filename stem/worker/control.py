@@ -31,7 +31,22 @@ class ControlServer:
         self._thread.start()
 
     def join(self, timeout: float) -> None:
+        """Wait for the control thread, then delete this node's control queue: a request
+        sent to a stopped node waits in storage for nobody (a caller gets no reply either
+        way, and one sent after this makes the queue again, to be purged at the next start
+        of a node with this name)."""
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            return
+        try:
+            self.worker.app.broker.drop(self.queue)
+        except BrokerError as exc:
+            log.warning(
+                "control queue %s left behind: %s",
+                self.queue,
+                exc,
+                extra={"event": "control-drop-failed"},
+            )
 
     def _run(self) -> None:
         broker = self.worker.app.broker
@@ -95,6 +110,15 @@ class ControlServer:
             extra={"event": "control-command", "command": command},
         )
         reply_to = kw.get("reply_to")
+        if env.is_expired():
+            # The caller stopped waiting and dropped its reply queue; a reply now would
+            # only make that queue again, for nobody to read or delete.
+            log.info(
+                "control %s answered after its caller's timeout; no reply sent",
+                command,
+                extra={"event": "control-reply-late", "command": command},
+            )
+            return
         if isinstance(reply_to, str) and reply_to.startswith("stem.reply."):
             reply = Envelope(
                 id=new_id(),

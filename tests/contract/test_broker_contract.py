@@ -328,13 +328,19 @@ def test_dead_letter_listing_selection_and_purge(broker: Broker, names: Names) -
 # -- depths and purge ------------------------------------------------------------------------
 
 
-def test_stats_counts_ready_delayed_reserved_and_dead(broker: Broker, names: Names) -> None:
-    q, empty = names.queue(), names.queue("empty")
+def _one_of_each(broker: Broker, q: str) -> Delivery:
+    """Fill ``q`` with one ready, one delayed, one leased (returned) and one dead message."""
     broker.publish([msg(q, "a"), msg(q, "b"), msg(q, "c")])
     broker.publish([msg(q, "d", not_before_ms=now_ms() + 60_000)])
     [a] = broker.reserve([q], 1, LONG_LEASE_S)
     [b] = broker.reserve([q], 1, LONG_LEASE_S)
     assert broker.dead_letter(b, "boom") is True
+    return a
+
+
+def test_stats_counts_ready_delayed_reserved_and_dead(broker: Broker, names: Names) -> None:
+    q, empty = names.queue(), names.queue("empty")
+    a = _one_of_each(broker, q)
     assert broker.stats([q, empty]) == [QueueStats(q, 1, 1, 1, 1), QueueStats(empty, 0, 0, 0, 0)]
     known = {s.queue: s for s in broker.stats()}
     assert known[q] == QueueStats(q, 1, 1, 1, 1)
@@ -360,6 +366,25 @@ def test_purge_drops_ready_and_delayed_but_not_leased(broker: Broker, names: Nam
     assert broker.reserve([q], 10, LONG_LEASE_S) == []
     assert broker.ack([held]) == 1
     assert broker.purge(names.queue("never-used")) == 0
+
+
+def test_drop_deletes_a_queue_and_its_name(broker: Broker, names: Names) -> None:
+    q, bystander = names.queue(), names.queue("bystander")
+    broker.publish([msg(bystander, "x")])
+    held = _one_of_each(broker, q)
+    assert broker.drop(q) == 3  # the leased one too
+    listed = {s.queue: (s.ready, s.delayed, s.reserved, s.dead) for s in broker.stats()}
+    assert listed.get(q) == (0, 0, 0, 1)  # only its dead letter keeps the name listed
+    assert listed[bystander] == (1, 0, 0, 0)
+    assert broker.reserve([q], 10, LONG_LEASE_S) == []
+    assert broker.ack([held]) == 0  # its lease went with it
+    assert broker.dlq_purge(queue=q) == 1
+    assert q not in {s.queue for s in broker.stats()}
+    # A queue dropped is made again by the next publish.
+    broker.publish([msg(q, "again")])
+    assert q in {s.queue for s in broker.stats()}
+    assert [d.message_id for d in broker.reserve([q], 10, LONG_LEASE_S)] == ["again"]
+    assert broker.drop(names.queue("never-used")) == 0
 
 
 # -- waiting ---------------------------------------------------------------------------------

@@ -192,6 +192,20 @@ def test_priorities_across_several_queues(broker: RedisBroker) -> None:
     assert broker.ack(got) == 3
 
 
+def test_a_dropped_queue_leaves_no_key_behind(private: tuple[RedisServer, RedisBroker]) -> None:
+    server, b = private
+    b.publish([msg("gone", "m0"), msg("gone", "m9", priority=9), msg("kept", "k")])
+    b.publish([msg("gone", "later", not_before_ms=now_ms() + 60_000)])
+    b.reserve(["gone"], 1, LONG_S)  # a leased one too
+    assert b.drop("gone") == 3
+    client = redis.Redis.from_url(server.url)
+    try:
+        assert sorted(k.decode() for k in client.keys("*gone*")) == []
+        assert client.smembers("stem:queues") == {b"kept"}
+    finally:
+        client.close()
+
+
 def test_out_of_range_priority_is_clamped_not_lost(broker: RedisBroker) -> None:
     broker.publish([msg("q", "low", priority=-3), msg("q", "high", priority=42)])
     got = broker.reserve(["q"], 2, LONG_S)

@@ -65,6 +65,47 @@ def test_ping_reaches_every_worker(app: Stem, two: Any) -> None:
     assert [r.worker for r in only] == ["beta"]
 
 
+def _internal_queues(app: Stem) -> list[str]:
+    return [s.queue for s in app.broker.stats() if s.queue.startswith("stem.")]
+
+
+def test_control_calls_and_stopped_workers_leave_no_queues_behind(app: Stem) -> None:
+    _beat(app)
+    with running_worker(app, node_name="alpha", queues=("default",)):
+        _wait_nodes(app, 1)
+        for _ in range(3):
+            assert [r.result for r in control.broadcast(app, "ping")] == ["pong"]
+        assert _internal_queues(app) == ["stem.control.alpha"]
+    assert _internal_queues(app) == []
+
+
+def test_a_request_answered_after_its_deadline_gets_no_reply(
+    app: Stem, caplog: pytest.LogCaptureFixture
+) -> None:
+    _beat(app)
+    with running_worker(app, node_name="alpha", queues=("default",)) as w:
+        _wait_nodes(app, 1)
+        assert w._control is not None
+        release = threading.Event()
+
+        def slow(*_: Any, **__: Any) -> Any:
+            release.wait(10)
+            return "late"
+
+        w._control.dispatch = slow  # type: ignore[method-assign]
+        replies = control.broadcast(app, "ping", timeout_s=0.5, report_silent=True)
+        assert [(r.worker, r.answered) for r in replies] == [("alpha", False)]
+        with caplog.at_level("INFO", logger="stem.control"):
+            release.set()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not any(
+                getattr(r, "event", None) == "control-reply-late" for r in caplog.records
+            ):
+                time.sleep(0.05)
+        assert any(getattr(r, "event", None) == "control-reply-late" for r in caplog.records)
+        assert not [q for q in _internal_queues(app) if q.startswith("stem.reply.")]
+
+
 def test_a_node_name_without_host_reaches_that_node(app: Stem) -> None:
     _beat(app)
     with (

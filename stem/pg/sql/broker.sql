@@ -149,6 +149,10 @@ GROUP BY queue;
 DELETE FROM stem_messages
 WHERE queue = %(queue)s AND (lease_token IS NULL OR available_at <= stem_now_ms());
 
+-- name: drop
+WITH gone AS (DELETE FROM stem_queues WHERE name = %(queue)s)
+DELETE FROM stem_messages WHERE queue = %(queue)s;
+
 -- name: claim
 INSERT INTO stem_claims AS c (key, value, expires_at)
 VALUES (%(key)s, %(value)s, stem_now_ms() + %(ttl_ms)s)
