@@ -1,4 +1,10 @@
-"""Structured JSON logs: one object per line with an ``event`` key, secrets redacted."""
+"""Structured JSON logs: one object per line with an ``event`` key, secrets redacted.
+
+A Stem command (``stem worker``, ``stem beat``, ...) owns its process's logging: one handler
+on the root logger, so task code's own loggers (and libraries') come out in the chosen
+format, redacted, at the chosen level, like Stem's. A record logged while a task runs names
+it (``task``, ``task_id``). Library use of Stem (an app in your process) configures nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from stem.observability.redact import redact_mapping, redact_text
+from stem.task import RUNNING
 
 if TYPE_CHECKING:
     from stem.envelope import Envelope
@@ -49,7 +56,7 @@ class JsonFormatter(logging.Formatter):
             "message": redact_text(record.getMessage()),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD and key != "event":
+            if key not in _STANDARD and key != "event" and not key.startswith("_"):
                 data[key] = value
         if record.exc_info:
             data["exc"] = redact_text(self.formatException(record.exc_info))
@@ -60,22 +67,60 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        if getattr(record, "_stem_in_task", False):
+            # Task code's own line: say which task (Stem's lines name it themselves).
+            head, sep, rest = line.partition(": ")
+            line = f"{head}{sep}{record.task}[{record.task_id}] {rest}"  # type: ignore[attr-defined]
+        return line
+
     def format(self, record: logging.LogRecord) -> str:
         return redact_text(super().format(record))
 
 
+class TaskContext(logging.Filter):
+    """Adds ``task`` and ``task_id`` to a record logged while a task runs, unless it
+    names a task already (Stem's own lines do)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "task_id"):
+            env = RUNNING.get()
+            if env is not None:
+                record.task, record.task_id = env.task, env.id
+                record._stem_in_task = True
+        return True
+
+
+_setup: dict[str, str] | None = None
+
+
+def current_setup() -> dict[str, str] | None:
+    """The arguments of the last :func:`setup_logging` in this process (for a pool
+    process to log alike), or None if Stem did not configure logging here."""
+    return None if _setup is None else dict(_setup)
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Configure the ``stem`` logger hierarchy (idempotent)."""
-    root = logging.getLogger("stem")
-    for handler in list(root.handlers):
-        if getattr(handler, "_stem", False):
-            root.removeHandler(handler)
+    """Configure this process's logging for a Stem command (idempotent; see the module
+    docstring): Stem's handler on the root logger, the root and ``stem`` loggers at
+    ``level``."""
+    global _setup
+    root, ours = logging.getLogger(), logging.getLogger("stem")
+    for logger in (root, ours):
+        for handler in list(logger.handlers):
+            if getattr(handler, "_stem", False):
+                logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler._stem = True  # type: ignore[attr-defined]
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(TaskContext())
     root.addHandler(handler)
     # An unknown level is the settings' to report (logging.level, exit 78), as an unknown
     # format is: until they do, log at info rather than fail with a traceback.
     known = logging.getLevelNamesMapping()
-    root.setLevel(known.get(level.upper(), logging.INFO))
-    root.propagate = False
+    number = known.get(level.upper(), logging.INFO)
+    root.setLevel(number)
+    ours.setLevel(number)
+    ours.propagate = True
+    _setup = {"level": level, "fmt": fmt}

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 from stem import envelope as codec
 from stem.errors import EncodeError, SoftTimeLimitExceeded, StemError, TaskNotRegistered
 from stem.observability import signals
+from stem.observability.logs import setup_logging
 from stem.worker.framing import FrameReader, FrameTooLarge, write_frame
 from stem.worker.job import execute, failure
 
@@ -43,6 +44,9 @@ def main(argv: list[str]) -> int:
     boot = reader.frame()
     if boot is None:
         return 0
+    if isinstance(boot.get("logging"), dict):
+        # Log as the worker does (its --log-level/--log-format), task code included.
+        setup_logging(**boot["logging"])
     try:
         from stem.loader import load_app
 

@@ -27,6 +27,7 @@ from stem.brokers.base import Delivery
 from stem.envelope import now_ms as _now_ms
 from stem.errors import BackendError, BrokerError, StemError
 from stem.observability import signals
+from stem.observability.logs import current_setup
 from stem.worker.admission import Admission
 from stem.worker.control import ControlServer
 from stem.worker.job import Job, Outcome, execute
@@ -130,7 +131,11 @@ class Worker:
                 self._progress,
                 # The worker's configuration as resolved (keys, TLS, routes), so tasks that
                 # publish from a child sign and connect alike.
-                bootstrap={"app": self.app.import_spec, "config": self.app.child_config()},
+                bootstrap={
+                    "app": self.app.import_spec,
+                    "config": self.app.child_config(),
+                    "logging": current_setup(),
+                },
             )
         if cfg.pool == "async":
             return AsyncPool(cfg.concurrency, self._done, self._progress)

@@ -116,6 +116,31 @@ def test_drain_budget_hands_back_and_second_signal_stops_now(cli: StemCLI, pool:
     app.close()
 
 
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_task_code_logs_in_the_workers_format_naming_its_task(cli: StemCLI, pool: str) -> None:
+    """A task's own logger (not Stem's) comes out at the worker's level, in its format,
+    with the task's id, on the process pool too (the default: tasks run in children)."""
+    app = _producer(cli)
+    worker = cli.start_worker("--pool", pool, "-c", "1", env={"STEM_LOG_FORMAT": "json"})
+    res = app.send_task("acc.say", ["hello"])
+    assert res.get(timeout=30) == "hello"
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    lines = [json.loads(ln) for ln in cli.log_text().splitlines() if ln.startswith("{")]
+    said = [ln for ln in lines if ln["logger"] == "acc.tasks"]
+    assert said, cli.log_text()[-2000:]
+    assert [(ln["level"], ln["message"], ln["task"], ln["task_id"]) for ln in said] == [
+        ("info", "said hello", "acc.say", res.id)
+    ]
+    text = cli.start_worker("--pool", pool, "-c", "1", name="text")
+    res = app.send_task("acc.say", ["again"])
+    assert res.get(timeout=30) == "again"
+    text.send_signal(signal.SIGTERM)
+    assert text.wait(timeout=30) == 0
+    assert f"INFO acc.tasks: acc.say[{res.id}] said again" in cli.log_text()
+    app.close()
+
+
 def test_enqueue_result_queues_and_dlq_commands(cli: StemCLI) -> None:
     out = cli.run("enqueue", "acc.square", "--args", "[9]", check=True)
     task_id = out.stdout.strip()

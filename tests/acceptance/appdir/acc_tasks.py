@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -71,3 +72,9 @@ def collect(values: list[int]) -> int:
 @app.task(name="acc.limited", rate_limit="50/s")
 def limited() -> None:
     _record(f"{time.time():.6f}")
+
+
+@app.task(name="acc.say")
+def say(words: str) -> str:
+    logging.getLogger("acc.tasks").info("said %s", words)
+    return words
