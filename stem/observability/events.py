@@ -95,6 +95,8 @@ class EventPublisher:
         self.max_backlog = max_backlog
         self.batch_size = batch_size
         self.dropped = 0
+        self.overflowed = 0  # of dropped: pushed out of a full buffer
+        self._overflow_told = 0
         self.published = 0
         self._buffer: deque[dict[str, Any]] = deque(maxlen=max_buffer)
         self._cond = threading.Condition()
@@ -131,6 +133,7 @@ class EventPublisher:
                 return
             if len(self._buffer) == self._buffer.maxlen:
                 self.dropped += 1  # deque drops the oldest on append
+                self.overflowed += 1
             self._buffer.append(event)
             if len(self._buffer) >= self.batch_size:
                 self._cond.notify()
@@ -152,6 +155,13 @@ class EventPublisher:
 
     def flush(self) -> None:
         """Publish everything buffered now."""
+        if self.overflowed > self._overflow_told:
+            # Said here, on the publishing thread: emit() runs on the task path.
+            self._warn(
+                f"{self.overflowed} events dropped so far: more were emitted than could be "
+                f"published (buffer of {self._buffer.maxlen})"
+            )
+            self._overflow_told = self.overflowed
         while batch := self._take():
             messages = [Message(id=new_id(), queue=self.queue, body=dumps(e)) for e in batch]
             try:

@@ -217,15 +217,20 @@ def test_unread_backlog_is_capped(app: Stem) -> None:
     assert stats.ready == 0  # purged: nobody read it and it outgrew max_backlog
 
 
-def test_a_full_buffer_drops_oldest_and_counts(app: Stem) -> None:
+def test_a_full_buffer_drops_oldest_counts_and_says_so(
+    app: Stem, caplog: pytest.LogCaptureFixture
+) -> None:
     pub = EventPublisher(app, source="p", max_buffer=3, flush_interval_s=60.0)
     try:
         for i in range(5):
             pub.emit({"type": "x", "n": i})
         assert pub.dropped == 2
     finally:
-        pub.close()
+        with caplog.at_level("WARNING", logger="stem"):
+            pub.close()
     assert [e["n"] for e in tail(app.broker, follow=False)] == [2, 3, 4]
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "events-degraded"]
+    assert "2 events dropped" in line.getMessage()
 
 
 # -- heartbeats ------------------------------------------------------------------------------
