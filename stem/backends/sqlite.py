@@ -1,9 +1,9 @@
 """SQLite result backend: ``sqlite:///path.db`` (may be the broker's file).
 
 Tables ``stem_results`` and ``stem_members`` (schema in ``sqlite.sql``). ``wait`` wakes at once
-for results stored by this process and polls briefly for results stored by other processes
-(SQLite cannot notify across processes). Expired records are invisible to reads at once and
-deleted by :meth:`SQLiteBackend.cleanup`.
+for results stored by this process and polls for results stored by other processes (SQLite
+cannot notify across processes): often at first, less often the longer it waits. Expired
+records are invisible to reads at once and deleted by :meth:`SQLiteBackend.cleanup`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Sequence
 
-from stem.brokers.sqlite import SQLiteDatabase, Wake, load_queries, sqlite_path
+from stem.brokers.sqlite import SQLiteDatabase, Wake, load_queries, poll_interval, sqlite_path
 from stem.envelope import now_ms
 from stem.errors import BackendConnectionError, BackendError
 from stem.security.tls import TLSSettings
@@ -21,7 +21,6 @@ from stem.states import READY_STATES
 __all__ = ["SQLiteBackend"]
 
 SCHEMA_VERSION = 1
-POLL_S = 0.02  # how often wait() looks for results stored by other processes
 
 _Q = load_queries("stem.backends", "sqlite.sql")
 
@@ -77,14 +76,16 @@ class SQLiteBackend:
         return [found.get(t) for t in task_ids]
 
     def wait(self, task_id: str, timeout_s: float) -> bytes | None:
-        deadline = time.monotonic() + max(0.0, timeout_s)
+        started = time.monotonic()
+        deadline = started + max(0.0, timeout_s)
         while True:
             seen = self._wake.generation
             row = self._get(task_id)
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if (row is not None and row[0] in READY_STATES) or remaining <= 0:
                 return None if row is None else row[1]
-            self._wake.wait(seen, min(POLL_S, remaining))
+            self._wake.wait(seen, min(poll_interval(now - started), remaining))
 
     def add_member(self, key: str, member: str, ttl_s: float | None) -> int:
         with self._db.session("BEGIN IMMEDIATE") as conn:

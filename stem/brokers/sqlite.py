@@ -8,7 +8,9 @@ write lock up front (``BEGIN IMMEDIATE``) so two processes can never lease the s
 
 Each instance keeps one connection behind a lock: SQLite serialises writers anyway, and
 one connection shares its prepared-statement cache between the worker's threads. Waiting
-reserves wake at once for publishes made in this process and poll briefly for the others.
+reserves wake at once for publishes made in this process and poll for the others: often
+at first (a message is often on its way: the next of a caller waiting on each result), less
+often the longer the wait (:func:`poll_interval`).
 
 The helpers at the bottom (URL parsing, the guarded connection, named queries, wake-ups)
 are shared with :mod:`stem.backends.sqlite`, which may use the same file.
@@ -34,10 +36,20 @@ from stem.envelope import now_ms
 from stem.errors import BrokerConnectionError, BrokerError, ConfigError, StemError
 from stem.security.tls import TLSSettings
 
-__all__ = ["SQLiteBroker", "SQLiteDatabase", "Wake", "load_queries", "sqlite_path"]
+__all__ = [
+    "SQLiteBroker",
+    "SQLiteDatabase",
+    "Wake",
+    "load_queries",
+    "poll_interval",
+    "sqlite_path",
+]
 
 SCHEMA_VERSION = 1
-POLL_S = 0.02  # how often a waiting reserve looks for messages published by other processes
+# How often a wait looks for other processes' writes: a quarter of the time waited so far,
+# within these bounds (so a write is seen after at most ~25 % more than it took to come).
+POLL_MIN_S = 0.001
+POLL_MAX_S = 0.02
 BUSY_TIMEOUT_S = 10.0
 _CLAIM_SWEEP_S = 30.0
 
@@ -88,7 +100,8 @@ class SQLiteBroker:
         if max_n <= 0 or not queues:
             return []
         names = list(dict.fromkeys(queues))
-        deadline = time.monotonic() + max(0.0, wait_s)
+        started = time.monotonic()
+        deadline = started + max(0.0, wait_s)
         look = True
         while True:
             seen = self._wake.generation
@@ -96,10 +109,11 @@ class SQLiteBroker:
                 got = self._reserve_once(names, max_n, lease_s)
                 if got:
                     return got
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 return []
-            self._wake.wait(seen, min(POLL_S, remaining))
+            self._wake.wait(seen, min(poll_interval(now - started), remaining))
             # A read is enough to learn whether taking the write lock is worth it.
             look = self._wake.generation != seen or self._any_visible(names)
 
@@ -475,6 +489,12 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.005 + secrets.randbelow(20) / 1000)
+
+
+def poll_interval(waited_s: float) -> float:
+    """How long a wait that began ``waited_s`` ago sleeps before looking again for what
+    another process wrote (SQLite cannot notify across processes)."""
+    return min(POLL_MAX_S, max(POLL_MIN_S, waited_s / 4))
 
 
 class Wake:

@@ -16,7 +16,7 @@ import pytest
 
 from stem.backends.sqlite import SQLiteBackend
 from stem.brokers.base import Message
-from stem.brokers.sqlite import SQLiteBroker
+from stem.brokers.sqlite import POLL_MAX_S, POLL_MIN_S, SQLiteBroker, Wake
 from stem.errors import BackendConnectionError, BrokerConnectionError, BrokerError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +142,33 @@ def test_waiting_reserve_sees_a_publish_from_another_process(tmp_path: Path) -> 
         assert [d.message_id for d in got] == ["from-afar"]
     finally:
         broker.close()
+
+
+@pytest.mark.parametrize("store", ["broker", "backend"])
+def test_waits_look_often_at_first_then_less_often(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    """Another process's write is seen by polling: soon after a wait starts (a reply is
+    often on its way, as when a caller waits on each result in turn), rarely later."""
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    client = SQLiteBroker(url) if store == "broker" else SQLiteBackend(url)
+    slept: list[float] = []
+
+    def record(self: Wake, seen: int, timeout_s: float) -> None:
+        slept.append(timeout_s)
+        time.sleep(timeout_s)
+
+    monkeypatch.setattr(Wake, "wait", record)
+    try:
+        if isinstance(client, SQLiteBroker):
+            assert client.reserve(["q"], 1, 30.0, wait_s=0.3) == []
+        else:
+            assert client.wait("no-such-task", 0.3) is None
+    finally:
+        client.close()
+    assert slept[0] == POLL_MIN_S
+    assert slept == sorted(slept[:-1]) + slept[-1:]  # growing (the last is what was left)
+    assert max(slept) == POLL_MAX_S
 
 
 def test_broker_and_backend_share_one_file(tmp_path: Path) -> None:
