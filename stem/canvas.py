@@ -11,8 +11,14 @@ every worker:
 - a chord's members carry the callback; each finishing member adds its index to an
   idempotent set in the result backend (``add_member``), and the member that completes the
   set claims the firing in the broker and publishes the callback. A member redelivered
-  after a worker kill is counted once, and the callback's id is fixed in advance, so a
-  second publish of it is recognised and not run twice.
+  after a worker kill is counted once, and the callback's id is fixed in advance.
+
+A worker killed after publishing a follow-up (a chain's next step, a chord's callback) and
+before acking its own message runs that task again and publishes the follow-up again, under
+the same id. A copy that arrives once the first has ended is recognised and not run; a copy
+delivered while the first is still queued or running runs too, as any redelivery may
+(delivery is at least once: make follow-ups idempotent). A step whose first copy was
+dead-lettered is not "ended": its copies, and its replay, run.
 """
 
 from __future__ import annotations

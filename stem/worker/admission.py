@@ -227,7 +227,13 @@ class Admission:
                 )
                 self.settler.release(delivery, delay_s=early_s)
                 return None
-        if self.settler.canvas.already_done(env):
+        if (ended := self.settler.canvas.already_done(env)) is not None:
+            log.info(
+                "task %s already ended (%s); this copy of it is not run",
+                env.id,
+                ended,
+                extra={"event": "task-already-done", "state": ended, **self.settler.fields(env)},
+            )
             self.settler.ack(delivery)
             return None
         if not self.settler.limits.admit(task, env, delivery):

@@ -28,12 +28,16 @@ class CanvasHooks:
     def _ttl(self) -> float:
         return float(self.app.result_ttl_s or 7 * 86400)
 
-    def already_done(self, env: Envelope) -> bool:
-        """A canvas step published twice (a crash between publish and ack) runs once."""
+    def already_done(self, env: Envelope) -> str | None:
+        """The state a canvas step already ended in, if it did (a copy published twice, by
+        a crash between publish and ack, runs once); None if it should run. DEAD is not an
+        end: the step is a dead letter, and its replay must run."""
         if not env.headers.get("canvas"):
-            return False
+            return None
         rec = self.app.result_store.read(env.id)
-        return rec is not None and rec.state in states.READY_STATES
+        if rec is None or rec.state not in states.READY_STATES or rec.state == states.DEAD:
+            return None
+        return rec.state
 
     def after_success(self, env: Envelope, value: Any) -> None:
         hdrs = env.headers
@@ -122,7 +126,9 @@ class CanvasHooks:
             owner = self.app.broker.claim(
                 f"chord-fire:{env.group_id}", f"failed:{env.id}", self._ttl()
             )
-            if owner == f"failed:{env.id}":
+            # This member's own claim (env.id) when it fired the chord and the callback
+            # could not be published (too large, say): the callback fails, not waits.
+            if owner in (f"failed:{env.id}", env.id):
                 self._fail_ids(
                     [cb["id"]],
                     cb["task"],

@@ -234,6 +234,43 @@ def test_a_dead_lettered_step_resumes_its_chain_when_replayed(app: Stem) -> None
         assert res.get(timeout=10) == 12
 
 
+def test_a_dead_lettered_later_step_runs_when_replayed(app: Stem) -> None:
+    """A chain's later steps are published by the worker (a canvas step, which a second
+    copy of must not run): the dead-lettered one's DEAD record must not pass for "ran"."""
+    add = t(app, "add")
+    res = chain(add.s(1, 2), app.signature("late.mul", args=(10,))).delay()
+    with running_worker(app):
+        deadline = time.monotonic() + 10
+        while not app.broker.dlq_list("default") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [d.reason for d in app.broker.dlq_list("default")] == ["unknown-task"]
+        assert res.state == states.DEAD
+
+        @app.task(name="late.mul")
+        def late_mul(x: int, y: int) -> int:
+            return x * y
+
+        assert app.broker.dlq_replay() == 1
+        deadline = time.monotonic() + 10
+        while res.state == states.DEAD and time.monotonic() < deadline:
+            time.sleep(0.05)  # the record says DEAD until the replayed copy runs
+        assert res.get(timeout=10) == 30
+
+
+def test_a_chord_callback_too_large_to_publish_fails_instead_of_waiting(app: Stem) -> None:
+    """Each member's result fits in a message; all of them in the callback's do not."""
+
+    @app.task(name="blob")
+    def blob(n: int) -> str:
+        return "x" * n
+
+    total = t(app, "record")
+    with running_worker(app):
+        res = chord([blob.s(400_000) for _ in range(3)], total.s()).delay()
+        with pytest.raises(TaskError, match="EnvelopeTooLarge"):
+            res.get(timeout=10)
+
+
 def test_a_next_step_too_large_to_publish_fails_the_chain_once(app: Stem) -> None:
     """Running the step again cannot make its follow-up smaller: it must not loop."""
     runs: list[int] = []
