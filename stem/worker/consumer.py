@@ -373,8 +373,10 @@ class Worker:
             backoff = 0.1
             self.last_consume_ms = self.last_loop_ms = _now_ms()
             dry = len(deliveries) < want
-            now_ready = deliveries[:free]
             with self._slots:
+                # A pool shrunk while this thread waited in reserve has fewer slots now.
+                free = min(free, self.free_slots())
+                now_ready = deliveries[:free]
                 if self._stop_reserving.is_set():
                     later: list[Delivery] = list(deliveries[free:])
                 else:

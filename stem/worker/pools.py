@@ -181,11 +181,29 @@ class _DaemonThreads(Executor):
 
     def __init__(self, size: int, name: str) -> None:
         self._work: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(size)
-        ]
-        for t in self._threads:
-            t.start()
+        self._name = name
+        self._lock = threading.Lock()
+        self._retired: set[int] = set()  # threads abandoned to a call past its hard limit
+        self._threads: list[threading.Thread] = []
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            t = threading.Thread(
+                target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True
+            )
+            self._threads.append(t)
+        t.start()
+
+    def abandon(self, ident: int) -> None:
+        """The call running on thread ``ident`` is past its hard limit and may never
+        return: a new thread takes its place, and it ends once (if) the call returns."""
+        with self._lock:
+            if not any(t.ident == ident for t in self._threads):
+                return  # a thread of an executor replaced by a resize: it ends by itself
+            self._retired.add(ident)
+        self._spawn()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
@@ -201,12 +219,19 @@ class _DaemonThreads(Executor):
                 future.set_result(fn(*args))
             except BaseException as exc:
                 future.set_exception(exc)
+            with self._lock:
+                if threading.get_ident() in self._retired:
+                    self._retired.discard(threading.get_ident())
+                    self._threads.remove(threading.current_thread())
+                    return
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        for _ in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
             self._work.put(None)
         if wait:
-            for t in self._threads:
+            for t in threads:
                 t.join()
 
 
@@ -232,7 +257,7 @@ class AsyncPool:
             target=self._loop.run_forever, name="stem-async", daemon=True
         )
         self._tasks: dict[Job, asyncio.Task[Any]] = {}
-        self._runners: Executor = _DaemonThreads(size, "stem-async-sync")
+        self._runners = _DaemonThreads(size, "stem-async-sync")
         self._settlers = ThreadPoolExecutor(_SETTLERS, thread_name_prefix="stem-async-settle")
 
     def start(self) -> None:
@@ -293,6 +318,9 @@ class AsyncPool:
         tid = job.thread_id
         if tid is not None:
             _raise_in_thread(tid, HardTimeLimitExceeded)
+            # Code that does not return at once (blocked in C, say) keeps its thread: the
+            # next task must not queue behind it.
+            self._runners.abandon(tid)
         else:
             self._loop.call_soon_threadsafe(self._cancel, job)
         # Recorded now: code that ignores the cancellation (or blocks the loop) must not

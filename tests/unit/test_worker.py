@@ -394,6 +394,63 @@ def test_async_pool_limits_reach_plain_functions_and_blocking_coroutines(app: St
     assert res.state == states.FAILURE  # not overwritten by the late return
 
 
+def test_async_pool_replaces_a_thread_stuck_past_its_hard_limit(app: Stem) -> None:
+    """A plain function blocked where the time-limit exception cannot reach it (in C)
+    keeps its thread; the next task must not queue behind it."""
+    blocker = threading.Event()
+
+    @app.task(name="blocked", time_limit=0.3, max_retries=0)
+    def blocked() -> None:
+        blocker.wait(10)
+
+    @app.task(name="next_plain")
+    def next_plain() -> str:
+        return "ran"
+
+    try:
+        with Running(app, pool="async", concurrency=1):
+            with pytest.raises(TaskError, match="HardTimeLimitExceeded"):
+                blocked.delay().get(timeout=5)
+            assert next_plain.delay().get(timeout=3) == "ran"
+    finally:
+        blocker.set()
+
+
+def test_a_pool_shrunk_while_reserving_admits_only_what_fits(app: Stem) -> None:
+    """The consumer computed its free slots before waiting in reserve; a shrink that
+    lands meanwhile must count (the async pool does not cap running tasks itself)."""
+    in_reserve, go = threading.Event(), threading.Event()
+    reserve = app.broker.reserve
+    running, most = [0], [0]
+    lock, release = threading.Lock(), threading.Event()
+
+    def held_reserve(queues: Any, n: int, lease_s: float, wait_s: float = 0.0) -> Any:
+        if "default" in queues and n == 3 and not go.is_set():
+            in_reserve.set()
+            go.wait(5)
+        return reserve(queues, n, lease_s, wait_s)
+
+    app.broker.reserve = held_reserve  # type: ignore[method-assign]
+
+    @app.task(name="one_at_a_time")
+    def one_at_a_time() -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(0.5)
+        with lock:
+            running[0] -= 1
+
+    with Running(app, pool="async", concurrency=3) as w:
+        assert in_reserve.wait(5)
+        w.resize(1)
+        results = [one_at_a_time.delay() for _ in range(3)]
+        go.set()
+        for r in results:
+            r.get(timeout=10)
+    assert most[0] == 1
+
+
 def test_async_pool_runs_as_many_plain_functions_as_it_has_slots(app: Stem) -> None:
     """Plain functions get one thread per slot (the loop's default executor has cpu+4),
     and a finished coroutine is settled while they all still run."""
