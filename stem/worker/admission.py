@@ -159,8 +159,16 @@ class Admission:
         task is deployed, or its crash fixed), so its chain or chord is left waiting and its
         unique key held."""
         self.settler.store(env, states.DEAD, error=error, attempts=1)
+        self._free_slot_of(env)
         self.settler.consume_nonce(env)
         self.settler.dead_letter(delivery, reason, detail, env)
+
+    def _free_slot_of(self, env: Envelope) -> None:
+        """A task that will not run here gives up the concurrency slot an earlier delivery
+        of it took (a worker killed mid-run, or one that handed it back, held it)."""
+        task = self.app.tasks.get(env.task)
+        if task is not None:
+            self.settler.limits.finished(task, env)
 
     def refuse(self, delivery: Delivery, env: Envelope, exc: Exception) -> None:
         """A delivery whose admission raised something waiting will not fix: DEAD and
@@ -203,9 +211,11 @@ class Admission:
             self._dead(delivery, env, error, "unknown-task", env.task)
             return None
         if self.is_revoked(env.id):
+            self._free_slot_of(env)
             self.settler.revoked(env, delivery)
             return None
         if env.is_expired():
+            self._free_slot_of(env)
             self.settler.counts["expired"] += 1
             signals.task_expired.send(envelope=env)
             error = ErrorInfo("TaskExpired", "the task expired before a worker could start it")

@@ -416,11 +416,13 @@ class Settler:
                 signals.lease_lost.send(envelope=job.envelope)
 
     def hand_back(self, jobs: Sequence[Job]) -> int:
-        """Give unfinished jobs back to the broker (shutdown)."""
+        """Give unfinished jobs back to the broker (shutdown), and their concurrency
+        slots: the copy that comes back may never run (expired, revoked by then)."""
         n = 0
         for job in jobs:
             if job.claim_settlement():
                 self.release(job.delivery)
+                self.limits.finished(job.task, job.envelope)
                 n += 1
         return n
 

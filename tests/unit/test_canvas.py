@@ -15,7 +15,7 @@ from stem import Stem, TaskError, chain, chord, control, group, states
 from stem.brokers.base import Message
 from stem.envelope import encode
 from stem.errors import ConfigError
-from stem.limits import RateLimiter, parse_rate, unique_key
+from stem.limits import ConcurrencyCap, RateLimiter, parse_rate, unique_key
 from stem.testing import memory_app, running_worker
 
 
@@ -491,6 +491,54 @@ def test_concurrency_limit_is_cluster_wide(app: Stem) -> None:
         for r in results:
             r.get(timeout=20)
     assert peak == 2
+
+
+@pytest.mark.parametrize("ends", ["expired", "revoked"])
+def test_a_task_handed_back_that_never_runs_again_frees_its_concurrency_slot(
+    app: Stem, ends: str
+) -> None:
+    """A worker stopping hands its running task back; that copy may then end without
+    running (expired, revoked). Its slot must not stay taken until the hold lapses (an
+    hour without a time limit)."""
+    release = threading.Event()
+
+    @app.task(name="capped_once", concurrency_limit=1, max_retries=0)
+    def capped_once(tag: str) -> str:
+        if tag == "first":
+            release.wait(10)
+        return tag
+
+    first = capped_once.enqueue(args=["first"], expires=1.0)
+    try:
+        with running_worker(app, shutdown_budget_s=0.2):
+            deadline = time.monotonic() + 5
+            while app.broker.stats(["default"])[0].reserved == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            time.sleep(0.1)  # admitted and running, not only reserved
+        if ends == "revoked":
+            control.revoke(app, [first.id])
+        else:
+            time.sleep(1.0)
+    finally:
+        release.set()
+    with running_worker(app):
+        assert capped_once.delay("second").get(timeout=5) == "second"
+    assert first.state == (states.EXPIRED if ends == "expired" else states.REVOKED)
+
+
+def test_a_copy_that_ends_without_running_frees_the_slot_a_killed_run_held(app: Stem) -> None:
+    @app.task(name="capped_killed", concurrency_limit=1)
+    def capped_killed(tag: str) -> str:
+        return tag
+
+    first = capped_killed.enqueue(args=["first"], expires=0.2)
+    # As a worker killed while running it leaves the slot: held for an hour.
+    assert ConcurrencyCap(app.broker).acquire("conc:capped_killed", first.id, 1, 3600.0)
+    time.sleep(0.3)
+    with running_worker(app):
+        assert capped_killed.delay("second").get(timeout=5) == "second"
+    assert first.state == states.EXPIRED
 
 
 def test_per_key_rate_limits_are_independent(app: Stem) -> None:
