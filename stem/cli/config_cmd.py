@@ -56,9 +56,18 @@ def _from_obj(ctx: typer.Context) -> dict[str, Any]:
 
 def _load(ctx: typer.Context, profile: str | None, config_file: str | None) -> Settings:
     given = _from_obj(ctx)
+
+    def pick(name: str, own: str | None) -> str | None:
+        # Typed on this command wins over `stem --profile X config ...`, which wins over
+        # the environment (which both options read).
+        source = ctx.get_parameter_source(name)
+        if own is not None and getattr(source, "name", None) == "COMMANDLINE":
+            return own
+        return given.get(name) or own
+
     return load_settings(
-        profile=given.get("profile") or profile,
-        config_file=given.get("config_file") or config_file,
+        profile=pick("profile", profile),
+        config_file=pick("config_file", config_file),
         overrides=given.get("overrides") or None,
         code_defaults=given.get("code_defaults") or None,
         flag_names=given.get("flag_names") or None,

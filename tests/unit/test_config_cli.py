@@ -239,6 +239,21 @@ def test_profile_and_config_options(etc: Path, tmp_path: Path) -> None:
     assert data["files"] == [str(extra)]
 
 
+def test_a_profile_typed_on_the_command_wins(etc: Path, tmp_path: Path) -> None:
+    """`STEM_PROFILE=development stem config check --profile production` checks
+    production (the upgrade runbook's check), whether the environment reached the
+    command's own option or the main CLI's."""
+    (etc / "stem.production.yaml").write_text("metrics:\n  port: 9100\n")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("metrics:\n  host: 0.0.0.0\n")
+    typed = ["show", "--json", "--profile", "production", "--config", str(extra)]
+    env = {"STEM_PROFILE": "development", "STEM_CONFIG": str(tmp_path / "other.yaml")}
+    for obj in (None, {"profile": "development", "config_file": str(tmp_path / "other.yaml")}):
+        data = json.loads(run(typed, obj=obj, env=env).output)
+        assert (data["profile"], data["settings"]["metrics"]["port"]) == ("production", 9100)
+        assert data["files"][-1] == str(extra)
+
+
 def test_options_from_the_main_cli_context(etc: Path, tmp_path: Path) -> None:
     (etc / "stem.production.yaml").write_text("metrics:\n  port: 9100\n")
     extra = tmp_path / "extra.yaml"
