@@ -8,6 +8,7 @@ import typer
 
 from stem.cli.context import load_app
 from stem.cli.exitcodes import ExitCode
+from stem.config.schema import MAX_POOL_SIZE
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -37,6 +38,7 @@ def worker(
             "-c",
             envvar="STEM_WORKER_CONCURRENCY",
             min=1,
+            max=MAX_POOL_SIZE,
             help="Slots (default: number of CPUs).",
         ),
     ] = None,

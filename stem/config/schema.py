@@ -19,6 +19,9 @@ from stem.config.fields import Field, FieldProblem, coerce
 from stem.config.yamlsafe import Node
 from stem.envelope import queue_problem
 
+# Slots one worker process may run (threads, or pool processes); more is a typo.
+MAX_POOL_SIZE = 1000
+
 URL_SCHEMES = ("memory", "sqlite", "redis", "rediss", "postgresql", "postgres")
 DEFAULT_BROKER_URL = "sqlite:///stem.db"
 # The key-entry rules of stem.security.keys, repeated so the loader can point at the file
@@ -213,7 +216,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "worker": {
         "queues": Field("list", ("default",), check=_queues),
         "pool": Field("choice", "process", choices=("process", "thread", "async", "solo")),
-        "concurrency": Field("int", None, min=1),  # default: the number of CPUs
+        "concurrency": Field("int", None, min=1, max=MAX_POOL_SIZE),  # default: the CPUs
         "lease_s": Field("float", 30.0, above=0),
         "max_deliveries": Field("int", 5, min=1),
         "prefetch": Field("int", 0, min=0, max=64),

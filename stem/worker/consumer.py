@@ -24,6 +24,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from stem.brokers.base import Delivery
+from stem.config.schema import MAX_POOL_SIZE
 from stem.envelope import now_ms as _now_ms
 from stem.errors import BackendError, BrokerError, StemError
 from stem.observability import signals
@@ -67,8 +68,8 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
             raise StemError(f"unknown pool {self.pool!r}; use one of {', '.join(POOLS)}")
-        if self.concurrency < 1:
-            raise StemError("concurrency must be at least 1")
+        if not 1 <= self.concurrency <= MAX_POOL_SIZE:
+            raise StemError(f"concurrency must be 1..{MAX_POOL_SIZE}, got {self.concurrency}")
         if self.lease_s <= 0.2:
             raise StemError("lease_s must be more than 0.2 seconds")
         if not self.queues:
@@ -81,8 +82,10 @@ class WorkerConfig:
                     "--autoscale needs a pool that can grow (the solo pool has one slot)"
                 )
             hi, lo = self.autoscale
-            if not 1 <= lo <= hi:
-                raise StemError(f"--autoscale MAX,MIN needs 1 <= MIN <= MAX, got {hi},{lo}")
+            if not 1 <= lo <= hi <= MAX_POOL_SIZE:
+                raise StemError(
+                    f"--autoscale MAX,MIN needs 1 <= MIN <= MAX <= {MAX_POOL_SIZE}, got {hi},{lo}"
+                )
 
 
 class Worker:
@@ -215,6 +218,8 @@ class Worker:
         self.request_stop(now=mode == "hard")
 
     def resize(self, size: int) -> None:
+        if size > MAX_POOL_SIZE:
+            raise StemError(f"a pool holds at most {MAX_POOL_SIZE} slots, asked for {size}")
         size, before = max(1, size), self.pool.size
         if size != before:
             self.pool.resize(size)

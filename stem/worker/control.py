@@ -67,6 +67,9 @@ class ControlServer:
                     log.warning(
                         "control request failed: %s", exc, extra={"event": "control-failed"}
                     )
+                except Exception:
+                    # Never end this thread: the node would stop answering for good.
+                    log.exception("control request failed", extra={"event": "control-failed"})
 
     def _handle(self, body: bytes) -> None:
         app = self.worker.app

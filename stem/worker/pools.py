@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded
+from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded, StemError
 from stem.task import RUNNING
 from stem.worker.job import Job, Outcome, call_args, check_value, classify, execute, failure
 
@@ -93,7 +93,12 @@ class ThreadPool:
             self._seq += 1
             t = threading.Thread(target=self._run, name=f"stem-pool-{self._seq}", daemon=True)
             self._threads.add(t)
-        t.start()
+        try:
+            t.start()
+        except RuntimeError as exc:  # out of threads (a limit of the system or the cgroup)
+            with self._lock:
+                self._threads.discard(t)
+            raise StemError(f"cannot start a pool thread: {exc}") from None
 
     def _run(self) -> None:
         me = threading.current_thread()
@@ -138,12 +143,12 @@ class ThreadPool:
 
     def resize(self, size: int) -> None:
         size = max(1, size)
-        delta = size - self.size
-        self.size = size
-        for _ in range(delta):
-            self._spawn()
-        for _ in range(-delta):
+        while self.size < size:
+            self._spawn()  # may raise: the size then counts the threads that did start
+            self.size += 1
+        for _ in range(self.size - size):
             self._jobs.put(None)
+        self.size = size
 
     def stop(self, *, kill: bool) -> None:
         with self._lock:

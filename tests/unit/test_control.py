@@ -218,6 +218,40 @@ def test_pool_grow_shrink_and_rate_limit(app: Stem, two: Any) -> None:
     assert not any(r.ok for r in bad)
 
 
+def test_pool_grow_is_bounded_and_the_control_thread_outlives_any_error(
+    app: Stem, two: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    huge = control.broadcast(app, "pool-grow", {"n": 100_000}, destination=["alpha"])
+    assert not huge[0].ok and "at most 1000" in str(huge[0].result)
+    alpha = two[0]
+    assert alpha.name == "alpha" and alpha.pool.size == 2
+    # A thread the system refuses to start: the grow fails, the pool keeps what it had.
+    monkeypatch.setattr(threading.Thread, "start", _refuse_pool_threads(threading.Thread.start))
+    refused = control.broadcast(app, "pool-grow", {"n": 2}, destination=["alpha"])
+    assert not refused[0].ok and "cannot start a pool thread" in str(refused[0].result)
+    assert alpha.pool.size == 2
+    monkeypatch.undo()
+    # An unexpected error in a command does not end the node's control thread.
+    assert alpha._control is not None
+    monkeypatch.setattr(alpha._control, "dispatch", _boom)
+    assert control.broadcast(app, "ping", destination=["alpha"], timeout_s=0.5) == []
+    monkeypatch.undo()
+    assert [r.result for r in control.broadcast(app, "ping", destination=["alpha"])] == ["pong"]
+
+
+def _refuse_pool_threads(start: Any) -> Any:
+    def refusing(self: threading.Thread) -> None:
+        if self.name.startswith("stem-pool-"):
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    return refusing
+
+
+def _boom(*_: Any) -> Any:
+    raise RuntimeError("unexpected")
+
+
 def test_shutdown_command_stops_one_worker(app: Stem) -> None:
     _beat(app)
     with running_worker(app, node_name="solo-node") as w:
