@@ -110,7 +110,7 @@ def _batches(
     running worker dead-letters again (a forged one, say) must not be replayed again."""
     if ids:
         found = []
-        for dead_id in ids:
+        for dead_id in dict.fromkeys(ids):  # an id named twice is one letter
             d = broker.dlq_get(dead_id)
             if d is None:
                 missing.append(dead_id)

@@ -206,3 +206,30 @@ def test_dead_letter_rows_with_mistyped_columns_still_list_and_show(tmp_path: Pa
     shown = runner.invoke(cli, ["--broker", url, "dlq", "show", str(rows[-1]["id"])])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.stdout)["body"] == "text body"
+
+
+def test_a_signed_letter_named_twice_is_replayed_once(tmp_path: Path) -> None:
+    import base64
+
+    from stem.security.signing import Keyring
+
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    secret = b"1" * 32
+    app = Stem(
+        "dlq-twice", broker=url, backend=url, keyring=Keyring.build("hmac-sha256", {"v1": secret})
+    )
+    try:
+        env = app.build_envelope("t", [1], task_id="once")
+        app.publish_messages([Message(id=env.id, queue="default", body=app.seal(env))])
+        [delivery] = app.broker.reserve(["default"], 1, 30.0, 1.0)
+        app.broker.dead_letter(delivery, "unknown-task", "test")
+        [letter] = app.broker.dlq_list("default")
+        keys = {"STEM_SIGNING_KEYS": "v1:" + base64.b64encode(secret).decode()}
+        out = CliRunner().invoke(
+            cli, ["--broker", url, "dlq", "replay", letter.id, letter.id], env=keys
+        )
+        assert out.exit_code == 0, out.output
+        assert "replayed 1" in out.stdout
+        assert [d.message_id for d in app.broker.reserve(["default"], 10, 30.0)] == ["once"]
+    finally:
+        app.close()
