@@ -21,12 +21,22 @@ processes on several hosts agree.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 Claim = tuple[str, str, float]
 """A claim as :meth:`Broker.claim_many` takes it: ``(key, value, ttl_s)``."""
+
+DLQ_LIST_MAX = 100_000  # dead letters one dlq_list call returns at most
+_ROW_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer column
+
+
+def row_id(text: str) -> int | None:
+    """The row id a SQL broker's dead-letter id or receipt names, or None when ``text``
+    is not one (so nothing is found, rather than an overflow deep in the driver)."""
+    return int(text) if _ROW_ID.fullmatch(text) else None
 
 
 @dataclass(frozen=True, slots=True)

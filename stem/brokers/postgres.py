@@ -20,7 +20,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from stem.brokers.base import Claim, DeadLetter, Delivery, Message, QueueStats
+from stem.brokers.base import (
+    DLQ_LIST_MAX,
+    Claim,
+    DeadLetter,
+    Delivery,
+    Message,
+    QueueStats,
+    row_id,
+)
 from stem.errors import BrokerConnectionError, BrokerError
 from stem.pg import conninfo, queries
 from stem.pg.client import Conn, PgClient
@@ -41,11 +49,12 @@ def _receipt(row_id: int, token: uuid.UUID) -> str:
 
 
 def _parse_receipt(receipt: str) -> tuple[int, uuid.UUID] | None:
-    row_id, sep, token = receipt.partition(":")
-    if not sep or not row_id.isdigit():
+    text, sep, token = receipt.partition(":")
+    row = row_id(text)
+    if not sep or row is None:
         return None
     try:
-        return int(row_id), uuid.UUID(hex=token)
+        return row, uuid.UUID(hex=token)
     except ValueError:
         return None
 
@@ -88,7 +97,7 @@ def _prefix_end(prefix: str) -> str | None:
 def _dead_ids(ids: Sequence[str] | None) -> list[int] | None:
     if ids is None:
         return None
-    return [int(i) for i in ids if i.isdigit()]
+    return [r for r in map(row_id, ids) if r is not None]
 
 
 def _dead_letter(row: Any) -> DeadLetter:
@@ -246,18 +255,19 @@ class PostgresBroker:
     # -- dead letters ------------------------------------------------------------------------
 
     def dlq_list(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        params = {"queue": queue, "limit": max(0, limit)}
+        params = {"queue": queue, "limit": min(max(0, limit), DLQ_LIST_MAX)}
         rows = self._client.run(
             "listing dead letters", lambda c: c.execute(_Q["dlq_list"], params).fetchall()
         )
         return [_dead_letter(r) for r in rows]
 
     def dlq_get(self, dead_id: str) -> DeadLetter | None:
-        if not dead_id.isdigit():
+        row_number = row_id(dead_id)
+        if row_number is None:
             return None
         row = self._client.run(
             "reading a dead letter",
-            lambda c: c.execute(_Q["dlq_get"], {"id": int(dead_id)}).fetchone(),
+            lambda c: c.execute(_Q["dlq_get"], {"id": row_number}).fetchone(),
         )
         return None if row is None else _dead_letter(row)
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from stem.brokers.base import Claim, DeadLetter, Delivery, Message, QueueStats
+from stem.brokers.base import DLQ_LIST_MAX, Claim, DeadLetter, Delivery, Message, QueueStats
 from stem.errors import BrokerConnectionError, BrokerError
 from stem.observability.redact import redact_url
 from stem.redis_conn import RedisConn
@@ -50,7 +50,7 @@ log = logging.getLogger("stem.redis")
 _HERE = Path(__file__).parent
 _PUBLISH_CHUNK = 500  # messages per script call: keeps each call well under a millisecond
 _SETTLE_CHUNK = 1000
-_DEAD_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_DEAD_ID = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")  # stream ids: two 64-bit numbers
 _GLOB_SPECIAL = re.compile(r"([\\*?\[\]])")
 
 
@@ -266,6 +266,7 @@ class RedisBroker:
             start = "(" + _str(entries[-1][0])
 
     def dlq_list(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        limit = min(limit, DLQ_LIST_MAX)
         if limit <= 0:
             return []
         return list(islice(self._iter_dead(queue, batch=min(max(limit, 100), 1000)), limit))

@@ -31,7 +31,15 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from stem.brokers.base import Claim, DeadLetter, Delivery, Message, QueueStats
+from stem.brokers.base import (
+    DLQ_LIST_MAX,
+    Claim,
+    DeadLetter,
+    Delivery,
+    Message,
+    QueueStats,
+    row_id,
+)
 from stem.envelope import now_ms
 from stem.errors import BrokerConnectionError, BrokerError, ConfigError, StemError
 from stem.security.tls import TLSSettings
@@ -194,14 +202,16 @@ class SQLiteBroker:
 
     def dlq_list(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
         with self._db.session(None) as conn:
-            rows = conn.execute(_Q["dlq_list"], {"queue": queue, "limit": max(0, limit)})
+            params = {"queue": queue, "limit": min(max(0, limit), DLQ_LIST_MAX)}
+            rows = conn.execute(_Q["dlq_list"], params)
             return [_dead(r) for r in rows]
 
     def dlq_get(self, dead_id: str) -> DeadLetter | None:
-        if not dead_id.isdigit():
+        row_number = row_id(dead_id)
+        if row_number is None:
             return None
         with self._db.session(None) as conn:
-            row = conn.execute(_Q["dlq_get"], (int(dead_id),)).fetchone()
+            row = conn.execute(_Q["dlq_get"], (row_number,)).fetchone()
         return _dead(row) if row is not None else None
 
     def dlq_replay(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
@@ -329,12 +339,13 @@ def _prefix_end(prefix: str) -> str | None:
 
 
 def _receipt(delivery: Delivery) -> tuple[int, str] | None:
-    row_id, _, token = delivery.receipt.partition(":")
-    return (int(row_id), token) if row_id.isdigit() and token else None
+    text, _, token = delivery.receipt.partition(":")
+    row = row_id(text)
+    return (row, token) if row is not None and token else None
 
 
 def _id_list(ids: Sequence[str] | None) -> str | None:
-    return None if ids is None else json.dumps([int(i) for i in ids if i.isdigit()])
+    return None if ids is None else json.dumps([r for r in map(row_id, ids) if r is not None])
 
 
 def _dead(row: tuple[int, str, str, bytes, str, str, int, int]) -> DeadLetter:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from stem.app import Stem
-from stem.brokers.base import Broker, DeadLetter, Message
+from stem.brokers.base import DLQ_LIST_MAX, Broker, DeadLetter, Message
 from stem.cli.context import emit_json, fail, load_app
 from stem.cli.exitcodes import ExitCode
 from stem.envelope import Envelope, decode, now_ms
@@ -24,7 +24,9 @@ app = typer.Typer(help="Inspect, replay and purge dead letters.", no_args_is_hel
 def list_(
     ctx: typer.Context,
     queue: Annotated[str | None, typer.Option("--queue", "-q", envvar="STEM_DLQ_QUEUE")] = None,
-    limit: Annotated[int, typer.Option("--limit", envvar="STEM_DLQ_LIMIT", min=1)] = 100,
+    limit: Annotated[
+        int, typer.Option("--limit", envvar="STEM_DLQ_LIMIT", min=1, max=DLQ_LIST_MAX)
+    ] = 100,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Dead letters, oldest first."""

@@ -325,6 +325,18 @@ def test_dead_letter_listing_selection_and_purge(broker: Broker, names: Names) -
     assert depth(broker, q1) == (0, 0, 0, 0)
 
 
+def test_dead_letter_ids_and_limits_out_of_range_find_nothing(broker: Broker, q: str) -> None:
+    """What an operator types (`stem dlq show ID`, `--limit N`) reaches the broker as is."""
+    broker.publish([msg(q, "m1")])
+    [d] = broker.reserve([q], 1, LONG_LEASE_S)
+    assert broker.dead_letter(d, "boom") is True
+    for bad in ("99999999999999999999", "99999999999999999999-0", "\u00b2", "-1", ""):
+        assert broker.dlq_get(bad) is None
+        assert broker.dlq_replay(ids=[bad]) == 0
+        assert broker.dlq_purge(ids=[bad]) == 0
+    assert [x.message_id for x in broker.dlq_list(q, limit=10**20)] == ["m1"]
+
+
 # -- depths and purge ------------------------------------------------------------------------
 
 
