@@ -33,6 +33,11 @@ DLQ_LIST_MAX = 100_000  # dead letters one dlq_list call returns at most
 _ROW_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits that fit a 64-bit integer column
 
 
+def list_limit(limit: int) -> int:
+    """``limit`` as a dlq_list call honours it: 0..DLQ_LIST_MAX."""
+    return min(max(0, limit), DLQ_LIST_MAX)
+
+
 def row_id(text: str) -> int | None:
     """The row id a SQL broker's dead-letter id or receipt names, or None when ``text``
     is not one (so nothing is found, rather than an overflow deep in the driver)."""

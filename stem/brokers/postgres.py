@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from stem.brokers.base import (
-    DLQ_LIST_MAX,
     Claim,
     DeadLetter,
     Delivery,
     Message,
     QueueStats,
+    list_limit,
     row_id,
 )
 from stem.errors import BrokerConnectionError, BrokerError
@@ -255,7 +255,7 @@ class PostgresBroker:
     # -- dead letters ------------------------------------------------------------------------
 
     def dlq_list(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        params = {"queue": queue, "limit": min(max(0, limit), DLQ_LIST_MAX)}
+        params = {"queue": queue, "limit": list_limit(limit)}
         rows = self._client.run(
             "listing dead letters", lambda c: c.execute(_Q["dlq_list"], params).fetchall()
         )

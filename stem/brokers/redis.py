@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from stem.brokers.base import DLQ_LIST_MAX, Claim, DeadLetter, Delivery, Message, QueueStats
+from stem.brokers.base import Claim, DeadLetter, Delivery, Message, QueueStats, list_limit
 from stem.errors import BrokerConnectionError, BrokerError
 from stem.observability.redact import redact_url
 from stem.redis_conn import RedisConn
@@ -266,7 +266,7 @@ class RedisBroker:
             start = "(" + _str(entries[-1][0])
 
     def dlq_list(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        limit = min(limit, DLQ_LIST_MAX)
+        limit = list_limit(limit)
         if limit <= 0:
             return []
         return list(islice(self._iter_dead(queue, batch=min(max(limit, 100), 1000)), limit))

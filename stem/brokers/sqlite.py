@@ -32,12 +32,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from stem.brokers.base import (
-    DLQ_LIST_MAX,
     Claim,
     DeadLetter,
     Delivery,
     Message,
     QueueStats,
+    list_limit,
     row_id,
 )
 from stem.envelope import now_ms
@@ -202,7 +202,7 @@ class SQLiteBroker:
 
     def dlq_list(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
         with self._db.session(None) as conn:
-            params = {"queue": queue, "limit": min(max(0, limit), DLQ_LIST_MAX)}
+            params = {"queue": queue, "limit": list_limit(limit)}
             rows = conn.execute(_Q["dlq_list"], params)
             return [_dead(r) for r in rows]
 
