@@ -57,7 +57,12 @@ def config_files(
     confd = base / "conf.d"
     try:
         names = sorted(p.name for p in confd.iterdir() if p.name.endswith(".yaml"))
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
     except OSError:
+        # Unreadable (permissions): its settings must not be silently left out. Read as a
+        # required layer, the directory fails with the reason, naming it.
+        files.append(("conf.d", str(confd), True))
         names = []
     files += [("conf.d", str(confd / name), False) for name in names]
     files.append(("profile", str(base / f"stem.{profile}.yaml"), False))
@@ -73,6 +78,12 @@ def config_files(
 
 def _read_layer(path: str, layer: str, required: bool, merger: Merger) -> Node | None:
     where = Provenance(layer, path)
+    if layer == "conf.d" and os.path.isdir(path):  # the directory itself: see config_files
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            merger.issue("", f"cannot list the conf.d directory: {exc.strerror}", where)
+            return None
     try:
         with open(path, "rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)

@@ -173,6 +173,29 @@ def test_profile_from_environment_and_config_dir_from_environment(tmp_path: Path
     assert load_settings(environ=env, profile="development").metrics.port == 9808
 
 
+def test_an_unreadable_conf_d_is_an_error_not_a_silent_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "conf.d" / "20-routes.yaml", "worker: {concurrency: 3}\n")
+    env = {"STEM_CONFIG_DIR": str(tmp_path)}
+    assert load_settings(environ=env).worker.concurrency == 3
+    listing, listdir = Path.iterdir, os.listdir
+
+    def refused(path: Any) -> bool:
+        if os.path.basename(str(path)) == "conf.d":
+            raise PermissionError(13, "Permission denied", str(path))
+        return False
+
+    # (root may list any directory: the refusal is simulated)
+    monkeypatch.setattr(Path, "iterdir", lambda self: refused(self) or listing(self))
+    monkeypatch.setattr(os, "listdir", lambda path: refused(path) or listdir(path))
+    with pytest.raises(SettingsError, match=r"conf\.d: cannot list the conf\.d directory"):
+        load_settings(environ=env)
+    # A conf.d that does not exist is simply no layer.
+    monkeypatch.undo()
+    assert load_settings(environ={"STEM_CONFIG_DIR": str(tmp_path / "none")}).profile
+
+
 def test_profile_name_cannot_escape_the_config_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="profile"):
         load(tmp_path, profile="../../etc/passwd")
