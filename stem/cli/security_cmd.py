@@ -101,11 +101,18 @@ def dev(
 
 @certs_app.command("check")
 def check(paths: Annotated[list[Path], typer.Argument(help="Certificate files.")]) -> None:
-    """Exit 1 if any certificate is a development certificate."""
-    dev_found = False
+    """Exit 1 if any file is a development certificate, or holds no certificate at all
+    (a key, or the wrong file: it must not pass for checked)."""
+    failed = False
     for p in paths:
-        is_dev = devcerts.is_dev_certificate(p)
-        dev_found |= is_dev
-        typer.echo(f"{p}: {'development certificate' if is_dev else 'ok'}")
-    if dev_found:
+        certs = devcerts.certificates(p)
+        if not certs:
+            verdict = "no certificate in this file"
+        elif any(devcerts.certificate_is_dev(c) for c in certs):
+            verdict = "development certificate"
+        else:
+            verdict = "ok"
+        failed |= verdict != "ok"
+        typer.echo(f"{p}: {verdict}")
+    if failed:
         sys.exit(int(ExitCode.FAILURE))

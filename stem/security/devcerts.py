@@ -205,11 +205,9 @@ def certificate_is_dev(cert: x509.Certificate) -> bool:
     return False
 
 
-def is_dev_certificate(path: str | os.PathLike[str]) -> bool:
-    """True if any certificate in the PEM (or DER) file at ``path`` is a development one.
-
-    A file without certificates (a key file, say) is not one: False. An unreadable file
-    raises :class:`ConfigError` naming it."""
+def certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
+    """The certificates in the PEM (or DER) file at ``path``; none for a file that holds
+    none (a key file, say). An unreadable file raises :class:`ConfigError` naming it."""
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -217,9 +215,13 @@ def is_dev_certificate(path: str | os.PathLike[str]) -> bool:
         raise ConfigError(f"cannot read certificate file {p}: {exc.strerror}") from None
     try:
         if b"-----BEGIN CERTIFICATE-----" in data:
-            certs = x509.load_pem_x509_certificates(data)
-        else:
-            certs = [x509.load_der_x509_certificate(data)]
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
     except ValueError:
-        return False
-    return any(certificate_is_dev(c) for c in certs)
+        return []
+
+
+def is_dev_certificate(path: str | os.PathLike[str]) -> bool:
+    """True if any certificate in the file at ``path`` is a development one (a file
+    without certificates is not one: False)."""
+    return any(certificate_is_dev(c) for c in certificates(path))

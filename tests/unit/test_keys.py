@@ -317,6 +317,12 @@ def test_cli_certs_dev_and_check(tmp_path: Path) -> None:
     assert check.exit_code == 1 and "development certificate" in check.stdout
     prod_ca, _ = _production_pair(tmp_path)
     assert runner.invoke(certs_app, ["check", str(prod_ca)]).exit_code == 0
+    # The wrong file (a key, anything else) is not "ok".
+    (tmp_path / "notes.txt").write_text("not a certificate\n")
+    for wrong in (out / "server-key.pem", tmp_path / "notes.txt"):
+        miss = runner.invoke(certs_app, ["check", str(prod_ca), str(wrong)])
+        assert miss.exit_code == 1, miss.stdout
+        assert f"{wrong}: no certificate in this file" in miss.stdout
 
 
 def test_umask_does_not_loosen_key_modes(tmp_path: Path) -> None:
