@@ -42,6 +42,7 @@ _KEYS = {
     "kwargs", "queue", "priority", "expires_s", "jitter_s", "catch_up", "enabled", "origin",
 }  # fmt: skip
 _UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_DURATION_S = 100 * 365 * 86400.0  # beyond it, ticks leave the calendar (year 9999)
 _DURATION_RE = re.compile(r"\s*([+-]?\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
 
 
@@ -147,6 +148,8 @@ class _Spec:
             self.fail(key, f"expected seconds, a timedelta or a duration like '5m', got {value!r}")
         if not math.isfinite(s) or (s < 0 and not allow_negative):
             self.fail(key, f"expected a non-negative duration, got {value!r}")
+        if abs(s) > MAX_DURATION_S:
+            self.fail(key, f"expected a duration of at most 100 years, got {value!r}")
         return s
 
     def opt_seconds(self, key: str, *, positive: bool) -> float | None:

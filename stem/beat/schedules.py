@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Protocol, runtime_checkable
 from zoneinfo import ZoneInfo
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 __all__ = [
     "Cron",
@@ -42,6 +42,12 @@ _HOUR_MS = 3_600_000
 # half-width around an instant holds every local time that can map near it.
 _DST_REACH_MS = 3 * _HOUR_MS
 _MAX_STEPS = 5_000  # guard for loops over cron candidates
+# The last instant Python's calendar holds: a schedule has no tick after it.
+CALENDAR_END_MS = int(datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC).timestamp() * 1000)
+
+
+def _in_calendar(tick: int | None) -> int | None:
+    return tick if tick is not None and tick <= CALENDAR_END_MS else None
 
 
 @runtime_checkable
@@ -99,9 +105,9 @@ class Interval:
         if self.every_ms <= 0:
             raise ValueError("every_ms must be positive")
 
-    def next_after(self, t_ms: int) -> int:
+    def next_after(self, t_ms: int) -> int | None:
         k = (t_ms - self.anchor_ms) // self.every_ms + 1
-        return self.anchor_ms + k * self.every_ms
+        return _in_calendar(self.anchor_ms + k * self.every_ms)
 
     def prev_at_or_before(self, t_ms: int) -> int:
         k = (t_ms - self.anchor_ms) // self.every_ms
@@ -266,6 +272,14 @@ class Cron:
         return out
 
     def next_after(self, t_ms: int) -> int | None:
+        try:
+            return _in_calendar(self._next_after(t_ms))
+        except CroniterError:
+            raise  # (a ValueError) no date matches: the expression's problem
+        except (OverflowError, ValueError):  # the next match lies past year 9999
+            return None
+
+    def _next_after(self, t_ms: int) -> int | None:
         found: list[int] = []
         it = self._iter(self._naive(t_ms))
         for _ in range(_MAX_STEPS):

@@ -44,6 +44,18 @@ def test_interval_ticks_are_anchored_at_the_epoch() -> None:
     assert upcoming(sched, 1_001, 3) == upcoming(sched, 4_999, 3) == [5000, 10_000, 15_000]
 
 
+def test_no_tick_lies_past_the_calendar() -> None:
+    """Past year 9999 there is no date to show or compute: the schedule simply ends."""
+    late = ms(9999, 12, 31, 23)
+    daily = Interval(86_400_000, anchor_ms=ms(9999, 12, 30))
+    assert upcoming(daily, late - 24 * HOUR, 5) == [ms(9999, 12, 31)]
+    assert Cron("0 3 * * *").next_after(late) is None
+    assert Cron("0 3 * * *", tz="Europe/Berlin").next_after(late) is None
+    assert Cron("0 * * * *").next_after(late - HOUR) == late  # the last hour still fires
+    with pytest.raises(ConfigError, match="at most 100 years"):
+        parse_entry("far", {"task": "x", "every": "5000000d"})
+
+
 def test_interval_with_start_and_end() -> None:
     entry = parse_entry(
         "w",
