@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, overload
 
 from stem import envelope as env_codec
+from stem import states
 from stem.backends import backend_from_url
 from stem.backends.base import ResultBackend
 from stem.brokers import broker_from_url
@@ -28,6 +29,11 @@ from stem.security.signing import Keyring
 from stem.security.tls import TLSSettings
 from stem.task import Task, TaskOptions, current_envelope
 
+# A unique key set with an expiring task lapses this long after the task expires.
+_UNIQUE_GRACE_S = 5.0
+# States of a unique key's holder that mean it will not run again (FAILURE may be a dead
+# letter, which keeps its key; DEAD is one).
+_ENDED_UNRUNNABLE = frozenset({states.SUCCESS, states.REVOKED, states.EXPIRED})
 log = logging.getLogger("stem.app")
 
 DEFAULT_URL = "sqlite:///stem.db"
@@ -428,7 +434,13 @@ class Stem:
             key = unique_key(
                 name, task.options.unique_key, env.args, env.kwargs, names=task.arguments
             )
-            owner = self.broker.claim(key, env.id, task.options.unique_window_s)
+            ttl = task.options.unique_window_s
+            if env.expires_ms is not None:
+                # A task that expires unrun may never be reached by a worker (which would
+                # free the key): the key lapses soon after; a run that starts in time
+                # holds it for the whole window again (Admission).
+                ttl = min(ttl, max(0.0, (env.expires_ms - now_ms()) / 1000) + _UNIQUE_GRACE_S)
+            owner = self._claim_unique(key, env.id, ttl)
             if owner != env.id:
                 return AsyncResult(owner, self)
             env = env.replace(headers={**env.headers, "unique_key": key})
@@ -440,6 +452,27 @@ class Stem:
             return AsyncResult(env.id, self)
         self.publish([env])
         return AsyncResult(env.id, self)
+
+    def _claim_unique(self, key: str, task_id: str, ttl_s: float) -> str:
+        """Claim a unique key for ``task_id``; the id now holding it. A holder that will
+        never run gives way: one revoked, or one that ended while its key stayed (its
+        release failed). A dead-lettered holder keeps it (a replay may still run it)."""
+        owner = self.broker.claim(key, task_id, ttl_s)
+        for _ in range(3):
+            if owner == task_id or not self._unique_holder_gone(owner):
+                return owner
+            if self.broker.swap(key, owner, task_id, ttl_s):
+                return task_id
+            owner = self.broker.claim(key, task_id, ttl_s)
+        return owner
+
+    def _unique_holder_gone(self, holder: str) -> bool:
+        from stem.control import revoked_key
+
+        if self.broker.peek(revoked_key(holder)) is not None:
+            return True
+        rec = self.result_store.read(holder)
+        return rec is not None and rec.state in _ENDED_UNRUNNABLE
 
     def seal(self, env: Envelope, *, headroom: int = 0) -> bytes:
         """Sign (when a keyring can sign) and encode an envelope for the broker, leaving

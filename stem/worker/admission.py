@@ -248,6 +248,8 @@ class Admission:
             return None
         if not self.settler.limits.admit(task, env, delivery):
             return None
+        if env.expires_ms is not None and "unique_key" in env.headers:
+            self.settler.hold_unique(env, task.options.unique_window_s)
         signals.task_received.send(envelope=env, delivery=delivery)
         job = Job(delivery=delivery, envelope=env, task=task)
         set_limits(job)

@@ -341,6 +341,26 @@ class Settler:
         if final and "unique_key" in job.envelope.headers:
             self.release_unique(job.envelope)
 
+    def hold_unique(self, env: Envelope, ttl_s: float) -> None:
+        """A unique task with an expiry starts: its key (set to lapse soon after the
+        expiry) is held for the whole window again, for as long as it may now run."""
+        key = env.headers.get("unique_key")
+        if not isinstance(key, str):
+            return
+
+        def hold() -> None:
+            broker = self.app.broker
+            if not broker.swap(key, env.id, env.id, ttl_s) and not broker.swap(
+                key, None, env.id, ttl_s
+            ):
+                log.warning(
+                    "unique key of task %s is held by another task; running it anyway",
+                    env.id,
+                    extra={"event": "unique-key-taken", **self.fields(env)},
+                )
+
+        self._broker_call("unique hold", hold)
+
     def release_unique(self, env: Envelope) -> None:
         """Let a new task with the same unique key be enqueued (this one ended for good)."""
         key = env.headers.get("unique_key")
@@ -513,7 +533,9 @@ class Settler:
             self.dead_letter(job.delivery, reason, f"{error.type}: {error.message}", env)
         else:
             self.ack(job.delivery, nonce_of=env, job=job)
-        self.finished(job, final=True)
+        # A dead letter keeps its unique key: `stem dlq replay` may still run it (purge
+        # frees it).
+        self.finished(job, final=not reason)
 
     def _retry(self, job: Job, outcome: Outcome) -> None:
         env = job.envelope

@@ -377,6 +377,73 @@ def test_a_unique_task_that_ends_without_running_frees_its_key(app: Stem) -> Non
             assert again.get(timeout=10) == user
 
 
+def test_a_unique_task_revoked_or_expired_unseen_does_not_swallow_a_new_enqueue(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No worker reached them (which would free their keys): a new enqueue must still get
+    a task that runs, not the id of one that never will."""
+    import stem.app
+
+    monkeypatch.setattr(stem.app, "_UNIQUE_GRACE_S", 0.1)
+
+    @app.task(name="sync_team", unique=True)
+    def sync_team(team: int) -> int:
+        return team
+
+    revoked = sync_team.enqueue(args=[1], countdown=30)
+    control.revoke(app, [revoked.id])
+    expired = sync_team.enqueue(args=[2], expires=0.2)
+    time.sleep(0.5)
+    fresh = [sync_team.delay(1), sync_team.delay(2)]
+    assert fresh[0].id != revoked.id and fresh[1].id != expired.id
+    with running_worker(app):
+        assert [r.get(timeout=10) for r in fresh] == [1, 2]
+
+
+def test_an_expiring_unique_task_that_started_in_time_keeps_its_key(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stem.app
+
+    monkeypatch.setattr(stem.app, "_UNIQUE_GRACE_S", 0.1)
+    gate = threading.Event()
+
+    @app.task(name="sync_site", unique=True)
+    def sync_site(site: int) -> int:
+        gate.wait(10)
+        return site
+
+    first = sync_site.enqueue(args=[3], expires=0.5)
+    with running_worker(app):
+        deadline = time.monotonic() + 5
+        while app.broker.stats(["default"])[0].reserved == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.8)  # past its expiry: it runs, so its key holds
+        assert sync_site.delay(3).id == first.id
+        gate.set()
+        assert first.get(timeout=10) == 3
+
+
+def test_a_unique_task_dead_lettered_after_its_retries_keeps_its_key(app: Stem) -> None:
+    """README: a dead-lettered task keeps its key (a replay may run it) until purged."""
+
+    @app.task(name="sync_shop", unique=True, autoretry_for=(RuntimeError,), max_retries=0)
+    def sync_shop(shop: int) -> int:
+        raise RuntimeError("down")
+
+    first = sync_shop.delay(4)
+    with running_worker(app):
+        with pytest.raises(TaskError):
+            first.get(timeout=10)
+        deadline = time.monotonic() + 5
+        while not app.broker.dlq_list("default"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert [d.reason for d in app.broker.dlq_list("default")] == ["retries-exhausted"]
+    assert sync_shop.delay(4).id == first.id
+
+
 def test_unique_key_template_and_concurrent_producers(app: Stem) -> None:
     @app.task(name="invoice", unique_key="order:{order_id}")
     def invoice(order_id: int, attempt: int = 0) -> int:
