@@ -432,7 +432,7 @@ class Stem:
             from stem.limits import unique_key
 
             key = unique_key(
-                name, task.options.unique_key, env.args, env.kwargs, names=task.arguments
+                name, task.options.unique_key, env.args, env.kwargs, names=task.bound_arguments
             )
             ttl = task.options.unique_window_s
             if env.expires_ms is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from stem.brokers.base import Broker
 from stem.envelope import dumps, now_ms
-from stem.errors import ConfigError
+from stem.errors import ConfigError, EncodeError
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
@@ -107,14 +107,21 @@ def unique_key(
     spec: str | Callable[..., str] | None,
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
-    names: Callable[[Sequence[Any], Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    names: Callable[[Sequence[Any], Mapping[str, Any]], Mapping[str, Any] | None] | None = None,
 ) -> str:
     """The key two enqueues share when they are "the same task". ``spec`` may be a callable
     (given the task's args and kwargs), a template formatted with them
     (``"order:{order_id}"``: ``names`` maps the arguments, positional ones included, to the
-    task's parameter names), or None for the task name and all arguments."""
+    task's parameter names; None if they do not bind), or None for the task name and all
+    arguments: by parameter name where they bind, so ``f(8)``, ``f(x=8)`` and ``f(8, s=1)``
+    with ``s=1`` the default are one task."""
     if spec is None:
-        part = hashlib.sha256(dumps([list(args), dict(kwargs)])).hexdigest()
+        named = names(args, kwargs) if names is not None else None
+        try:
+            data = dumps([list(args), dict(kwargs)] if named is None else {"named": named})
+        except EncodeError:  # a default value JSON cannot hold: the arguments as sent
+            data = dumps([list(args), dict(kwargs)])
+        part = hashlib.sha256(data).hexdigest()
     else:
         part = key_part("unique_key", spec, args, kwargs, names)
     return f"unique:{task_name}:{part}"
@@ -125,13 +132,13 @@ def key_part(
     spec: str | Callable[..., str],
     args: Sequence[Any],
     kwargs: Mapping[str, Any],
-    names: Callable[[Sequence[Any], Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    names: Callable[[Sequence[Any], Mapping[str, Any]], Mapping[str, Any] | None] | None = None,
 ) -> str:
     """A key template (``"order:{order_id}"``, filled with the arguments by parameter name
     via ``names``, positional ones included) or a callable given the arguments."""
     if callable(spec):
         return str(spec(*args, **kwargs))
-    named = names(args, kwargs) if names is not None else kwargs
+    named = (names(args, kwargs) if names is not None else None) or kwargs
     try:
         return spec.format(*args, **named)
     except (IndexError, KeyError) as exc:

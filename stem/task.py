@@ -193,15 +193,22 @@ class Task(Generic[P, R]):
     def arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The call's arguments by parameter name (defaults included; ``**kwargs`` spread
         out), as the function would see them; just ``kwargs`` if they do not bind."""
+        named = self.bound_arguments(args, kwargs)
+        return dict(kwargs) if named is None else named
+
+    def bound_arguments(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """:meth:`arguments`, or None if they do not bind to the function's parameters."""
         try:
             params = list(inspect.signature(self.fn).parameters.values())
         except (TypeError, ValueError):
-            return dict(kwargs)
+            return None
         sig = inspect.Signature(params[1:] if self.options.bind else params)  # ctx first
         try:
             bound = sig.bind(*args, **kwargs)
         except TypeError:
-            return dict(kwargs)
+            return None
         bound.apply_defaults()
         named = dict(bound.arguments)
         for p in sig.parameters.values():

@@ -344,9 +344,8 @@ def test_unique_task_returns_the_existing_id_until_it_finishes(app: Stem) -> Non
         gate.set()
         assert first.get(timeout=10) == 7
         deadline = time.monotonic() + 5
-        while app.broker.peek(unique_key("sync_account", None, (7,), {})) and (
-            time.monotonic() < deadline
-        ):
+        key = unique_key("sync_account", None, (7,), {}, names=sync_account.bound_arguments)
+        while app.broker.peek(key) and (time.monotonic() < deadline):
             time.sleep(0.02)
         again = sync_account.delay(7)
         assert again.id != first.id
@@ -442,6 +441,28 @@ def test_a_unique_task_dead_lettered_after_its_retries_keeps_its_key(app: Stem) 
             time.sleep(0.02)
     assert [d.reason for d in app.broker.dlq_list("default")] == ["retries-exhausted"]
     assert sync_shop.delay(4).id == first.id
+
+
+def test_a_unique_call_is_the_same_however_its_arguments_are_spelled(app: Stem) -> None:
+    @app.task(name="resize_image", unique=True)
+    def resize_image(image: int, scale: float = 1.0, *extra: int, **opts: Any) -> int:
+        return image
+
+    first = resize_image.delay(8)
+    same = [
+        resize_image.delay(image=8),
+        resize_image.delay(8, 1.0),
+        resize_image.delay(8, scale=1.0),
+        resize_image.enqueue(kwargs={"scale": 1.0, "image": 8}),
+    ]
+    assert {r.id for r in same} == {first.id}
+    others = [
+        resize_image.delay(9),
+        resize_image.delay(8, 2.0),
+        resize_image.delay(8, 1.0, 5),
+        resize_image.delay(8, crop=True),
+    ]
+    assert len({first.id, *(r.id for r in others)}) == 5
 
 
 def test_unique_key_template_and_concurrent_producers(app: Stem) -> None:
