@@ -253,7 +253,7 @@ class Admission:
         signals.task_received.send(envelope=env, delivery=delivery)
         job = Job(delivery=delivery, envelope=env, task=task)
         set_limits(job)
-        if task.options.track_started:
+        if task.options.track_started and not env.headers.get("ignore_result"):
             self.settler.store(env, states.STARTED, attempts=1)
         signals.task_prerun.send(envelope=env)
         return job

@@ -278,7 +278,10 @@ class Settler:
         )
 
     def progress(self, job: Job, data: dict[str, Any]) -> None:
-        self.store(job.envelope, states.STARTED, progress=data, attempts=1)
+        if not job.envelope.headers.get("ignore_result"):
+            # (A task that ignores its result writes no record at all: a STARTED one
+            # would never be followed by the final state.)
+            self.store(job.envelope, states.STARTED, progress=data, attempts=1)
 
     # -- broker ----------------------------------------------------------------------------
 

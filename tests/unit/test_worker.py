@@ -246,10 +246,13 @@ def test_the_producer_refuses_what_no_worker_would_take(app: Stem) -> None:
 
 
 def test_ignore_result_writes_nothing(app: Stem) -> None:
+    """Not even a STARTED record (track_started, progress), which no final state would
+    follow: the task would look stuck running for good."""
     done = threading.Event()
 
-    @app.task(name="quiet", ignore_result=True)
-    def quiet() -> int:
+    @app.task(name="quiet", ignore_result=True, track_started=True, bind=True)
+    def quiet(ctx: Any) -> int:
+        ctx.update_progress(1, 2)
         done.set()
         return 1
 
@@ -258,6 +261,7 @@ def test_ignore_result_writes_nothing(app: Stem) -> None:
         assert done.wait(5)
         time.sleep(0.1)
     assert res.state == states.PENDING
+    assert app.result_store.read(res.id) is None
     with pytest.raises(ResultTimeout):
         res.get(timeout=0.2)
 
