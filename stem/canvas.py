@@ -333,13 +333,11 @@ class Group:
 
 def group(*members: Signature | Sequence[Signature]) -> Group:
     """Run signatures in parallel; ``.delay()`` returns a GroupResult in member order."""
-    flat: list[Signature] = []
+    flat: list[Any] = []
     for m in members:
-        if isinstance(m, Signature):
-            flat.append(m)
-        elif isinstance(m, (list, tuple)):
-            flat.extend(m)
-        else:
+        flat.extend(m if isinstance(m, (list, tuple)) else [m])
+    for m in flat:
+        if not isinstance(m, Signature):
             raise ConfigError(f"a group takes signatures, not {type(m).__name__}")
     return Group(tuple(flat))
 
@@ -375,5 +373,7 @@ class Chord:
 
 
 def chord(header: Group | Sequence[Signature], body: Signature) -> Chord:
+    if not isinstance(body, Signature):
+        raise ConfigError(f"a chord's callback is one signature, not {type(body).__name__}")
     grp = header if isinstance(header, Group) else group(*header)
     return Chord(grp, body)

@@ -151,6 +151,11 @@ def test_empty_and_wrong_canvas_inputs_are_clear_errors(app: Stem) -> None:
         group().delay()
     with pytest.raises(ConfigError, match="takes signatures"):
         chain(42)  # type: ignore[arg-type]
+    add = t(app, "add")
+    with pytest.raises(ConfigError, match="a group takes signatures, not Chain"):
+        group([add.s(1, 1), chain(add.s(1, 1), add.s(2))])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="callback is one signature, not Chain"):
+        chord([add.s(1, 1)], chain(add.s(1), add.s(2)))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="unknown signature option"):
         t(app, "add").s(1, 2).set(colour="red")
 
