@@ -45,9 +45,33 @@ def state(ctx: typer.Context) -> CLIState:
     return root.obj
 
 
-def load_app(ctx: typer.Context, *, need_spec: bool = False, gates: bool = False) -> Stem:
+def load_app(
+    ctx: typer.Context, *, need_spec: bool = False, gates: bool = False, existing: bool = False
+) -> Stem:
     """The app named by --app (or a bare app on the configured broker), with settings
-    from the config layers applied on top of what the code set."""
+    from the config layers applied on top of what the code set. ``existing``: a command
+    that only reads (queues, dead letters, results) refuses a SQLite file that does not
+    exist, rather than create one at a mistyped path and report it empty."""
+    app = _load_app(ctx, need_spec=need_spec, gates=gates)
+    if existing:
+        _require_sqlite_files(app)
+    return app
+
+
+def _require_sqlite_files(app: Stem) -> None:
+    from stem.brokers.sqlite import sqlite_path
+
+    for url, error in (
+        (app.broker_url, BrokerConnectionError),
+        (app.backend_url, BackendConnectionError),
+    ):
+        if url.lower().startswith("sqlite:") and not (path := sqlite_path(url)).exists():
+            raise error(
+                f"no SQLite database at {path}: nothing was ever stored there (is the path right?)"
+            )
+
+
+def _load_app(ctx: typer.Context, *, need_spec: bool, gates: bool) -> Stem:
     st = state(ctx)
     if st._app is not None:
         return st._app

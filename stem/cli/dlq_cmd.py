@@ -30,7 +30,7 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Dead letters, oldest first."""
-    letters = load_app(ctx).broker.dlq_list(queue, limit)
+    letters = load_app(ctx, existing=True).broker.dlq_list(queue, limit)
     rows = [
         {
             "id": d.id,
@@ -65,7 +65,7 @@ def list_(
 @app.command("show")
 def show(ctx: typer.Context, dead_id: Annotated[str, typer.Argument()]) -> None:
     """One dead letter, with its message body."""
-    d = load_app(ctx).broker.dlq_get(dead_id)
+    d = load_app(ctx, existing=True).broker.dlq_get(dead_id)
     if d is None:
         fail(f"no dead letter {dead_id!r}", ExitCode.NOT_FOUND)
     emit_json(
@@ -215,7 +215,7 @@ def replay(
     not expire them again; all others (unsigned, forged, altered, signed with a retired
     key) are moved back untouched, for a worker to refuse again."""
     selection = _selection(ids, queue, all_)
-    stem_app = load_app(ctx)
+    stem_app = load_app(ctx, existing=True)
     keyring = stem_app.keyring
     resign = keyring is not None and keyring.can_sign
     total = (
@@ -253,7 +253,7 @@ def purge(
     selection = _selection(ids, queue, all_)
     if not yes and not typer.confirm("Delete these dead letters for good?"):
         raise typer.Exit(int(ExitCode.FAILURE))
-    stem_app = load_app(ctx)
+    stem_app = load_app(ctx, existing=True)
     n = 0
     missing: list[str] = []
     with _progress("purging") as bar:

@@ -77,7 +77,7 @@ def workers(
 ) -> None:
     """Workers with a heartbeat in the broker: online, lost (no beat for two heartbeats)
     or offline (stopped cleanly, shown for a minute)."""
-    rows = list_workers(load_app(ctx).broker)
+    rows = list_workers(load_app(ctx, existing=True).broker)
     if as_json:
         emit_json(rows)
         return

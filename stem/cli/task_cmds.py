@@ -142,7 +142,7 @@ def queues(
     ] = False,
 ) -> None:
     """Queue depths: ready, delayed, reserved and dead-lettered messages."""
-    app = load_app(ctx)
+    app = load_app(ctx, existing=True)
     stats = app.broker.stats(names or None)
     if not names and not internal:
         stats = [s for s in stats if not s.queue.startswith(("stem.control.", "stem.reply."))]

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +159,8 @@ def test_enqueue_result_queues_and_dlq_commands(cli: StemCLI) -> None:
 
     letters = json.loads(cli.run("dlq", "list", "--json", check=True).stdout)
     assert [(d["reason"], d["detail"]) for d in letters] == [("unknown-task", "no.such.task")]
+    missing = cli.run("dlq", "show", "nope")
+    assert missing.returncode == 66 and "no dead letter 'nope'" in missing.stderr
     show = json.loads(cli.run("dlq", "show", letters[0]["id"], check=True).stdout)
     assert json.loads(show["body"])["task"] == "no.such.task"
     cli.stop_all()
@@ -192,7 +195,7 @@ def test_delayed_task_survives_a_worker_restart(cli: StemCLI) -> None:
         (["--app", "acc_tasks:nothing", "worker"], 78, "has no attribute 'nothing'"),
         (["worker", "--pool", "gevent"], 78, "--pool: worker.pool: expected one of process"),
         (["worker", "-c", "100000"], 2, "less than or equal to 1000"),
-        (["dlq", "show", "nope"], 66, "no dead letter 'nope'"),
+        (["dlq", "show", "nope"], 69, "no SQLite database at"),  # nothing ran here yet
         (["--broker", "sqlite:////proc/forbidden/x.db", "queues"], 69, "/proc/forbidden"),
     ],
 )
@@ -201,6 +204,15 @@ def test_cli_errors_are_clear(cli: StemCLI, args: list[str], code: int, message:
     assert proc.returncode == code, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_inspecting_a_mistyped_sqlite_path_creates_nothing(cli: StemCLI, tmp_path: Path) -> None:
+    typo = tmp_path / "typo" / "dir" / "stme.db"
+    for args in (["queues"], ["dlq", "list"], ["workers"]):
+        proc = cli.run("--broker", f"sqlite:///{typo}", *args)
+        assert proc.returncode == 69, proc.stderr
+        assert f"no SQLite database at {typo}" in proc.stderr
+    assert not (tmp_path / "typo").exists()
 
 
 def test_cli_never_prints_broker_passwords(cli: StemCLI) -> None:
