@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from stem.cli.context import emit_json, fail, load_app, state
+from stem.cli.context import emit_json, fail, load_app, print_table, state
 from stem.cli.exitcodes import ExitCode
 
 app = typer.Typer(
@@ -142,7 +142,6 @@ def list_(
     if as_json:
         emit_json(rows)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("name", "task", "schedule", "enabled", "origin", "last tick", "next tick")
@@ -159,7 +158,7 @@ def list_(
             str(r["last"] or "-"),
             str(r["next"] or "-"),
         )
-    Console().print(table)
+    print_table(table)
 
 
 def _json_arg(option: str, text: str | None, kind: type) -> Any:

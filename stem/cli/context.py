@@ -45,6 +45,17 @@ def state(ctx: typer.Context) -> CLIState:
     return root.obj
 
 
+def print_table(table: Any) -> None:
+    """A Rich table on stdout: at the terminal's width, or, piped or redirected (a log, a
+    script, `| grep`), at its natural width, so no cell is cut short."""
+    from rich.console import Console
+
+    Console(width=None if sys.stdout.isatty() else _PIPED_WIDTH).print(table)
+
+
+_PIPED_WIDTH = 1000
+
+
 def load_app(
     ctx: typer.Context, *, need_spec: bool = False, gates: bool = False, existing: bool = False
 ) -> Stem:

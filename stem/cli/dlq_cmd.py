@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from stem.app import Stem
 from stem.brokers.base import DLQ_LIST_MAX, Broker, DeadLetter, Message
-from stem.cli.context import emit_json, fail, load_app
+from stem.cli.context import emit_json, fail, load_app, print_table
 from stem.cli.exitcodes import ExitCode
 from stem.envelope import Envelope, decode, now_ms
 from stem.errors import DecodeError, SignatureError
@@ -46,7 +46,6 @@ def list_(
     if as_json:
         emit_json(rows)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("id", "queue", "reason", "detail", "deliveries", "dead at")
@@ -59,7 +58,7 @@ def list_(
             str(r["deliveries"]),
             str(r["dead_at"]),
         )
-    Console().print(table)
+    print_table(table)
 
 
 @app.command("show")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from stem.cli.context import emit_json, load_app
+from stem.cli.context import emit_json, load_app, print_table
 from stem.observability.events import tail
 from stem.observability.heartbeats import list_workers
 
@@ -84,7 +84,6 @@ def workers(
     if not rows:
         typer.echo("no workers")
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(
@@ -102,4 +101,4 @@ def workers(
             _ago(r, "last_consume_ms"),
             f"{r['age_s']}s ago" if r.get("age_s") is not None else "-",
         )
-    Console().print(table)
+    print_table(table)

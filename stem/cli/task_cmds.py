@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from stem import states
-from stem.cli.context import emit_json, fail, load_app
+from stem.cli.context import emit_json, fail, load_app, print_table
 from stem.cli.exitcodes import ExitCode
 from stem.envelope import loads
 from stem.errors import DecodeError
@@ -160,10 +160,9 @@ def queues(
             ]
         )
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("queue", "ready", "delayed", "reserved", "dead")
     for s in stats:
         table.add_row(s.queue, str(s.ready), str(s.delayed), str(s.reserved), str(s.dead))
-    Console().print(table)
+    print_table(table)

@@ -339,3 +339,19 @@ def test_a_bad_log_setting_is_a_configuration_error_not_a_traceback(
     assert result.returncode == 78, result.stderr
     assert "Traceback" not in result.stderr
     assert "expected one of" in result.stderr and "banana" in result.stderr
+
+
+def test_every_service_option_reads_an_environment_variable() -> None:
+    """README: a service's defaults file can set any option of these commands."""
+    from stem.cli.main import app as cli_app
+
+    root = typer.main.get_command(cli_app)
+    missing = [
+        f"{name or 'stem'} --{p.name}"
+        for name in (None, "worker", "beat", "enqueue", "result")
+        for p in (root if name is None else root.commands[name]).params  # type: ignore[attr-defined]
+        if p.param_type_name == "option"
+        and p.envvar is None
+        and p.name not in {"as_json", "install_completion", "show_completion"}
+    ]
+    assert missing == []

@@ -233,3 +233,16 @@ def test_a_signed_letter_named_twice_is_replayed_once(tmp_path: Path) -> None:
         assert [d.message_id for d in app.broker.reserve(["default"], 10, 30.0)] == ["once"]
     finally:
         app.close()
+
+
+def test_tables_piped_are_not_cut_short(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    long_name = "billing.invoices.monthly-close." + "x" * 90
+    app = Stem("wide", broker=url, backend=url)
+    try:
+        app.publish_messages([Message(id="m1", queue=long_name, body=b"{}")])
+    finally:
+        app.close()
+    out = CliRunner().invoke(cli, ["--broker", url, "queues"])  # stdout is not a terminal
+    assert out.exit_code == 0, out.output
+    assert long_name in out.stdout
