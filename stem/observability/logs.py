@@ -1,9 +1,10 @@
 """Structured JSON logs: one object per line with an ``event`` key, secrets redacted.
 
-A Stem command (``stem worker``, ``stem beat``, ...) owns its process's logging: one handler
-on the root logger, so task code's own loggers (and libraries') come out in the chosen
-format, redacted, at the chosen level, like Stem's. A record logged while a task runs names
-it (``task``, ``task_id``). Library use of Stem (an app in your process) configures nothing.
+A Stem command (``stem worker``, ``stem beat``, ...) sets up its process's logging: Stem's
+loggers get a handler of the chosen format and level, and so does the root logger unless the
+app configured root handlers itself, so task code's own loggers (and libraries') come out
+like Stem's, redacted. A record logged while a task runs names it (``task``, ``task_id``).
+Library use of Stem (an app in your process) configures nothing.
 """
 
 from __future__ import annotations
@@ -101,26 +102,47 @@ def current_setup() -> dict[str, str] | None:
     return None if _setup is None else dict(_setup)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes (a test runner may have
+    swapped and closed the one there was when logging was set up)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _handler(fmt: str) -> logging.Handler:
+    handler = _StderrHandler()
+    handler._stem = True  # type: ignore[attr-defined]
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(TaskContext())
+    return handler
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Configure this process's logging for a Stem command (idempotent; see the module
-    docstring): Stem's handler on the root logger, the root and ``stem`` loggers at
-    ``level``."""
+    docstring). Stem's loggers get their own handler and do not propagate, so they are
+    written once, redacted, whatever else is configured. Other loggers (task code's,
+    libraries') go through a handler of the same format on the root logger, unless the
+    app configured root handlers of its own: then those are left to do it."""
     global _setup
     root, ours = logging.getLogger(), logging.getLogger("stem")
     for logger in (root, ours):
         for handler in list(logger.handlers):
             if getattr(handler, "_stem", False):
                 logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._stem = True  # type: ignore[attr-defined]
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(TaskContext())
-    root.addHandler(handler)
     # An unknown level is the settings' to report (logging.level, exit 78), as an unknown
     # format is: until they do, log at info rather than fail with a traceback.
     known = logging.getLevelNamesMapping()
     number = known.get(level.upper(), logging.INFO)
-    root.setLevel(number)
+    ours.addHandler(_handler(fmt))
     ours.setLevel(number)
-    ours.propagate = True
+    ours.propagate = False
+    if not root.handlers:
+        root.addHandler(_handler(fmt))
+        root.setLevel(number)
     _setup = {"level": level, "fmt": fmt}

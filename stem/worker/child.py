@@ -44,9 +44,10 @@ def main(argv: list[str]) -> int:
     boot = reader.frame()
     if boot is None:
         return 0
-    if isinstance(boot.get("logging"), dict):
+    logs = boot.get("logging")
+    if isinstance(logs, dict):
         # Log as the worker does (its --log-level/--log-format), task code included.
-        setup_logging(**boot["logging"])
+        setup_logging(**logs)
     try:
         from stem.loader import load_app
 
@@ -55,6 +56,8 @@ def main(argv: list[str]) -> int:
     except (StemError, ImportError, Exception) as exc:  # report any import failure, then exit
         write_frame(out_fd, {"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})
         return 1
+    if isinstance(logs, dict):
+        setup_logging(**logs)  # again: the app may have set up root handlers of its own
     pid = os.getpid()
     signals.pool_process_init.send(pid=pid)
     write_frame(out_fd, {"type": "ready", "pid": pid})

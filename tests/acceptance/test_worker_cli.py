@@ -142,6 +142,24 @@ def test_task_code_logs_in_the_workers_format_naming_its_task(cli: StemCLI, pool
     app.close()
 
 
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_an_app_with_its_own_root_logging_gets_each_line_once(cli: StemCLI, pool: str) -> None:
+    """Stem's lines through Stem's handler only (redacted, never twice); task code's
+    through the handlers the app set up."""
+    app = _producer(cli)
+    env = {"STEM_APP": "acc_own_logging:app"}
+    worker = cli.start_worker("--pool", pool, "-c", "1", env=env)
+    res = app.send_task("own.say", ["hi"])
+    assert res.get(timeout=30) == "hi"
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    lines = cli.log_text().splitlines()
+    assert [ln for ln in lines if "said hi" in ln] == ["APP-HANDLER own.tasks: said hi"]
+    assert len([ln for ln in lines if "ready: queues=default" in ln]) == 1
+    assert not [ln for ln in lines if ln.startswith("APP-HANDLER stem.")]
+    app.close()
+
+
 def test_enqueue_result_queues_and_dlq_commands(cli: StemCLI) -> None:
     out = cli.run("enqueue", "acc.square", "--args", "[9]", check=True)
     task_id = out.stdout.strip()
