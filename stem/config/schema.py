@@ -20,7 +20,7 @@ from stem.config.yamlsafe import Node
 from stem.envelope import queue_problem
 
 # Slots one worker process may run (threads, or pool processes); more is a typo.
-MAX_POOL_SIZE = 1000
+MAX_POOL_SIZE = 4096
 
 URL_SCHEMES = ("memory", "sqlite", "redis", "rediss", "postgresql", "postgres")
 DEFAULT_BROKER_URL = "sqlite:///stem.db"

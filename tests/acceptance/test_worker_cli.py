@@ -212,7 +212,7 @@ def test_delayed_task_survives_a_worker_restart(cli: StemCLI) -> None:
         (["--app", "no_such_module:app", "worker"], 78, "module 'no_such_module' not found"),
         (["--app", "acc_tasks:nothing", "worker"], 78, "has no attribute 'nothing'"),
         (["worker", "--pool", "gevent"], 78, "--pool: worker.pool: expected one of process"),
-        (["worker", "-c", "100000"], 2, "less than or equal to 1000"),
+        (["worker", "-c", "100000"], 2, "less than or equal to 4096"),
         (["dlq", "show", "nope"], 69, "no SQLite database at"),  # nothing ran here yet
         (["--broker", "sqlite:////proc/forbidden/x.db", "queues"], 69, "/proc/forbidden"),
     ],

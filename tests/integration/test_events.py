@@ -340,6 +340,7 @@ def test_cli_events_and_workers(app: Stem) -> None:
     state = CLIState(_app=app)
     runner = CliRunner()
     cli = _cli()
+    app.broker.ping()  # the store exists (on SQLite, `workers` refuses a missing file)
     assert runner.invoke(cli, ["workers"], obj=state).output.strip() == "no workers"
 
     @app.task(name="add")

@@ -46,8 +46,13 @@ def yaml_issue(tmp_path: Path, text: str, name: str = "stem.yaml") -> ConfigIssu
 @pytest.mark.parametrize(
     ("text", "key", "line", "words"),
     [
-        ("worker:\n  concurrency: 0\n", "worker.concurrency", 2, "integer >= 1, got 0"),
-        ("worker:\n  concurrency: '4'\n", "worker.concurrency", 2, "integer >= 1, got string"),
+        ("worker:\n  concurrency: 0\n", "worker.concurrency", 2, "integer >= 1 and <= 4096, got 0"),
+        (
+            "worker:\n  concurrency: '4'\n",
+            "worker.concurrency",
+            2,
+            "integer >= 1 and <= 4096, got string",
+        ),
         ("worker:\n  concurrency: 2.5\n", "worker.concurrency", 2, "integer"),
         ("worker:\n  pool: forks\n", "worker.pool", 2, "one of process, thread, async, solo"),
         ("worker:\n  lease_s: 0\n", "worker.lease_s", 2, "> 0"),

@@ -222,7 +222,7 @@ def test_pool_grow_is_bounded_and_the_control_thread_outlives_any_error(
     app: Stem, two: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     huge = control.broadcast(app, "pool-grow", {"n": 100_000}, destination=["alpha"])
-    assert not huge[0].ok and "at most 1000" in str(huge[0].result)
+    assert not huge[0].ok and "at most 4096" in str(huge[0].result)
     alpha = two[0]
     assert alpha.name == "alpha" and alpha.pool.size == 2
     # A thread the system refuses to start: the grow fails, the pool keeps what it had.

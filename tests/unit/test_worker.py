@@ -405,7 +405,7 @@ def test_async_pool_replaces_a_thread_stuck_past_its_hard_limit(app: Stem) -> No
 
     @app.task(name="blocked", time_limit=0.3, max_retries=0)
     def blocked() -> None:
-        blocker.wait(10)
+        blocker.wait(120)
 
     @app.task(name="next_plain")
     def next_plain() -> str:
@@ -414,8 +414,9 @@ def test_async_pool_replaces_a_thread_stuck_past_its_hard_limit(app: Stem) -> No
     try:
         with Running(app, pool="async", concurrency=1):
             with pytest.raises(TaskError, match="HardTimeLimitExceeded"):
-                blocked.delay().get(timeout=5)
-            assert next_plain.delay().get(timeout=3) == "ran"
+                blocked.delay().get(timeout=30)
+            # Queued behind the stuck call, it would wait for it (120 s).
+            assert next_plain.delay().get(timeout=30) == "ran"
     finally:
         blocker.set()
 
