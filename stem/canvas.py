@@ -15,10 +15,12 @@ every worker:
 
 A worker killed after publishing a follow-up (a chain's next step, a chord's callback) and
 before acking its own message runs that task again and publishes the follow-up again, under
-the same id. A copy that arrives once the first has ended is recognised and not run; a copy
-delivered while the first is still queued or running runs too, as any redelivery may
-(delivery is at least once: make follow-ups idempotent). A step whose first copy was
-dead-lettered is not "ended": its copies, and its replay, run.
+the same id. A copy of a step that already succeeded (or was revoked, or expired) is not
+run: it publishes the step's follow-ups again from the stored result, so a follow-up whose
+publish failed is published then. A copy delivered while the first is still queued or
+running runs too, as any redelivery may (delivery is at least once: make follow-ups
+idempotent). A failed or dead-lettered step is not "done": its copies, and the replay of
+its dead letter, run (and a chain goes on from there).
 """
 
 from __future__ import annotations

@@ -241,10 +241,17 @@ class Admission:
             log.info(
                 "task %s already ended (%s); this copy of it is not run",
                 env.id,
-                ended,
-                extra={"event": "task-already-done", "state": ended, **self.settler.fields(env)},
+                ended.state,
+                extra={
+                    "event": "task-already-done",
+                    "state": ended.state,
+                    **self.settler.fields(env),
+                },
             )
-            self.settler.ack(delivery)
+            # Its follow-ups may not have been published (that failed, and this copy came
+            # back to try again): publish them, from the stored result.
+            if ended.state != states.SUCCESS or self.settler.follow_up(env, delivery, ended.result):
+                self.settler.ack(delivery)
             return None
         if not self.settler.limits.admit(task, env, delivery):
             return None

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 from stem import states
 from stem.canvas import envelope_from_wire
 from stem.envelope import Envelope
-from stem.result import ErrorInfo
+from stem.result import ErrorInfo, ResultRecord
 
 if TYPE_CHECKING:
     from stem.app import Stem
 
 log = logging.getLogger("stem.canvas")
+# States after which a canvas step's copy is not run again (see already_done).
+_ENDED = frozenset({states.SUCCESS, states.REVOKED, states.EXPIRED})
 
 
 class CanvasHooks:
@@ -28,16 +30,16 @@ class CanvasHooks:
     def _ttl(self) -> float:
         return float(self.app.result_ttl_s or 7 * 86400)
 
-    def already_done(self, env: Envelope) -> str | None:
-        """The state a canvas step already ended in, if it did (a copy published twice, by
-        a crash between publish and ack, runs once); None if it should run. DEAD is not an
-        end: the step is a dead letter, and its replay must run."""
+    def already_done(self, env: Envelope) -> ResultRecord | None:
+        """The record of a canvas step that already ran to success, or was revoked or
+        expired (a copy published twice, by a crash between publish and ack, runs once);
+        None if it should run. A failed or dead step runs again: a redelivery, or a
+        replay of its dead letter (a chain step's pre-failed record, written when an
+        earlier step failed, is no run either)."""
         if not env.headers.get("canvas"):
             return None
         rec = self.app.result_store.read(env.id)
-        if rec is None or rec.state not in states.READY_STATES or rec.state == states.DEAD:
-            return None
-        return rec.state
+        return rec if rec is not None and rec.state in _ENDED else None
 
     def after_success(self, env: Envelope, value: Any) -> None:
         hdrs = env.headers
@@ -108,9 +110,17 @@ class CanvasHooks:
             root_id=env.root_id,
         )
 
-    def after_failure(self, env: Envelope, error: ErrorInfo, *, errback: bool = True) -> None:
+    def after_failure(
+        self,
+        env: Envelope,
+        error: ErrorInfo,
+        *,
+        errback: bool = True,
+        unpublishable: bool = False,
+    ) -> None:
         """The task failed for good: fail what waits on it, and run its errback (unless
-        ``errback`` is false: the task itself did not fail, only its follow-up)."""
+        ``errback`` is false: the task itself did not fail, only its follow-up, which
+        ``unpublishable`` says cannot be published)."""
         hdrs = env.headers
         why = f"{env.task} ({env.id}) failed: {error.type}: {error.message}"
         rest = list(hdrs.get("chain") or [])
@@ -127,8 +137,10 @@ class CanvasHooks:
                 f"chord-fire:{env.group_id}", f"failed:{env.id}", self._ttl()
             )
             # This member's own claim (env.id) when it fired the chord and the callback
-            # could not be published (too large, say): the callback fails, not waits.
-            if owner in (f"failed:{env.id}", env.id):
+            # could not be published (too large, say): the callback fails, not waits. (A
+            # member that fired the chord and later fails on a redelivery must not turn
+            # a callback that ran into a failure.)
+            if owner == f"failed:{env.id}" or (unpublishable and owner == env.id):
                 self._fail_ids(
                     [cb["id"]],
                     cb["task"],

@@ -380,11 +380,19 @@ class Settler:
         self.release_unique(env)
         return True
 
-    def _fail_waiters(self, env: Envelope, error: ErrorInfo, *, errback: bool = True) -> bool:
-        """The canvas follow-up of a task that ended for good without a result; False
-        (logged) if it could not be published now."""
+    def _fail_waiters(
+        self,
+        env: Envelope,
+        error: ErrorInfo,
+        *,
+        errback: bool = True,
+        unpublishable: bool = False,
+    ) -> bool:
+        """The canvas follow-up of a task that ended for good without a result (or whose
+        follow-up cannot be published: ``unpublishable``); False (logged) if it could not
+        be published now."""
         try:
-            self.canvas.after_failure(env, error, errback=errback)
+            self.canvas.after_failure(env, error, errback=errback, unpublishable=unpublishable)
         except StemError as exc:
             log.warning(
                 "failure follow-up of task %s not done (%s); it will be tried again",
@@ -461,6 +469,38 @@ class Settler:
         else:
             self.release(delivery, delay_s=1.0)
 
+    def follow_up(self, env: Envelope, delivery: Delivery, value: Any) -> bool:
+        """Publish what a task's success sets in motion (its chain's next step, its link,
+        its chord's callback). False if the delivery was given back to try again (a copy
+        that comes back finds the task's SUCCESS and publishes these again: ids are fixed,
+        so a step already published is one task)."""
+        try:
+            self.canvas.after_success(env, value)
+        except (BrokerError, BackendError) as exc:
+            log.warning(
+                "follow-up of task %s not published (%s); it will be tried again",
+                env.id,
+                exc,
+                extra={"event": "canvas-publish-failed", **self.fields(env)},
+            )
+            self.release(delivery, delay_s=1.0)
+            return False
+        except StemError as exc:
+            # Trying again cannot help (a next step too large to publish, say): the task
+            # stays a success, and what waits on it fails with the reason.
+            log.error(
+                "follow-up of task %s cannot be published: %s",
+                env.id,
+                exc,
+                extra={"event": "canvas-follow-up-refused", **self.fields(env)},
+            )
+            if not self._fail_waiters(
+                env, ErrorInfo.from_exception(exc), errback=False, unpublishable=True
+            ):
+                self.release(delivery, delay_s=1.0)
+                return False
+        return True
+
     def settle(self, job: Job, outcome: Outcome) -> None:
         env, delivery = job.envelope, job.delivery
         if job.revoked:
@@ -475,29 +515,8 @@ class Settler:
             if stores_result and not self.store(env, states.SUCCESS, result=outcome.value):
                 self.release(delivery, delay_s=1.0)  # result not written: run it again later
                 return
-            try:
-                self.canvas.after_success(env, outcome.value)
-            except (BrokerError, BackendError) as exc:
-                log.warning(
-                    "follow-up of task %s not published (%s); it will run again",
-                    env.id,
-                    exc,
-                    extra={"event": "canvas-publish-failed", **self.fields(env)},
-                )
-                self.release(delivery, delay_s=1.0)
+            if not self.follow_up(env, delivery, outcome.value):
                 return
-            except StemError as exc:
-                # Running again cannot help (a next step too large to publish, say): the
-                # task stays a success, and what waits on it fails with the reason.
-                log.error(
-                    "follow-up of task %s cannot be published: %s",
-                    env.id,
-                    exc,
-                    extra={"event": "canvas-follow-up-refused", **self.fields(env)},
-                )
-                if not self._fail_waiters(env, ErrorInfo.from_exception(exc), errback=False):
-                    self.release(delivery, delay_s=1.0)
-                    return
             self.counts["succeeded"] += 1
             signals.task_success.send(envelope=env, result=outcome.value)
             signals.task_postrun.send(

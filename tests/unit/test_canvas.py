@@ -14,7 +14,7 @@ import pytest
 from stem import Stem, TaskError, chain, chord, control, group, states
 from stem.brokers.base import Message
 from stem.envelope import encode
-from stem.errors import ConfigError
+from stem.errors import BrokerError, ConfigError
 from stem.limits import ConcurrencyCap, RateLimiter, parse_rate, unique_key
 from stem.testing import memory_app, running_worker
 
@@ -260,6 +260,79 @@ def test_a_dead_lettered_later_step_runs_when_replayed(app: Stem) -> None:
         while res.state == states.DEAD and time.monotonic() < deadline:
             time.sleep(0.05)  # the record says DEAD until the replayed copy runs
         assert res.get(timeout=10) == 30
+
+
+def test_a_chain_step_replayed_after_its_retries_runs_and_the_chain_goes_on(app: Stem) -> None:
+    """retries-exhausted is the dead letter an operator fixes and replays: the step's
+    FAILURE (and the later steps', written when it failed) must not pass for "ran"."""
+    calls: list[int] = []
+
+    @app.task(name="flaky_step", autoretry_for=(RuntimeError,), max_retries=0)
+    def flaky_step(x: int) -> int:
+        calls.append(x)
+        if len(calls) == 1:
+            raise RuntimeError("dependency down")
+        return x * 10
+
+    add = t(app, "add")
+    res = chain(add.s(1, 2), flaky_step.s(), add.s(5)).delay()
+    with running_worker(app):
+        with pytest.raises(TaskError, match="dependency down"):
+            res.get(timeout=10)
+        deadline = time.monotonic() + 10
+        while not app.broker.dlq_list("default") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [d.reason for d in app.broker.dlq_list("default")] == ["retries-exhausted"]
+        assert app.broker.dlq_replay() == 1
+        deadline = time.monotonic() + 10
+        while res.state != states.SUCCESS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert res.get(timeout=1) == 35
+    assert calls == [3, 3]
+
+
+def test_a_chain_goes_on_when_publishing_its_next_step_failed_once(app: Stem) -> None:
+    """The step's SUCCESS is stored, its next step's publish fails, the delivery comes
+    back: that copy must publish the next step (not skip it as done, stalling the chain)."""
+    add = t(app, "add")
+    publish, failed = app.publish, []
+
+    def publish_failing_once(envs: Any, *args: Any, **kwargs: Any) -> Any:
+        envs = list(envs)
+        if not failed and any(e.task == "add" and e.args[:1] == (13,) for e in envs):
+            failed.append(1)
+            raise BrokerError("connection reset")
+        return publish(envs, *args, **kwargs)
+
+    app.publish = publish_failing_once  # type: ignore[method-assign]
+    res = chain(add.s(1, 2), add.s(10), add.s(100)).delay()  # 3 -> 13 -> 113
+    with running_worker(app):
+        assert res.get(timeout=15) == 113
+    assert failed == [1]
+
+
+def test_a_member_run_again_after_firing_its_chord_cannot_fail_the_callback(app: Stem) -> None:
+    """Group members carry no canvas mark: one redelivered after it fired the chord (a
+    crash before its ack) runs again; failing then must not turn the callback that ran
+    into a FAILURE."""
+    from stem.result import ErrorInfo
+    from stem.worker.canvas_hooks import CanvasHooks
+
+    add, total = t(app, "add"), t(app, "total")
+    with running_worker(app):
+        res = chord([add.s(1, 1), add.s(2, 2)], total.s()).delay()
+        assert res.get(timeout=10) == 6
+    [(fire_key, member_id)] = app.broker.scan("chord-fire:").items()
+    spec = {"size": 2, "index": 0, "callback": {"id": res.id, "task": "total"}}
+    member = app.build_envelope(
+        "add",
+        (1, 1),
+        task_id=member_id,
+        group_id=fire_key.removeprefix("chord-fire:"),
+        headers={"chord": spec},
+    )
+    CanvasHooks(app).after_failure(member, ErrorInfo("RuntimeError", "second run broke"))
+    assert res.state == states.SUCCESS
 
 
 def test_a_chord_callback_too_large_to_publish_fails_instead_of_waiting(app: Stem) -> None:
