@@ -21,7 +21,7 @@ from stem.brokers import broker_from_url
 from stem.brokers.base import Broker, Message
 from stem.canvas import Signature
 from stem.envelope import Envelope, new_id, now_ms
-from stem.errors import BrokerConnectionError, ConfigError, TaskNotRegistered
+from stem.errors import BackendError, BrokerConnectionError, ConfigError, TaskNotRegistered
 from stem.observability import signals
 from stem.result import AsyncResult
 from stem.result_store import ResultStore
@@ -471,7 +471,10 @@ class Stem:
 
         if self.broker.peek(revoked_key(holder)) is not None:
             return True
-        rec = self.result_store.read(holder)
+        try:
+            rec = self.result_store.read(holder)
+        except BackendError:  # unknown: the holder keeps its key (as before this check)
+            return False
         return rec is not None and rec.state in _ENDED_UNRUNNABLE
 
     def seal(self, env: Envelope, *, headroom: int = 0) -> bytes:

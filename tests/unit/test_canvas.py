@@ -14,7 +14,7 @@ import pytest
 from stem import Stem, TaskError, chain, chord, control, group, states
 from stem.brokers.base import Message
 from stem.envelope import encode
-from stem.errors import BrokerError, ConfigError
+from stem.errors import BackendConnectionError, BrokerError, ConfigError
 from stem.limits import ConcurrencyCap, RateLimiter, parse_rate, unique_key
 from stem.testing import memory_app, running_worker
 
@@ -475,6 +475,22 @@ def test_a_unique_task_revoked_or_expired_unseen_does_not_swallow_a_new_enqueue(
     assert fresh[0].id != revoked.id and fresh[1].id != expired.id
     with running_worker(app):
         assert [r.get(timeout=10) for r in fresh] == [1, 2]
+
+
+def test_a_duplicate_enqueue_does_not_need_the_result_store(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @app.task(name="sync_zone", unique=True)
+    def sync_zone(zone: int) -> int:
+        return zone
+
+    first = sync_zone.delay(5)
+
+    def down(*_: Any) -> None:
+        raise BackendConnectionError("result store unreachable")
+
+    monkeypatch.setattr(app.result_store, "read", down)
+    assert sync_zone.delay(5).id == first.id
 
 
 def test_an_expiring_unique_task_that_started_in_time_keeps_its_key(
