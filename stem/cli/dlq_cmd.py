@@ -110,15 +110,16 @@ def _batches(
     else those of ``queue`` (or all), at most ``limit`` of them: a replayed message that a
     running worker dead-letters again (a forged one, say) must not be replayed again."""
     if ids:
-        found = []
-        for dead_id in dict.fromkeys(ids):  # an id named twice is one letter
+        found: dict[str, DeadLetter] = {}  # by the store's own id: "7" and "07" are one
+        for dead_id in ids:
             d = broker.dlq_get(dead_id)
             if d is None:
                 missing.append(dead_id)
             else:
-                found.append(d)
-        for i in range(0, len(found), _BATCH):
-            yield found[i : i + _BATCH]
+                found.setdefault(d.id, d)
+        letters = list(found.values())
+        for i in range(0, len(letters), _BATCH):
+            yield letters[i : i + _BATCH]
         return
     left = limit
     while left is None or left > 0:  # each batch leaves the DLQ before the next is read

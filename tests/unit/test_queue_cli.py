@@ -226,7 +226,7 @@ def test_a_signed_letter_named_twice_is_replayed_once(tmp_path: Path) -> None:
         [letter] = app.broker.dlq_list("default")
         keys = {"STEM_SIGNING_KEYS": "v1:" + base64.b64encode(secret).decode()}
         out = CliRunner().invoke(
-            cli, ["--broker", url, "dlq", "replay", letter.id, letter.id], env=keys
+            cli, ["--broker", url, "dlq", "replay", letter.id, letter.id, "0" + letter.id], env=keys
         )
         assert out.exit_code == 0, out.output
         assert "replayed 1" in out.stdout
