@@ -216,19 +216,26 @@ class _DaemonThreads(Executor):
         return future
 
     def _run(self) -> None:
-        while (item := self._work.get()) is not None:
-            future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
+        me = threading.current_thread()
+        try:
+            while (item := self._work.get()) is not None:
+                future, fn, args = item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+                with self._lock:
+                    if me.ident in self._retired:
+                        return
+        finally:
+            # However the thread ends (a time-limit exception landing outside the call
+            # ends it too), its id leaves the retired set: a later thread may reuse it.
             with self._lock:
-                if threading.get_ident() in self._retired:
-                    self._retired.discard(threading.get_ident())
-                    self._threads.remove(threading.current_thread())
-                    return
+                self._retired.discard(me.ident or 0)
+                if me in self._threads:
+                    self._threads.remove(me)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
