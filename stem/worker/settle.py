@@ -452,8 +452,10 @@ class Settler:
         n = 0
         for job in jobs:
             if job.claim_settlement():
-                self.release(job.delivery)
+                # The slot first: released first, the copy could be taken elsewhere and
+                # pass the cap as this holder, then lose its place when this one freed it.
                 self.limits.finished(job.task, job.envelope)
+                self.release(job.delivery)
                 n += 1
         return n
 

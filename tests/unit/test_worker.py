@@ -13,7 +13,7 @@ import pytest
 
 from stem import Stem, TaskError, states
 from stem.backends.memory import MemoryBackend
-from stem.brokers.base import Message
+from stem.brokers.base import Delivery, Message
 from stem.brokers.memory import MemoryBroker
 from stem.errors import ConfigError, ResultTimeout
 from stem.security.signing import Keyring
@@ -1003,3 +1003,22 @@ def test_get_does_not_spin_on_a_store_that_answers_at_once_without_a_result(
     with pytest.raises(ResultTimeout):
         app.AsyncResult("t1").get(timeout=1.0)
     assert 2 <= len(calls) <= 20, len(calls)
+
+
+def test_hand_back_frees_the_concurrency_place_before_the_delivery(app: Stem) -> None:
+    """Released first, the copy could be reserved elsewhere and pass the cap as this
+    holder, then lose its place when this worker freed it: two would run."""
+    from stem.worker.job import Job
+    from stem.worker.settle import Settler
+
+    @app.task(name="capped_hb", concurrency_limit=1)
+    def capped_hb() -> None: ...
+
+    order: list[str] = []
+    settler = Settler.__new__(Settler)
+    settler.release = lambda delivery, delay_s=0.0: order.append("release")  # type: ignore[method-assign]
+    settler.limits = type("L", (), {"finished": lambda self, task, env: order.append("slot")})()  # type: ignore[assignment]
+    env = app.build_envelope("capped_hb")
+    delivery = Delivery("r", env.id, "default", b"", 1, lease_expires_ms=0)
+    assert settler.hand_back([Job(delivery=delivery, envelope=env, task=capped_hb)]) == 1
+    assert order == ["slot", "release"]
