@@ -155,12 +155,11 @@ class EventPublisher:
 
     def flush(self) -> None:
         """Publish everything buffered now."""
-        if self.overflowed > self._overflow_told:
+        if self.overflowed > self._overflow_told and self._warn(
             # Said here, on the publishing thread: emit() runs on the task path.
-            self._warn(
-                f"{self.overflowed} events dropped so far: more were emitted than could be "
-                f"published (buffer of {self._buffer.maxlen})"
-            )
+            f"{self.overflowed} events dropped so far: more were emitted than could be "
+            f"published (buffer of {self._buffer.maxlen})"
+        ):
             self._overflow_told = self.overflowed
         while batch := self._take():
             messages = [Message(id=new_id(), queue=self.queue, body=dumps(e)) for e in batch]
@@ -187,11 +186,14 @@ class EventPublisher:
         except BrokerError as exc:
             self._warn(f"events backlog not checked: {exc}")
 
-    def _warn(self, message: str) -> None:
+    def _warn(self, message: str) -> bool:
+        """Log ``message`` unless a warning went out in the last 30 s; True if logged."""
         now = time.monotonic()
-        if now - self._warned_at >= 30.0:  # one line per 30 s, not one per batch
-            self._warned_at = now
-            log.warning(message, extra={"event": "events-degraded", "worker": self.source})
+        if now - self._warned_at < 30.0:  # one line per 30 s, not one per batch
+            return False
+        self._warned_at = now
+        log.warning(message, extra={"event": "events-degraded", "worker": self.source})
+        return True
 
     def close(self) -> None:
         """Disconnect, publish what is buffered, and stop the background thread."""

@@ -233,6 +233,28 @@ def test_a_full_buffer_drops_oldest_counts_and_says_so(
     assert "2 events dropped" in line.getMessage()
 
 
+def test_dropped_events_are_told_once_the_warning_limit_allows(
+    app: Stem, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another warning in the last 30 s holds the count back; it is told later, not lost."""
+    pub = EventPublisher(app, source="p", max_buffer=1, flush_interval_s=60.0)
+    try:
+        with caplog.at_level("WARNING", logger="stem"):
+            assert pub._warn("something else") is True
+            pub.emit({"type": "x", "n": 0})
+            pub.emit({"type": "x", "n": 1})
+            pub.flush()
+            told = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+            assert told == []
+            pub._warned_at -= 31.0
+            pub.emit({"type": "x", "n": 2})
+            pub.flush()
+            told = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+            assert len(told) == 1 and told[0].startswith("1 events dropped")
+    finally:
+        pub.close()
+
+
 # -- heartbeats ------------------------------------------------------------------------------
 
 
