@@ -61,8 +61,10 @@ def load_app(
 ) -> Stem:
     """The app named by --app (or a bare app on the configured broker), with settings
     from the config layers applied on top of what the code set. ``existing``: a command
-    that only reads (queues, dead letters, results) refuses a SQLite file that does not
-    exist, rather than create one at a mistyped path and report it empty."""
+    that inspects or operates what is there (queues, dead letters, workers, events,
+    control) refuses a SQLite file that does not exist, rather than create one at a
+    mistyped path and report it empty. (``stem result`` may wait for a store that a
+    worker is about to create.)"""
     app = _load_app(ctx, need_spec=need_spec, gates=gates)
     if existing:
         _require_sqlite_files(app)

@@ -37,7 +37,7 @@ def _run(
     timeout: float,
     as_json: bool,
 ) -> None:
-    stem_app = load_app(ctx)
+    stem_app = load_app(ctx, existing=True)
     replies = control.broadcast(
         stem_app, command, args, destination=destination, timeout_s=timeout, report_silent=True
     )
@@ -93,7 +93,7 @@ def revoke(
 ) -> None:
     """Revoke tasks: recorded in the broker (survives restarts), so they never start;
     --terminate also stops running ones."""
-    stem_app = load_app(ctx)
+    stem_app = load_app(ctx, existing=True)
     control.revoke(stem_app, task_ids)
     replies = control.broadcast(
         stem_app,

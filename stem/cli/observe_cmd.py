@@ -47,7 +47,7 @@ def events(
 
     The stream is a queue: each event is shown by one tailer only, so two ``stem events``
     running at once split it between them."""
-    app = load_app(ctx)
+    app = load_app(ctx, existing=True)
     try:
         for event in tail(app.broker, follow=follow, limit=limit):
             line = json.dumps(event, sort_keys=True) if as_json else format_event(event)

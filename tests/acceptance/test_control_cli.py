@@ -116,6 +116,7 @@ def test_every_control_command_against_two_workers(cli: StemCLI) -> None:
 
 
 def test_control_without_workers_says_so(cli: StemCLI) -> None:
+    cli.run("enqueue", "acc.square", "--args", "[1]", check=True)  # the store exists
     proc = cli.run("control", "ping", "--timeout", "0.5")
     assert proc.returncode == 69
     assert "no worker replied" in proc.stderr

@@ -226,7 +226,13 @@ def test_cli_errors_are_clear(cli: StemCLI, args: list[str], code: int, message:
 
 def test_inspecting_a_mistyped_sqlite_path_creates_nothing(cli: StemCLI, tmp_path: Path) -> None:
     typo = tmp_path / "typo" / "dir" / "stme.db"
-    for args in (["queues"], ["dlq", "list"], ["workers"]):
+    for args in (
+        ["queues"],
+        ["dlq", "list"],
+        ["workers"],
+        ["events", "--no-follow"],
+        ["control", "ping"],
+    ):
         proc = cli.run("--broker", f"sqlite:///{typo}", *args)
         assert proc.returncode == 69, proc.stderr
         assert f"no SQLite database at {typo}" in proc.stderr
