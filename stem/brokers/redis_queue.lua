@@ -338,16 +338,19 @@ if cmd == 'reserve' then
 end
 
 if cmd == 'ack' then
-    -- claims first (set unless live, as redis_claims.lua's claim_many), then the acks
+    -- The acks first, then the claims (set unless live, as redis_claims.lua's claim_many).
+    -- Over maxmemory, Redis refuses a script whose first write needs memory (SET); the
+    -- acks free memory and, run first, let the claims through, so a full server still
+    -- drains instead of refusing every ack (and running every task again).
     local first = 5 + 2 * tonumber(ARGV[3])
-    for i = 5, first - 1, 2 do
-        redis.call('SET', P .. 'claim:' .. ARGV[i], ARGV[i + 1], 'PX', ARGV[4], 'NX')
-    end
     local n = 0
     for i = first, #ARGV, 2 do
         if take_leased(ARGV[i], ARGV[i + 1]) then
             n = n + 1
         end
+    end
+    for i = 5, first - 1, 2 do
+        redis.call('SET', P .. 'claim:' .. ARGV[i], ARGV[i + 1], 'PX', ARGV[4], 'NX')
     end
     return n
 end

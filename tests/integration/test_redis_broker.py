@@ -192,6 +192,30 @@ def test_priorities_across_several_queues(broker: RedisBroker) -> None:
     assert broker.ack(got) == 3
 
 
+def test_a_server_over_maxmemory_still_takes_acks_with_replay_claims(
+    private: tuple[RedisServer, RedisBroker],
+) -> None:
+    """Signed messages are acked with their nonce claims (a SET, which needs memory): a
+    full server must still drain, not refuse every ack and run every task again."""
+    server, b = private
+    b.publish([msg("full", f"m{i}") for i in range(50)])
+    got = b.reserve(["full"], 50, LONG_S)
+    client = redis.Redis.from_url(server.url)
+    try:
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", str(used // 2))
+        with pytest.raises(BrokerError, match="maxmemory"):
+            b.publish([msg("full", "more")])  # full indeed
+        claims = [(f"{NONCE_PREFIX}v1:n{i}", d.message_id, 60.0) for i, d in enumerate(got)]
+        assert b.ack(got, claims) == 50
+        assert b.stats(["full"])[0].reserved == 0
+        assert client.get(f"stem:claim:{NONCE_PREFIX}v1:n0") == b"m0"
+    finally:
+        client.config_set("maxmemory", "0")
+        client.close()
+
+
 def test_a_dropped_queue_leaves_no_key_behind(private: tuple[RedisServer, RedisBroker]) -> None:
     server, b = private
     b.publish([msg("gone", "m0"), msg("gone", "m9", priority=9), msg("kept", "k")])
