@@ -309,6 +309,7 @@ class RedisConn:
         # size limit: idle here, they would count as in use against it.
         self._spares: list[Any] = []
         self._spares_pid = os.getpid()
+        self._eviction_checked = False
         self._keep_spares = "max_connections" not in self.options.pool_kwargs
 
     @property
@@ -444,6 +445,34 @@ class RedisConn:
 
     def ping(self) -> None:
         self.run("pinging", lambda c: c.ping())
+        if not self._eviction_checked:
+            self._eviction_checked = True
+            self._warn_if_evicting()
+
+    def _warn_if_evicting(self) -> None:
+        """A full Redis under an eviction policy deletes Stem's keys without a word."""
+        try:
+            info: Any = self.client.info("memory")
+        except redis.RedisError:  # INFO may be renamed or forbidden on managed servers
+            return
+        policy = str(info.get("maxmemory_policy", ""))
+        if policy.startswith("allkeys"):
+            lost = "any key: queued messages and results are lost"
+        elif policy.startswith("volatile"):
+            lost = (
+                "keys set to expire: results, replay-protection nonces, unique-task keys "
+                "and beat claims vanish early"
+            )
+        else:
+            return
+        log.warning(
+            "Redis at %s has maxmemory-policy %s: when memory runs out it evicts %s; use "
+            "noeviction for Stem",
+            self.options.target,
+            policy,
+            lost,
+            extra={"event": "redis-evicting", "target": self.options.target},
+        )
 
     def close(self) -> None:
         spares, self._spares = self._spares, []

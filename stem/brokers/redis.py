@@ -90,7 +90,6 @@ class RedisBroker:
         self._prefix = self._conn.prefix
         self._queue = self._conn.load_script(_HERE / "redis_queue.lua")
         self._claims = self._conn.load_script(_HERE / "redis_claims.lua")
-        self._eviction_checked = False
         self._peek = ""  # claim key prefix of the replay nonces reserve reads ("" for none)
 
     def __repr__(self) -> str:
@@ -401,26 +400,7 @@ class RedisBroker:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def ping(self) -> None:
-        self._conn.ping()
-        if not self._eviction_checked:
-            self._eviction_checked = True
-            self._warn_if_evicting()
-
-    def _warn_if_evicting(self) -> None:
-        # Under an allkeys-* policy a full Redis deletes queue keys: messages vanish.
-        try:
-            info: Any = self._conn.client.info("memory")
-        except redis.RedisError:  # INFO may be renamed or forbidden on managed servers
-            return
-        policy = str(info.get("maxmemory_policy", ""))
-        if policy.startswith("allkeys"):
-            log.warning(
-                "Redis at %s has maxmemory-policy %s: when memory runs out it evicts queue "
-                "keys and messages are lost; use noeviction for a broker",
-                self._conn.options.target,
-                policy,
-                extra={"event": "redis-evicting", "target": self._conn.options.target},
-            )
+        self._conn.ping()  # (warns once if the server evicts keys)
 
     def close(self) -> None:
         self._conn.close()

@@ -154,6 +154,13 @@ class Worker:
 
         signals.worker_init.send(worker=self)
         self.app.broker.ping()
+        try:
+            self.app.backend.ping()  # (a Redis store that evicts keys is warned about here)
+        except BackendError as exc:
+            # Not fatal: tasks wait in the broker until results can be written again.
+            log.warning(
+                "result backend unreachable at start: %s", exc, extra={"event": "backend-down"}
+            )
         # The broker just answered: count that as contact, so the first heartbeat (sent
         # before the consumer's first reserve returns) reports a consuming worker.
         self.last_consume_ms = self.last_loop_ms = _now_ms()

@@ -358,19 +358,28 @@ def test_unknown_url_options_are_refused() -> None:
         RedisBroker("redis://127.0.0.1:6379/0?socket_timeout=soon")
 
 
-def test_ping_warns_when_the_server_may_evict_queue_keys(
-    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("policy", "lost"), [("allkeys-lru", "queued messages"), ("volatile-lru", "results")]
+)
+def test_ping_warns_when_the_server_may_evict_stem_keys(
+    fresh_redis_server: RedisServer, caplog: pytest.LogCaptureFixture, policy: str, lost: str
 ) -> None:
+    """Queues (no expiry) go under allkeys-*; results, nonces, unique and beat claims
+    (all set to expire) under volatile-* too: the broker and the result store warn."""
+    from stem.backends.redis import RedisBackend
+
     with fresh_redis_server.admin() as admin:
-        admin.config_set("maxmemory-policy", "allkeys-lru")
-    b = RedisBroker(fresh_redis_server.url)
-    try:
-        b.ping()
-        b.ping()
-    finally:
-        b.close()
-    warned = [r for r in caplog.records if "allkeys-lru" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].name == "stem.redis"
+        admin.config_set("maxmemory-policy", policy)
+    for store in (RedisBroker(fresh_redis_server.url), RedisBackend(fresh_redis_server.url)):
+        caplog.clear()
+        try:
+            store.ping()
+            store.ping()
+        finally:
+            store.close()
+        warned = [r for r in caplog.records if policy in r.getMessage()]
+        assert len(warned) == 1 and warned[0].name == "stem.redis"
+        assert lost in warned[0].getMessage()
 
 
 def test_no_published_message_is_lost_when_redis_is_killed_mid_flow(
