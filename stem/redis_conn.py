@@ -222,6 +222,11 @@ def _hint(exc: BaseException, options: RedisOptions) -> str:
                 "the server's TLS certificate is not valid for the host name in the URL; "
                 "connect by a name the certificate lists"
             )
+        if "has expired" in lowered or "not yet valid" in lowered:
+            return (
+                "the server's TLS certificate is outside its validity dates (renew it, or "
+                "check this host's clock)"
+            )
         return (
             "the server's TLS certificate could not be verified: check that the CA file "
             "(TLS ca_file / ssl_ca_certs) is the one that signed it"

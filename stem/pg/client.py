@@ -44,7 +44,12 @@ Conn = psycopg.Connection[Any]
 # Common libpq failures, with what to do about them.
 _HINTS = (
     ("no encryption", "the server accepts only TLS: give a CA in tls.ca_file or sslrootcert"),
-    ("certificate verify failed", "the server certificate is not signed by the configured CA"),
+    (
+        "certificate verify failed",
+        # libpq gives no reason: the likely ones, without claiming one.
+        "the server certificate could not be verified: check that it is signed by the "
+        "configured CA (tls.ca_file / sslrootcert) and within its validity dates",
+    ),
     ("does not match host name", "connect by a name the server certificate lists"),
     ("requires a valid client certificate", "give a client certificate and key"),
     ("password authentication failed", "check the user name and password"),

@@ -16,8 +16,8 @@ from stem.brokers.redis import RedisBroker
 from stem.errors import BackendConnectionError, BrokerConnectionError, ConfigError
 from stem.redis_conn import parse_url
 from stem.security.tls import TLSSettings
-from tests.fixtures.certs import TestCerts
-from tests.fixtures.redis_server import RedisServer
+from tests.fixtures.certs import TestCerts, make_test_certs
+from tests.fixtures.redis_server import RedisServer, _new_server
 
 # Fail fast where a handshake gets no answer (a TLS client on a plaintext port).
 FAST = "socket_connect_timeout=0.5"
@@ -119,6 +119,19 @@ def test_wrong_ca_is_refused(tls_server: RedisServer, redis_test_certs: TestCert
     text = connect_error(tls_server.url, TLSSettings(ca_file=str(redis_test_certs.wrong_ca)))
     assert "could not be verified" in text and "CA file" in text
     assert f"localhost:{tls_server.port}/0" in text
+
+
+@pytest.mark.redis
+def test_an_expired_server_certificate_is_named_as_such(tmp_path: Path) -> None:
+    certs = make_test_certs(tmp_path / "certs", expired_server=True)
+    servers = _new_server("stem-redis-expired-", certs=certs)
+    server = next(servers)
+    try:
+        text = connect_error(server.url, verified(certs))
+    finally:
+        servers.close()
+    assert "certificate has expired" in text
+    assert "validity dates" in text and "CA file" not in text
 
 
 @pytest.mark.redis
