@@ -300,7 +300,12 @@ class RedisConn:
         self.options = parse_url(url, tls)
         self._error = error
         self._conn_error = conn_error
-        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=_LIVE_ERRORS)
+        # Retried: a connection refused or reset (a restart), which fails fast. Not a
+        # timeout: a server that stopped answering (a black-holed link) would hold every
+        # call for four timeouts instead of one.
+        retry = Retry(
+            ExponentialBackoff(cap=1.0, base=0.05), 3, supported_errors=(redis.ConnectionError,)
+        )
         if self.options.insecure:
             log.warning(
                 "TLS certificate verification is OFF for Redis at %s (allow_insecure): "
@@ -378,7 +383,10 @@ class RedisConn:
             reply = conn.read_response()
         except NoScriptError:
             self._checkin(conn)  # the connection is fine; the full path loads the script
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except redis.TimeoutError:
+            self._discard(conn)  # no answer in time: another try would wait as long again
+            raise
+        except (redis.ConnectionError, OSError):
             self._discard(conn)
         except redis.ResponseError:
             self._checkin(conn)  # an error reply: the connection read it whole and is fine
@@ -441,12 +449,15 @@ class RedisConn:
                 script.sha = c.script_load(script.script)
                 for i, r in zip(missing, send(missing), strict=True):
                     results[i] = r
-            for r in results:
-                if isinstance(r, Exception):
-                    raise r
             return results
 
-        return self.run(doing, go)
+        results = self.run(doing, go)
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            # Each call is atomic, the lot is not: say how much went through.
+            done = len(results) - len(failed)
+            raise self.fail(failed[0], f"{doing} (calls done: {done} of {len(results)})")
+        return results
 
     def ping(self) -> None:
         self.run("pinging", lambda c: c.ping())

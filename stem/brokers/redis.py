@@ -112,7 +112,11 @@ class RedisBroker:
                 nb = "" if m.not_before_ms is None else str(int(m.not_before_ms))
                 args += [m.queue, min(9, max(0, int(m.priority))), nb, m.id, bytes(m.body)]
             calls.append(args)
-        self._conn.eval_many("publishing", self._queue, calls)
+        # Chunks keep each script short (Redis runs nothing else meanwhile); each is all or
+        # nothing, a batch of several is not: the error says how many chunks went in.
+        self._conn.eval_many(
+            f"publishing {len(messages)} messages in chunks of {_PUBLISH_CHUNK}", self._queue, calls
+        )
 
     def reserve(
         self, queues: Sequence[str], max_n: int, lease_s: float, wait_s: float = 0.0

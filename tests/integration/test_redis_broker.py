@@ -17,6 +17,7 @@ from stem.errors import BrokerConnectionError, BrokerError, ConfigError
 from stem.security.replay import NONCE_PREFIX, ReplayGuard
 from stem.security.signing import Keyring
 from tests.fixtures.redis_server import RedisServer
+from tests.fixtures.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
 
@@ -192,6 +193,27 @@ def test_priorities_across_several_queues(broker: RedisBroker) -> None:
     assert broker.ack(got) == 3
 
 
+def test_a_server_that_stopped_answering_costs_one_timeout_not_four(redis_url: str) -> None:
+    """A black-holed link: each retry of a timed-out call would wait the whole socket
+    timeout again (a producer blocked minutes in delay(), a worker silent in reserve).
+    One attempt, one new connection, then a clear error."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(redis_url)
+    assert parts.hostname and parts.port
+    with TcpProxy(parts.hostname, parts.port) as proxy:
+        b = RedisBroker(proxy.rewrite(redis_url) + "?socket_timeout=0.3&socket_connect_timeout=0.3")
+        try:
+            b.ping()
+            proxy.cut("drop")
+            before = proxy.accepted
+            with pytest.raises(BrokerConnectionError, match=r"(?i)timeout"):
+                b.stats(["q"])
+            assert proxy.accepted - before <= 1
+        finally:
+            b.close()
+
+
 def test_a_server_over_maxmemory_still_takes_acks_with_replay_claims(
     private: tuple[RedisServer, RedisBroker],
 ) -> None:
@@ -211,6 +233,30 @@ def test_a_server_over_maxmemory_still_takes_acks_with_replay_claims(
         assert b.ack(got, claims) == 50
         assert b.stats(["full"])[0].reserved == 0
         assert client.get(f"stem:claim:{NONCE_PREFIX}v1:n0") == b"m0"
+    finally:
+        client.config_set("maxmemory", "0")
+        client.close()
+
+
+def test_a_large_batch_cut_short_says_how_much_went_in(
+    private: tuple[RedisServer, RedisBroker],
+) -> None:
+    """Batches go in chunks of 500 messages, each all or nothing: when Redis refuses one,
+    the error says how many went in (retrying the batch would run those twice)."""
+    import re
+
+    server, b = private
+    client = redis.Redis.from_url(server.url)
+    try:
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", str(used + 2_000_000))
+        body = b"x" * 3000
+        with pytest.raises(BrokerError, match=r"calls done: \d of 3") as info:
+            b.publish([Message(f"m{i}", "big", body) for i in range(1500)])
+        done = int(re.search(r"calls done: (\d)", str(info.value)).group(1))  # type: ignore[union-attr]
+        assert 0 < done < 3
+        assert b.stats(["big"])[0].ready == 500 * done
     finally:
         client.config_set("maxmemory", "0")
         client.close()
