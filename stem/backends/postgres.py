@@ -75,8 +75,20 @@ class PostgresBackend:
     def wait(self, task_id: str, timeout_s: float) -> bytes | None:
         deadline = time.monotonic() + max(0.0, timeout_s)
         since = self._notifier.mark()
+        backoff_s = 0.05
         while True:
-            record = self._fetch(task_id)
+            try:
+                record = self._fetch(task_id)
+            except BackendConnectionError:
+                # The server restarting (or out of reach): try again until the deadline,
+                # as the Redis store does; then the caller's timeout decides.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                time.sleep(min(backoff_s, remaining))
+                backoff_s = min(backoff_s * 2, 1.0)
+                continue
+            backoff_s = 0.05
             if record is not None and record[0] in READY_STATES:
                 return record[1]
             remaining = deadline - time.monotonic()

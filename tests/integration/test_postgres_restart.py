@@ -118,3 +118,26 @@ def test_backend_recovers_across_a_restart(server: PostgresServer, url: str) -> 
         assert backend.wait("t", 5) == b"done"
     finally:
         backend.close()
+
+
+def test_a_wait_rides_through_the_store_being_down_for_a_while(
+    server: PostgresServer, url: str
+) -> None:
+    """get() with time left must not fail because the server is restarting: it waits
+    for the result once the store is back (as on Redis)."""
+    backend = PostgresBackend(url)
+    writer = PostgresBackend(url)
+    got: list[bytes | None] = []
+    try:
+        backend.store("w", "STARTED", b"", None)
+        server.stop()
+        waiter = threading.Thread(target=lambda: got.append(backend.wait("w", 60)))
+        waiter.start()
+        time.sleep(1.5)  # the wait meets a store that is down, more than once
+        server.start()
+        writer.store("w", SUCCESS, b"late", None)
+        waiter.join(60)
+        assert got == [b"late"]
+    finally:
+        backend.close()
+        writer.close()
