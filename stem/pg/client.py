@@ -41,6 +41,16 @@ T = TypeVar("T")
 Conn = psycopg.Connection[Any]
 
 
+# TCP keepalives unless the URL sets its own: a connection whose peer vanished without a
+# word (a NAT or firewall that dropped it, a host that died) fails within about 25 s of
+# silence instead of never. It matters most for the LISTEN connection, which only reads.
+_KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+
 # Common libpq failures, with what to do about them.
 _HINTS = (
     ("no encryption", "the server accepts only TLS: give a CA in tls.ca_file or sslrootcert"),
@@ -84,8 +94,12 @@ class PgClient:
             self._schema_ready.set()
         self._schema_lock = threading.Lock()
         extra = dict(options.params)
-        if "application_name" not in conninfo_to_dict(options.conninfo):
+        given = conninfo_to_dict(options.conninfo)
+        if "application_name" not in given:
             extra["application_name"] = f"stem-{role}"  # shows in pg_stat_activity
+        for key, value in _KEEPALIVES.items():
+            if key not in given and key not in extra:
+                extra[key] = value
         self._conninfo = make_conninfo(options.conninfo, **extra)
 
     # -- errors ------------------------------------------------------------------------------

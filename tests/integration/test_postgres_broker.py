@@ -362,3 +362,20 @@ def test_ack_with_claims_refuses_a_connection_outside_autocommit(
         broker._client.run = run  # type: ignore[method-assign]
     assert "nonce:never" not in _claim_keys(postgres_url)
     assert broker.ack(got, [("nonce:later", "1", 60)]) == 1  # still leased, acked now
+
+
+def test_connections_keep_alive_unless_the_url_says_otherwise(postgres_url: str) -> None:
+    """TCP keepalives: a LISTEN connection whose peer vanished silently (a NAT or
+    firewall dropped it) fails and is made again, instead of waiting for good."""
+    sep = "&" if "?" in postgres_url else "?"
+    for url, idle in ((postgres_url, "10"), (f"{postgres_url}{sep}keepalives_idle=30", "30")):
+        broker = PostgresBroker(url)
+        try:
+            conn = broker._client.new_connection()
+            try:
+                params = conn.info.get_parameters()
+            finally:
+                conn.close()
+        finally:
+            broker.close()
+        assert (params["keepalives"], params["keepalives_idle"]) == ("1", idle)
