@@ -559,6 +559,24 @@ def test_a_unique_call_is_the_same_however_its_arguments_are_spelled(app: Stem) 
     assert len({first.id, *(r.id for r in others)}) == 5
 
 
+def test_a_unique_key_written_by_the_previous_release_still_counts(app: Stem) -> None:
+    """Keys hashed the arguments as sent before they were bound by name: a task queued
+    before an upgrade is still the same task for a producer after it."""
+    import hashlib
+
+    from stem.envelope import dumps
+
+    @app.task(name="sync_org", unique=True)
+    def sync_org(org: int, full: bool = False) -> int:
+        return org
+
+    old_key = "unique:sync_org:" + hashlib.sha256(dumps([[6], {}])).hexdigest()
+    assert app.broker.claim(old_key, "queued-before-upgrade", 3600.0) == "queued-before-upgrade"
+    assert sync_org.delay(6).id == "queued-before-upgrade"
+    assert app.broker.scan("unique:sync_org:") == {old_key: "queued-before-upgrade"}
+    assert sync_org.delay(7).id != "queued-before-upgrade"
+
+
 def test_unique_key_template_and_concurrent_producers(app: Stem) -> None:
     @app.task(name="invoice", unique_key="order:{order_id}")
     def invoice(order_id: int, attempt: int = 0) -> int:
