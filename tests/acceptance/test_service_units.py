@@ -98,6 +98,22 @@ def test_worker_unit_notify_watchdog_drain_and_hardening() -> None:
     assert int(unit["Unit"]["StartLimitBurst"]) >= 10
 
 
+def test_units_and_defaults_select_the_production_profile() -> None:
+    """config/stem.production.yaml says the shipped service files select it: gates are
+    then errors, and a service that fails one does not start."""
+    for unit in ("stem-worker@.service", "stem-beat.service", "stem-multi.service"):
+        text = (SYSTEMD / unit).read_text()
+        assert "\nEnvironment=STEM_PROFILE=production\n" in text, unit
+        # before the environment files, so /etc/default/stem may choose another profile
+        assert text.index("STEM_PROFILE=production") < text.index("EnvironmentFile=")
+    assert re.search(r'^STEM_PROFILE="production"$', (SYSV / "default" / "stem").read_text(), re.M)
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    [burst] = re.findall(
+        r"^StartLimitBurst=(\d+)$", (SYSTEMD / "stem-worker@.service").read_text(), re.M
+    )
+    assert f"at most {burst} times in 10 minutes" in readme
+
+
 def test_multi_unit_is_a_oneshot_that_drains_on_stop() -> None:
     svc = _unit("stem-multi.service")["Service"]
     assert (svc["Type"], svc["RemainAfterExit"]) == ("oneshot", "yes")
