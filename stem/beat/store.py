@@ -198,23 +198,27 @@ class ScheduleStore:
         """Enable or disable an entry; False if there is no such entry. Enabling a disabled
         entry with ``now_ms`` marks every tick up to then as handled, so ticks missed while
         it was disabled do not fire."""
-        found = flipped = False
+        found = False
+        if enabled and now_ms is not None:
+            # Before the entry is enabled: a beat pass in between would otherwise see it
+            # enabled with its old last tick, and fire what was missed while disabled.
+            entry = self.get(name)
+            if entry is not None and not entry.enabled:
+                tick = entry.schedule.prev_at_or_before(now_ms)
+                if tick is not None:
+                    self.advance_last(name, tick)
 
         def change(current: str | None) -> str | None:
-            nonlocal found, flipped
+            nonlocal found
             found = current is not None
             if current is None:
                 return None
             entry = self._parse(name, current)
-            flipped = entry.enabled != enabled
-            return self._encode(entry.with_enabled(enabled)) if flipped else current
+            return (
+                current if entry.enabled == enabled else self._encode(entry.with_enabled(enabled))
+            )
 
         self._update(ENTRY_PREFIX + name, change)
-        if flipped and enabled and now_ms is not None:
-            entry = self.get(name)
-            tick = None if entry is None else entry.schedule.prev_at_or_before(now_ms)
-            if tick is not None:
-                self.advance_last(name, tick)
         return found
 
     def advance_last(self, name: str, tick_ms: int) -> bool:

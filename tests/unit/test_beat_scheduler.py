@@ -185,6 +185,30 @@ def test_disable_and_enable_at_run_time(rec: Recorder, twin: Recorder) -> None:
     assert not store.set_enabled("nope", True)
 
 
+def test_a_pass_during_enable_fires_nothing_missed_while_disabled(
+    rec: Recorder, twin: Recorder
+) -> None:
+    """Another beat's pass may fall between the two writes of an enable: it must not
+    see the entry enabled with its old last tick (and fire what was missed)."""
+    put(rec, "sec", every=1, catch_up=True)
+    beat = rec.beat()
+    beat.tick(T0)
+    store = ScheduleStore(twin.app.broker)
+    assert store.set_enabled("sec", False)
+    during: list[Any] = []
+    advance = store.advance_last
+
+    def pass_in_between(name: str, tick_ms: int) -> bool:
+        during.extend(beat.tick(T0 + 5 * S + 250).fired)
+        return advance(name, tick_ms)
+
+    store.advance_last = pass_in_between  # type: ignore[method-assign]
+    assert store.set_enabled("sec", True, now_ms=T0 + 5 * S + 200)
+    assert during == []
+    assert beat.tick(T0 + 5 * S + 300).fired == []
+    assert beat.tick(T0 + 6 * S).fired == [("sec", T0 + 6 * S)]
+
+
 def test_entries_added_and_removed_at_run_time(rec: Recorder) -> None:
     beat = rec.beat()
     assert beat.tick(T0).fired == []
