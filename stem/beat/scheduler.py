@@ -8,7 +8,8 @@ minutes) that says "being published". The winner publishes with the task id
 kept until no process can see the tick as due any more) and moves ``beat:last:<name>``
 forward, so the others skip it. If publishing fails it releases its claim and another
 process (or its own next pass) tries again; if the winner dies before publishing, its
-claim lapses and another process publishes the tick then. A winner whose broker fails
+claim lapses and another process publishes the tick then (the others keep trying a tick
+they saw claimed until it is recorded, even once later ticks went out). A winner whose broker fails
 just after publishing records the tick on its next pass. Only a winner that dies after
 publishing and before recording the tick (a window of one broker call), or stays cut off
 longer than its claim, leaves the tick to be published twice, under the same task id.
@@ -108,6 +109,10 @@ class Beat:
         # Ticks this process published but could not record (the broker failed just
         # then): (entry, tick) -> token. Recorded before anything else is tried for them.
         self._unrecorded: dict[tuple[str, int], str] = {}
+        # Ticks another process claimed and has not recorded yet: tried again each pass
+        # until recorded, so one whose claimant died (its claim lapses) is published even
+        # after later ticks moved the last tick past it.
+        self._contested: set[tuple[str, int]] = set()
 
     # -- entries defined in code and config --------------------------------------------------
 
@@ -147,6 +152,16 @@ class Beat:
             else:
                 del self._unrecorded[(name, tick)]
         lasts = self.store.lasts()
+        for name, tick in sorted(self._contested):
+            self._contested.discard((name, tick))
+            entry = stored.entries.get(name)
+            if entry is None or not entry.enabled or entry.one_off:
+                continue
+            last = lasts.get(name)
+            if not entry.catch_up and last is not None and last > tick:
+                continue  # a later tick went out: without catch_up, a stale one does not
+            if self._fire(entry, tick):  # (contested again while still claimed elsewhere)
+                report.fired.append((name, tick))
         for entry in stored.entries.values():
             if not entry.enabled:
                 continue
@@ -214,6 +229,7 @@ class Beat:
         if broker.peek(fired_key) is not None:
             return False
         if broker.claim(key, token, FIRING_TTL_S) != token:
+            self._contested.add((entry.name, tick))  # being published elsewhere: see __init__
             return False
         if broker.peek(fired_key) is not None:  # fired by one whose claim lapsed since
             self._release(key, token)

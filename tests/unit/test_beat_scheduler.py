@@ -258,6 +258,28 @@ def test_a_beat_that_dies_before_publishing_leaves_the_tick_to_another(
     assert ids(rec, twin) == sorted([task_id_for("sec", T0), task_id_for("sec", T0 + S)])
 
 
+@pytest.mark.parametrize("catch_up", [True, False])
+def test_a_tick_whose_claimant_died_fires_even_after_later_ticks(
+    rec: Recorder, twin: Recorder, catch_up: bool
+) -> None:
+    """The dead beat's claim lapses only after later ticks went out and moved the last
+    tick past it: the others must still publish it (with catch_up; without, a later
+    tick already stood for it)."""
+    from stem.beat.store import FIRING_PREFIX
+
+    put(rec, "ten", every=10, catch_up=catch_up)
+    b = twin.beat(beat_id="b")
+    b.tick(T0)
+    held = f"{FIRING_PREFIX}ten:{T0 + 10 * S}"
+    assert rec.app.broker.claim(held, "a/dead", 600.0) == "a/dead"  # claimed, then died
+    assert b.tick(T0 + 10 * S + 100).fired == []
+    assert b.tick(T0 + 20 * S + 100).fired == [("ten", T0 + 20 * S)]
+    assert rec.app.broker.release(held, "a/dead")  # its claim lapses
+    late = b.tick(T0 + 20 * S + 200).fired
+    assert late == ([("ten", T0 + 10 * S)] if catch_up else [])
+    assert b.tick(T0 + 20 * S + 300).fired == []
+
+
 def test_a_tick_published_but_not_recorded_is_recorded_not_published_again(
     rec: Recorder, twin: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
