@@ -248,9 +248,13 @@ class Admission:
                     **self.settler.fields(env),
                 },
             )
-            # Its follow-ups may not have been published (that failed, and this copy came
-            # back to try again): publish them, from the stored result.
-            if ended.state != states.SUCCESS or self.settler.follow_up(env, delivery, ended.result):
+            # Its follow-ups may never have gone out (that publish failed, and this copy
+            # came back to try again): then publish them, from the stored result.
+            if (
+                ended.state != states.SUCCESS
+                or self.settler.canvas.followed(env)
+                or self.settler.follow_up(env, delivery, ended.result)
+            ):
                 self.settler.ack(delivery)
             return None
         if not self.settler.limits.admit(task, env, delivery):

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from stem.app import Stem
 
 log = logging.getLogger("stem.canvas")
+
+
+def _followed_key(task_id: str) -> str:
+    return f"canvas:followed:{task_id}"
+
+
 # States after which a canvas step's copy is not run again (see already_done).
 _ENDED = frozenset({states.SUCCESS, states.REVOKED, states.EXPIRED})
 
@@ -76,6 +82,13 @@ class CanvasHooks:
                 out.append(cb)
         if out:
             self.app.publish(out)
+            # Said once the follow-ups are out: a copy of this step that comes back (a
+            # redelivery) publishes them only if they never went (see followed()).
+            self.app.broker.claim(_followed_key(env.id), "1", self._ttl())
+
+    def followed(self, env: Envelope) -> bool:
+        """Whether this task's follow-ups (next step, link, chord callback) were published."""
+        return self.app.broker.peek(_followed_key(env.id)) is not None
 
     def _chord_member_done(self, env: Envelope) -> Envelope | None:
         spec = env.headers["chord"]
@@ -110,17 +123,9 @@ class CanvasHooks:
             root_id=env.root_id,
         )
 
-    def after_failure(
-        self,
-        env: Envelope,
-        error: ErrorInfo,
-        *,
-        errback: bool = True,
-        unpublishable: bool = False,
-    ) -> None:
+    def after_failure(self, env: Envelope, error: ErrorInfo, *, errback: bool = True) -> None:
         """The task failed for good: fail what waits on it, and run its errback (unless
-        ``errback`` is false: the task itself did not fail, only its follow-up, which
-        ``unpublishable`` says cannot be published)."""
+        ``errback`` is false: the task itself did not fail, only its follow-up)."""
         hdrs = env.headers
         why = f"{env.task} ({env.id}) failed: {error.type}: {error.message}"
         rest = list(hdrs.get("chain") or [])
@@ -136,11 +141,11 @@ class CanvasHooks:
             owner = self.app.broker.claim(
                 f"chord-fire:{env.group_id}", f"failed:{env.id}", self._ttl()
             )
-            # This member's own claim (env.id) when it fired the chord and the callback
-            # could not be published (too large, say): the callback fails, not waits. (A
-            # member that fired the chord and later fails on a redelivery must not turn
-            # a callback that ran into a failure.)
-            if owner == f"failed:{env.id}" or (unpublishable and owner == env.id):
+            # This member's own claim (env.id): it fired the chord, and the callback was
+            # never published (too large to, or the publish failed and this member then
+            # failed on its next run): the callback fails, not waits. Once published, a
+            # later failure of the member must not turn a callback that ran into one.
+            if owner == f"failed:{env.id}" or (owner == env.id and not self.followed(env)):
                 self._fail_ids(
                     [cb["id"]],
                     cb["task"],

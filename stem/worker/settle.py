@@ -380,19 +380,12 @@ class Settler:
         self.release_unique(env)
         return True
 
-    def _fail_waiters(
-        self,
-        env: Envelope,
-        error: ErrorInfo,
-        *,
-        errback: bool = True,
-        unpublishable: bool = False,
-    ) -> bool:
+    def _fail_waiters(self, env: Envelope, error: ErrorInfo, *, errback: bool = True) -> bool:
         """The canvas follow-up of a task that ended for good without a result (or whose
-        follow-up cannot be published: ``unpublishable``); False (logged) if it could not
+        follow-up cannot be published: ``errback`` false); False (logged) if it could not
         be published now."""
         try:
-            self.canvas.after_failure(env, error, errback=errback, unpublishable=unpublishable)
+            self.canvas.after_failure(env, error, errback=errback)
         except StemError as exc:
             log.warning(
                 "failure follow-up of task %s not done (%s); it will be tried again",
@@ -474,8 +467,8 @@ class Settler:
     def follow_up(self, env: Envelope, delivery: Delivery, value: Any) -> bool:
         """Publish what a task's success sets in motion (its chain's next step, its link,
         its chord's callback). False if the delivery was given back to try again (a copy
-        that comes back finds the task's SUCCESS and publishes these again: ids are fixed,
-        so a step already published is one task)."""
+        that comes back finds the task's SUCCESS and, the follow-ups not having gone out,
+        publishes them then)."""
         try:
             self.canvas.after_success(env, value)
         except (BrokerError, BackendError) as exc:
@@ -496,9 +489,7 @@ class Settler:
                 exc,
                 extra={"event": "canvas-follow-up-refused", **self.fields(env)},
             )
-            if not self._fail_waiters(
-                env, ErrorInfo.from_exception(exc), errback=False, unpublishable=True
-            ):
+            if not self._fail_waiters(env, ErrorInfo.from_exception(exc), errback=False):
                 self.release(delivery, delay_s=1.0)
                 return False
         return True

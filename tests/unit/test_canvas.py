@@ -311,6 +311,73 @@ def test_a_chain_goes_on_when_publishing_its_next_step_failed_once(app: Stem) ->
     assert failed == [1]
 
 
+def test_a_copy_of_a_finished_step_does_not_publish_its_next_step_again(app: Stem) -> None:
+    """A worker that dies after publishing a step's follow-up and before its ack sends the
+    step back: that copy must not send the next step (still running) a second time."""
+    from stem.observability import signals
+
+    add = t(app, "add")
+    started, release, runs = threading.Event(), threading.Event(), []
+
+    @app.task(name="slow_last")
+    def slow_last(x: int) -> int:
+        runs.append(x)
+        started.set()
+        release.wait(10)
+        return x
+
+    seen: dict[str, Any] = {}
+
+    def keep(envelope: Any, **_: Any) -> None:
+        if envelope.task == "add" and envelope.headers.get("canvas"):
+            seen["middle"] = envelope
+
+    signals.task_prerun.connect(keep)
+    try:
+        res = chain(add.s(1, 1), add.s(10), slow_last.s()).delay()
+        with running_worker(app, concurrency=3):
+            assert started.wait(10)
+            app.publish([seen["middle"]])  # the middle step's message comes back
+            time.sleep(0.5)  # its copy is handled meanwhile
+            release.set()
+            assert res.get(timeout=10) == 12
+            time.sleep(0.3)
+    finally:
+        signals.task_prerun.disconnect(keep)
+    assert runs == [12]
+
+
+def test_a_chord_fired_but_not_published_fails_when_its_member_then_fails(app: Stem) -> None:
+    """The member that fired the chord could not publish the callback (a broker blip),
+    ran again and failed: the callback fails with it instead of waiting for good."""
+    add, total = t(app, "add"), t(app, "total")
+    runs: list[int] = []
+
+    @app.task(name="second_run_fails", max_retries=0)
+    def second_run_fails(x: int) -> int:
+        runs.append(x)
+        time.sleep(0.3)  # finishes last: it fires the chord
+        if len(runs) > 1:
+            raise RuntimeError("dependency down on the second run")
+        return x
+
+    publish, failed = app.publish, []
+
+    def publish_failing_once(envs: Any, *args: Any, **kwargs: Any) -> Any:
+        envs = list(envs)
+        if not failed and any(e.task == "total" for e in envs):
+            failed.append(1)
+            raise BrokerError("connection reset")
+        return publish(envs, *args, **kwargs)
+
+    app.publish = publish_failing_once  # type: ignore[method-assign]
+    res = chord([add.s(1, 1), second_run_fails.s(5)], total.s()).delay()
+    with running_worker(app):
+        with pytest.raises(TaskError, match="dependency down on the second run"):
+            res.get(timeout=15)
+    assert len(runs) == 2
+
+
 def test_a_member_run_again_after_firing_its_chord_cannot_fail_the_callback(app: Stem) -> None:
     """Group members carry no canvas mark: one redelivered after it fired the chord (a
     crash before its ack) runs again; failing then must not turn the callback that ran
