@@ -21,7 +21,13 @@ from stem.brokers import broker_from_url
 from stem.brokers.base import Broker, Message
 from stem.canvas import Signature
 from stem.envelope import Envelope, new_id, now_ms
-from stem.errors import BackendError, BrokerConnectionError, ConfigError, TaskNotRegistered
+from stem.errors import (
+    BackendError,
+    BrokerConnectionError,
+    BrokerTimeoutError,
+    ConfigError,
+    TaskNotRegistered,
+)
 from stem.observability import signals
 from stem.result import AsyncResult
 from stem.result_store import ResultStore
@@ -545,6 +551,8 @@ class Stem:
             try:
                 self.broker.publish(messages)
                 return
+            except BrokerTimeoutError:
+                raise  # it may have gone in: sent again, it could run twice
             except BrokerConnectionError as exc:
                 if attempt >= self.publish_retries:
                     raise

@@ -52,6 +52,11 @@ class BrokerConnectionError(BrokerError):
     """The broker could not be reached."""
 
 
+class BrokerTimeoutError(BrokerConnectionError):
+    """The broker took the call and did not answer in time: it may or may not have been
+    applied, so a publish is not sent again (a second copy would run)."""
+
+
 class BackendError(StemError):
     """The result backend failed."""
 

@@ -266,11 +266,22 @@ def translate(
     *,
     error: type[StemError],
     conn_error: type[StemError],
+    timeout_error: type[StemError] | None = None,
 ) -> StemError:
-    """Turn a redis-py (or socket/ssl) error into a Stem error with a clear message."""
+    """Turn a redis-py (or socket/ssl) error into a Stem error with a clear message.
+    ``timeout_error``: for a call sent and not answered in time (not a connect timeout)."""
     detail = _detail(exc)
     hint = _hint(exc, options)
     where = f"Redis at {options.target}"
+    if (
+        timeout_error is not None
+        and isinstance(exc, redis.TimeoutError)
+        and "connecting" not in str(exc).lower()
+    ):
+        return timeout_error(
+            f"{where} did not answer in time while {doing}: {detail} (the call may or may "
+            "not have been applied)"
+        )
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
         message = f"cannot reach {where} while {doing}: {detail}"
         return conn_error(f"{message} ({hint})" if hint else message)
@@ -296,10 +307,12 @@ class RedisConn:
         *,
         error: type[StemError],
         conn_error: type[StemError],
+        timeout_error: type[StemError] | None = None,
     ) -> None:
         self.options = parse_url(url, tls)
         self._error = error
         self._conn_error = conn_error
+        self._timeout_error = timeout_error
         # Retried: a connection refused or reset (a restart), which fails fast. Not a
         # timeout: a server that stopped answering (a black-holed link) would hold every
         # call for four timeouts instead of one.
@@ -336,7 +349,14 @@ class RedisConn:
         return self.client.register_script(path.read_text(encoding="utf-8"))
 
     def fail(self, exc: BaseException, doing: str) -> StemError:
-        return translate(exc, self.options, doing, error=self._error, conn_error=self._conn_error)
+        return translate(
+            exc,
+            self.options,
+            doing,
+            error=self._error,
+            conn_error=self._conn_error,
+            timeout_error=self._timeout_error,
+        )
 
     def is_connection_error(self, exc: BaseException) -> bool:
         return isinstance(exc, (*_LIVE_ERRORS, OSError))

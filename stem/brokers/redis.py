@@ -38,7 +38,7 @@ from typing import Any
 import redis
 
 from stem.brokers.base import Claim, DeadLetter, Delivery, Message, QueueStats, list_limit
-from stem.errors import BrokerConnectionError, BrokerError
+from stem.errors import BrokerConnectionError, BrokerError, BrokerTimeoutError
 from stem.observability.redact import redact_url
 from stem.redis_conn import RedisConn
 from stem.security.tls import TLSSettings
@@ -86,7 +86,13 @@ class RedisBroker:
 
     def __init__(self, url: str, *, tls: TLSSettings | None = None) -> None:
         self.url = url
-        self._conn = RedisConn(url, tls, error=BrokerError, conn_error=BrokerConnectionError)
+        self._conn = RedisConn(
+            url,
+            tls,
+            error=BrokerError,
+            conn_error=BrokerConnectionError,
+            timeout_error=BrokerTimeoutError,
+        )
         self._prefix = self._conn.prefix
         self._queue = self._conn.load_script(_HERE / "redis_queue.lua")
         self._claims = self._conn.load_script(_HERE / "redis_claims.lua")
@@ -114,9 +120,15 @@ class RedisBroker:
             calls.append(args)
         # Chunks keep each script short (Redis runs nothing else meanwhile); each is all or
         # nothing, a batch of several is not: the error says how many chunks went in.
-        self._conn.eval_many(
-            f"publishing {len(messages)} messages in chunks of {_PUBLISH_CHUNK}", self._queue, calls
-        )
+        doing = f"publishing {len(messages)} messages in chunks of {_PUBLISH_CHUNK}"
+        try:
+            self._conn.eval_many(doing, self._queue, calls)
+        except BrokerConnectionError as exc:
+            if len(calls) == 1 or isinstance(exc, BrokerTimeoutError):
+                raise
+            # Some chunks may have gone in before the connection failed: not one to send
+            # again whole (they would run twice).
+            raise BrokerTimeoutError(f"{exc} (some chunks may have gone in)") from None
 
     def reserve(
         self, queues: Sequence[str], max_n: int, lease_s: float, wait_s: float = 0.0

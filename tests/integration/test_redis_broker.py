@@ -13,7 +13,7 @@ import redis
 from stem.brokers.base import Delivery, Message
 from stem.brokers.redis import RedisBroker
 from stem.envelope import Envelope, encode, now_ms
-from stem.errors import BrokerConnectionError, BrokerError, ConfigError
+from stem.errors import BrokerConnectionError, BrokerError, BrokerTimeoutError, ConfigError
 from stem.security.replay import NONCE_PREFIX, ReplayGuard
 from stem.security.signing import Keyring
 from tests.fixtures.redis_server import RedisServer
@@ -209,6 +209,15 @@ def test_a_server_that_stopped_answering_costs_one_timeout_not_four(redis_url: s
             before = proxy.accepted
             with pytest.raises(BrokerConnectionError, match=r"(?i)timeout"):
                 b.stats(["q"])
+            assert proxy.accepted - before <= 1
+            # A publish that timed out may have gone in: the app does not send it again.
+            from stem import Stem
+
+            app = Stem("blackhole", broker=b, backend="memory://")
+            app.publish_retries = 3
+            before = proxy.accepted
+            with pytest.raises(BrokerTimeoutError, match="may or may not have been applied"):
+                app.publish_messages([msg("q", "m1")])
             assert proxy.accepted - before <= 1
         finally:
             b.close()
