@@ -446,9 +446,10 @@ class Stem:
                 # free the key): the key lapses soon after; a run that starts in time
                 # holds it for the whole window again (Admission).
                 ttl = min(ttl, max(0.0, (env.expires_ms - now_ms()) / 1000) + _UNIQUE_GRACE_S)
-            owner = self._claim_unique(key, env.id, ttl)
-            if owner == env.id and task.options.unique_key is None:
-                owner = self._legacy_unique_holder(name, env, key) or owner
+            legacy = None
+            if task.options.unique_key is None:
+                legacy = self._legacy_unique_holder(name, env, key)
+            owner = legacy or self._claim_unique(key, env.id, ttl)
             if owner != env.id:
                 return AsyncResult(owner, self)
             env = env.replace(headers={**env.headers, "unique_key": key})
@@ -476,18 +477,18 @@ class Stem:
 
     def _legacy_unique_holder(self, name: str, env: Envelope, key: str) -> str | None:
         """The holder of the key an earlier Stem computed for this call (the arguments as
-        sent, not bound by name), if one still runs: it is the same task. Then the key
-        just claimed is given back. Keys of that form lapse within their window
-        (``unique_window_s``) of an upgrade; this check can go a release later."""
+        sent, not bound by name), if one still runs: it is the same task. Read before the
+        new key is claimed, so a concurrent producer never sees a claim that is given back.
+        Keys of that form lapse within their window (``unique_window_s``) of an upgrade;
+        this check can go a release later."""
         from stem.limits import unique_key
 
         old = unique_key(name, None, env.args, env.kwargs)
         if old == key:
             return None
         holder = self.broker.peek(old)
-        if holder is None or holder == env.id or self._unique_holder_gone(holder):
+        if holder is None or self._unique_holder_gone(holder):
             return None
-        self.broker.release(key, env.id)
         return holder
 
     def _unique_holder_gone(self, holder: str) -> bool:

@@ -639,7 +639,20 @@ def test_a_unique_key_written_by_the_previous_release_still_counts(app: Stem) ->
 
     old_key = "unique:sync_org:" + hashlib.sha256(dumps([[6], {}])).hexdigest()
     assert app.broker.claim(old_key, "queued-before-upgrade", 3600.0) == "queued-before-upgrade"
+    # A second producer enqueueing the same call meanwhile gets that task too, never a
+    # claim the first one made and gave back (an id nobody publishes).
+    peek, meanwhile, entered = app.broker.peek, [], []
+
+    def peek_with_a_producer_between(key: str) -> str | None:
+        if key == old_key and not entered:
+            entered.append(1)
+            meanwhile.append(sync_org.delay(6).id)
+        return peek(key)
+
+    app.broker.peek = peek_with_a_producer_between  # type: ignore[method-assign]
     assert sync_org.delay(6).id == "queued-before-upgrade"
+    assert meanwhile == ["queued-before-upgrade"]
+    app.broker.peek = peek  # type: ignore[method-assign]
     assert app.broker.scan("unique:sync_org:") == {old_key: "queued-before-upgrade"}
     assert sync_org.delay(7).id != "queued-before-upgrade"
 
