@@ -160,7 +160,12 @@ class Beat:
             last = lasts.get(name)
             if not entry.catch_up and last is not None and last > tick:
                 continue  # a later tick went out: without catch_up, a stale one does not
-            if self._fire(entry, tick):  # (contested again while still claimed elsewhere)
+            try:
+                fired = self._fire(entry, tick)  # (contested again if still claimed)
+            except BrokerError:
+                self._contested.add((name, tick))  # kept for the next pass
+                raise
+            if fired:
                 report.fired.append((name, tick))
         for entry in stored.entries.values():
             if not entry.enabled:

@@ -275,6 +275,16 @@ def test_a_tick_whose_claimant_died_fires_even_after_later_ticks(
     assert b.tick(T0 + 10 * S + 100).fired == []
     assert b.tick(T0 + 20 * S + 100).fired == [("ten", T0 + 20 * S)]
     assert rec.app.broker.release(held, "a/dead")  # its claim lapses
+    if catch_up:  # a broker blip on the pass that retries it does not forget it
+        peek = twin.app.broker.peek
+
+        def failing_peek(key: str) -> str | None:
+            raise BrokerConnectionError("broker down (test)")
+
+        twin.app.broker.peek = failing_peek  # type: ignore[method-assign]
+        with pytest.raises(BrokerConnectionError):
+            b.tick(T0 + 20 * S + 150)
+        twin.app.broker.peek = peek  # type: ignore[method-assign]
     late = b.tick(T0 + 20 * S + 200).fired
     assert late == ([("ten", T0 + 10 * S)] if catch_up else [])
     assert b.tick(T0 + 20 * S + 300).fired == []
