@@ -72,7 +72,7 @@ def _global(
         str, typer.Option("--log-format", envvar="STEM_LOG_FORMAT", help="text or json.")
     ] = "text",
 ) -> None:
-    setup_logging(log_level, log_format)
+    setup_logging(log_level, log_format, root_too=False)  # the root: once the app is loaded
     typed = typed_flags(
         ctx,
         {

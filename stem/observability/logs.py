@@ -123,15 +123,17 @@ def _handler(fmt: str) -> logging.Handler:
     return handler
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
+def setup_logging(level: str = "info", fmt: str = "text", *, root_too: bool = True) -> None:
     """Configure this process's logging for a Stem command (idempotent; see the module
     docstring). Stem's loggers get their own handler and do not propagate, so they are
     written once, redacted, whatever else is configured. Other loggers (task code's,
     libraries') go through a handler of the same format on the root logger, unless the
-    app configured root handlers of its own: then those are left to do it."""
+    app configured root handlers of its own: then those are left to do it. Before the
+    app is imported, pass ``root_too=False``: its own ``logging.basicConfig()`` must find
+    the root logger bare."""
     global _setup
     root, ours = logging.getLogger(), logging.getLogger("stem")
-    for logger in (root, ours):
+    for logger in (root, ours) if root_too else (ours,):
         for handler in list(logger.handlers):
             if getattr(handler, "_stem", False):
                 logger.removeHandler(handler)
@@ -142,7 +144,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     ours.addHandler(_handler(fmt))
     ours.setLevel(number)
     ours.propagate = False
-    if not root.handlers:
+    if root_too and not root.handlers:
         root.addHandler(_handler(fmt))
         root.setLevel(number)
     _setup = {"level": level, "fmt": fmt}

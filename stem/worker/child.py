@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     logs = boot.get("logging")
     if isinstance(logs, dict):
         # Log as the worker does (its --log-level/--log-format), task code included.
-        setup_logging(**logs)
+        setup_logging(**logs, root_too=False)
     try:
         from stem.loader import load_app
 
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
         write_frame(out_fd, {"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})
         return 1
     if isinstance(logs, dict):
-        setup_logging(**logs)  # again: the app may have set up root handlers of its own
+        setup_logging(**logs)  # and the root, unless the app set up handlers of its own
     pid = os.getpid()
     signals.pool_process_init.send(pid=pid)
     write_frame(out_fd, {"type": "ready", "pid": pid})

@@ -142,12 +142,16 @@ def test_task_code_logs_in_the_workers_format_naming_its_task(cli: StemCLI, pool
     app.close()
 
 
+@pytest.mark.parametrize("module", ["acc_own_logging", "acc_basic_logging"])
 @pytest.mark.parametrize("pool", ["process", "thread"])
-def test_an_app_with_its_own_root_logging_gets_each_line_once(cli: StemCLI, pool: str) -> None:
+def test_an_app_with_its_own_root_logging_gets_each_line_once(
+    cli: StemCLI, pool: str, module: str
+) -> None:
     """Stem's lines through Stem's handler only (redacted, never twice); task code's
-    through the handlers the app set up."""
+    through the handlers the app set up (dictConfig, or basicConfig: which does nothing
+    if the root logger already has a handler when the app is imported)."""
     app = _producer(cli)
-    env = {"STEM_APP": "acc_own_logging:app"}
+    env = {"STEM_APP": f"{module}:app"}
     worker = cli.start_worker("--pool", pool, "-c", "1", env=env)
     res = app.send_task("own.say", ["hi"])
     assert res.get(timeout=30) == "hi"
