@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 
-from stem import Stem
+from acc_logging_tasks import make_app
 
 logging.basicConfig(level=logging.INFO, format="APP-HANDLER %(name)s: %(message)s")
 
-URL = os.environ["STEM_TEST_BROKER"]
-app = Stem("basic-logging", broker=URL, backend=URL)
-
-
-@app.task(name="own.say")
-def say(words: str) -> str:
-    logging.getLogger("own.tasks").info("said %s", words)
-    return words
+app = make_app("basic-logging")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import logging.config
-import os
 
-from stem import Stem
+from acc_logging_tasks import make_app
 
 logging.config.dictConfig(
     {
@@ -18,11 +17,4 @@ logging.config.dictConfig(
     }
 )
 
-URL = os.environ["STEM_TEST_BROKER"]
-app = Stem("own-logging", broker=URL, backend=URL)
-
-
-@app.task(name="own.say")
-def say(words: str) -> str:
-    logging.getLogger("own.tasks").info("said %s", words)
-    return words
+app = make_app("own-logging")
