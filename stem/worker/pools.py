@@ -331,8 +331,9 @@ class AsyncPool:
         if tid is not None:
             _raise_in_thread(tid, HardTimeLimitExceeded)
             # Code that does not return at once (blocked in C, say) keeps its thread: the
-            # next task must not queue behind it.
-            self._runners.abandon(tid)
+            # next task must not queue behind it. The new thread is started from the event
+            # loop's thread, not this one (the worker's lease and time-limit thread).
+            self._loop.call_soon_threadsafe(self._runners.abandon, tid)
         else:
             self._loop.call_soon_threadsafe(self._cancel, job)
         # Recorded now: code that ignores the cancellation (or blocks the loop) must not
