@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from stem.app import Stem
     from stem.observability.heartbeats import HeartbeatWriter
 
+RESULT_CLEANUP_S = 60.0  # how often a worker deletes expired results
+_RECENT_REVOKE_S = 120.0  # a revocation told by control outlives a scan for this long
 log = logging.getLogger("stem.worker")
 
 POOLS = ("process", "thread", "async", "solo")
@@ -102,6 +104,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self.paused: set[str] = set()
         self.revoked: set[str] = set()
+        self._revoked_at: dict[str, float] = {}  # added by control requests: when
         self.settler = Settler(
             app,
             self.name,
@@ -174,6 +177,7 @@ class Worker:
             (self._consume, "stem-consumer"),
             (self._maintain, "stem-lease"),
             (self._watchdog, "stem-watchdog"),
+            (self._clean_results, "stem-cleanup"),
         ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -257,7 +261,22 @@ class Worker:
         except BrokerError as exc:
             log.warning("could not load revocations: %s", exc)
             return
-        self.revoked.update(k.removeprefix("revoked:") for k in keys)
+        scanned = {k.removeprefix("revoked:") for k in keys}
+        # In place (admission holds self.revoked.__contains__), and only what is still
+        # revoked: ids whose keys expired (REVOKE_TTL_S) leave, or the set would only grow.
+        # Ids a control request just added stay a while (their key may not have been in
+        # this scan's view yet).
+        horizon = time.monotonic() - _RECENT_REVOKE_S
+        for task_id in [i for i, at in self._revoked_at.items() if at < horizon]:
+            del self._revoked_at[task_id]
+        self.revoked.intersection_update(scanned | self._revoked_at.keys())
+        self.revoked.update(scanned)
+
+    def note_revoked(self, ids: Sequence[str]) -> None:
+        """Revocations a control request brought (their keys were written before)."""
+        now = time.monotonic()
+        self._revoked_at.update(dict.fromkeys(ids, now))
+        self.revoked.update(ids)
 
     def request_stop(self, *, now: bool = False) -> None:
         self._stop_reserving.set()
@@ -534,6 +553,20 @@ class Worker:
             "draining": self._stop_reserving.is_set(),
             "consuming": consuming,
         }
+
+    def _clean_results(self) -> None:
+        """Delete expired results now and then (SQL stores keep them until asked; Redis
+        expires its own): every worker does, on its own thread, off the lease path."""
+        while not self._stopped.wait(RESULT_CLEANUP_S):
+            try:
+                deleted = self.app.backend.cleanup()
+            except Exception as exc:
+                log.warning(
+                    "expired results not deleted: %s", exc, extra={"event": "cleanup-failed"}
+                )
+                continue
+            if deleted:
+                log.debug("deleted %d expired results", deleted)
 
     def _maintain(self) -> None:
         renew_every = self.config.lease_s / 3

@@ -165,7 +165,7 @@ class ControlServer:
             return sorted(w.app.tasks)
         if command == "revoke":
             ids = [str(i) for i in args.get("ids", [])]
-            w.revoked.update(ids)
+            w.note_revoked(ids)
             return {"revoked": ids, "terminated": w.terminate(ids) if args.get("terminate") else []}
         if command == "shutdown":
             mode = str(args.get("mode", "warm"))

@@ -1022,3 +1022,39 @@ def test_hand_back_frees_the_concurrency_place_before_the_delivery(app: Stem) ->
     delivery = Delivery("r", env.id, "default", b"", 1, lease_expires_ms=0)
     assert settler.hand_back([Job(delivery=delivery, envelope=env, task=capped_hb)]) == 1
     assert order == ["slot", "release"]
+
+
+def test_a_worker_deletes_expired_results_and_forgets_lapsed_revocations(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQL result stores keep expired rows until asked; a worker asks now and then. And
+    its set of revoked ids keeps only what is still revoked (it grew for good before)."""
+    import sqlite3
+
+    from stem.control import revoked_key
+    from stem.worker import consumer
+
+    monkeypatch.setattr(consumer, "RESULT_CLEANUP_S", 0.1)
+    url = f"sqlite:///{tmp_path / 'stem.db'}"
+    app = Stem("cleanup", broker=url, backend=url)
+    try:
+        app.backend.store("old", states.SUCCESS, b"{}", 0.05)
+        app.broker.swap(revoked_key("gone"), None, "1", 60.0)
+        with running_worker(app, heartbeat_s=0.1) as w:
+            deadline = time.monotonic() + 10
+            while "gone" not in w.revoked and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert "gone" in w.revoked
+            app.broker.release(revoked_key("gone"))  # its key lapses
+            while time.monotonic() < deadline and (
+                "gone" in w.revoked
+                or sqlite3.connect(tmp_path / "stem.db")
+                .execute("SELECT count(*) FROM stem_results")
+                .fetchone()[0]
+            ):
+                time.sleep(0.05)
+            assert "gone" not in w.revoked
+        rows = sqlite3.connect(tmp_path / "stem.db").execute("SELECT count(*) FROM stem_results")
+        assert rows.fetchone()[0] == 0
+    finally:
+        app.close()
