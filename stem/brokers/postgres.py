@@ -37,6 +37,8 @@ from stem.security.tls import TLSSettings
 
 CHANNEL = "stem_messages"
 _CLAIM_SWEEP_EVERY_S = 30.0
+_SWEEP_BATCH = 1000  # rows per sweep_claims statement (its LIMIT)
+_SWEEP_BATCHES = 200  # batches per sweep at most
 _Q = queries.load("broker")
 
 
@@ -376,7 +378,21 @@ class PostgresBroker:
             if now < self._next_sweep:
                 return
             self._next_sweep = now + _CLAIM_SWEEP_EVERY_S
-        self._client.run("sweeping expired claims", lambda c: c.execute(_Q["sweep_claims"]))
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Delete expired claims, in bounded batches until none is left (or a cap is hit:
+        the rest goes at the next sweep). One replay nonce is written per signed message,
+        so one batch per sweep fell behind above about 33 messages a second."""
+        total = 0
+        for _ in range(_SWEEP_BATCHES):
+            n = self._client.run(
+                "sweeping expired claims", lambda c: c.execute(_Q["sweep_claims"]).rowcount
+            )
+            total += n
+            if n < _SWEEP_BATCH:
+                break
+        return total
 
     def release(self, key: str, value: str | None = None) -> bool:
         params = {"key": key, "value": value}
@@ -386,6 +402,7 @@ class PostgresBroker:
         )
 
     def swap(self, key: str, expected: str | None, new: str | None, ttl_s: float | None) -> bool:
+        self._maybe_sweep_claims()  # (heartbeats, rate and concurrency limits write so)
         params = {
             "key": key,
             "expected": expected,

@@ -60,6 +60,7 @@ POLL_MIN_S = 0.001
 POLL_MAX_S = 0.02
 BUSY_TIMEOUT_S = 10.0
 _CLAIM_SWEEP_S = 30.0
+_KNOWN_MAX = 10_000  # queue names an instance remembers having recorded
 
 
 class SQLiteBroker:
@@ -99,6 +100,8 @@ class SQLiteBroker:
             conn.executemany(_Q["publish"], rows)
             if new:
                 conn.executemany(_Q["known_queue"], [(q,) for q in new])
+        if len(self._known) > _KNOWN_MAX:  # one-off queues (control replies) pass by
+            self._known.clear()
         self._known |= new
         self._wake.notify()
 
@@ -275,10 +278,7 @@ class SQLiteBroker:
     def _claim_in(self, conn: sqlite3.Connection, items: Sequence[Claim]) -> list[str]:
         """claim_many inside the caller's transaction."""
         now = now_ms()
-        if time.monotonic() >= self._next_claim_sweep:
-            # Replay-protection claims arrive one per message: drop dead ones now and then.
-            self._next_claim_sweep = time.monotonic() + _CLAIM_SWEEP_S
-            conn.execute(_Q["expire_claims"], (now,))
+        self._maybe_sweep(conn, now)
         held: list[str] = []
         for key, value, ttl_s in items:
             params = {"key": key, "value": value, "expires_ms": now + int(ttl_s * 1000)}
@@ -302,9 +302,17 @@ class SQLiteBroker:
     def peek(self, key: str) -> str | None:
         return self.peek_many([key])[0]
 
+    def _maybe_sweep(self, conn: sqlite3.Connection, now: int) -> None:
+        """Drop expired claims now and then (replay nonces come one per signed message;
+        heartbeats, rate and concurrency limits write through swap)."""
+        if time.monotonic() >= self._next_claim_sweep:
+            self._next_claim_sweep = time.monotonic() + _CLAIM_SWEEP_S
+            conn.execute(_Q["expire_claims"], (now,))
+
     def swap(self, key: str, expected: str | None, new: str | None, ttl_s: float | None) -> bool:
         with self._db.session("BEGIN IMMEDIATE") as conn:
             now = now_ms()
+            self._maybe_sweep(conn, now)
             row = conn.execute(_Q["peek"], (key, now)).fetchone()
             if (None if row is None else row[0]) != expected:
                 return False

@@ -379,3 +379,25 @@ def test_connections_keep_alive_unless_the_url_says_otherwise(postgres_url: str)
         finally:
             broker.close()
         assert (params["keepalives"], params["keepalives_idle"]) == ("1", idle)
+
+
+def test_a_sweep_keeps_up_with_many_expired_claims(postgres_url: str) -> None:
+    """One replay nonce per signed message: one bounded batch per sweep fell behind
+    above about 33 messages a second. A sweep now deletes batches until none is left."""
+    broker = PostgresBroker(postgres_url)
+    try:
+        conn = broker._client.new_connection()
+        try:
+            conn.execute(
+                "INSERT INTO stem_claims (key, value, expires_at) "
+                "SELECT 'nonce:sweep-test:' || g, 'x', 1 FROM generate_series(1, 2500) AS g"
+            )
+            assert broker.sweep() >= 2500
+            left = conn.execute(
+                "SELECT count(*) FROM stem_claims WHERE key LIKE 'nonce:sweep-test:%'"
+            ).fetchone()
+        finally:
+            conn.close()
+        assert left == (0,)
+    finally:
+        broker.close()

@@ -229,3 +229,36 @@ def test_a_row_with_mistyped_columns_does_not_stop_other_queues(tmp_path: Path) 
         assert all(isinstance(d.delivery_count, int) for d in got)
     finally:
         broker.close()
+
+
+def test_claims_written_by_swap_are_swept_too_and_queue_names_are_not_hoarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats, rate and concurrency limits write claims with swap: an unsigned
+    deployment (no claim() at all) must still drop them once expired. And one-off queues
+    (a control request's replies) must not pile up in an instance's memory."""
+    from stem.brokers import sqlite as sqlite_mod
+
+    broker = SQLiteBroker(f"sqlite:///{tmp_path / 'stem.db'}")
+    try:
+        for i in range(5):
+            assert broker.swap(f"rate:k{i}", None, "1", 0.01)
+        time.sleep(0.05)
+        broker._next_claim_sweep = 0.0
+        assert broker.swap("workers:n", None, "{}", 60.0)
+        rows = sqlite3.connect(tmp_path / "stem.db").execute("SELECT count(*) FROM stem_claims")
+        assert rows.fetchone()[0] == 1
+
+        monkeypatch.setattr(sqlite_mod, "_KNOWN_MAX", 10)
+        caller = SQLiteBroker(f"sqlite:///{tmp_path / 'stem.db'}")  # drops the replies
+        try:
+            for i in range(50):
+                broker.publish([Message(f"m{i}", f"stem.reply.{i}", b"x")])
+                caller.drop(f"stem.reply.{i}")
+        finally:
+            caller.close()
+        broker.publish([Message("m", "kept", b"x")])
+        assert len(broker._known) <= 11
+        assert "kept" in {s.queue for s in broker.stats()}
+    finally:
+        broker.close()
