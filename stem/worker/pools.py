@@ -186,29 +186,11 @@ class _DaemonThreads(Executor):
 
     def __init__(self, size: int, name: str) -> None:
         self._work: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._name = name
-        self._lock = threading.Lock()
-        self._retired: set[int] = set()  # threads abandoned to a call past its hard limit
-        self._threads: list[threading.Thread] = []
-        for _ in range(size):
-            self._spawn()
-
-    def _spawn(self) -> None:
-        with self._lock:
-            t = threading.Thread(
-                target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True
-            )
-            self._threads.append(t)
-        t.start()
-
-    def abandon(self, ident: int) -> None:
-        """The call running on thread ``ident`` is past its hard limit and may never
-        return: a new thread takes its place, and it ends once (if) the call returns."""
-        with self._lock:
-            if not any(t.ident == ident for t in self._threads):
-                return  # a thread of an executor replaced by a resize: it ends by itself
-            self._retired.add(ident)
-        self._spawn()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(size)
+        ]
+        for t in self._threads:
+            t.start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
@@ -216,34 +198,20 @@ class _DaemonThreads(Executor):
         return future
 
     def _run(self) -> None:
-        me = threading.current_thread()
-        try:
-            while (item := self._work.get()) is not None:
-                future, fn, args = item
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as exc:
-                    future.set_exception(exc)
-                with self._lock:
-                    if me.ident in self._retired:
-                        return
-        finally:
-            # However the thread ends (a time-limit exception landing outside the call
-            # ends it too), its id leaves the retired set: a later thread may reuse it.
-            with self._lock:
-                self._retired.discard(me.ident or 0)
-                if me in self._threads:
-                    self._threads.remove(me)
+        while (item := self._work.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            threads = list(self._threads)
-        for _ in threads:
+        for _ in self._threads:
             self._work.put(None)
         if wait:
-            for t in threads:
+            for t in self._threads:
                 t.join()
 
 
@@ -269,7 +237,7 @@ class AsyncPool:
             target=self._loop.run_forever, name="stem-async", daemon=True
         )
         self._tasks: dict[Job, asyncio.Task[Any]] = {}
-        self._runners = _DaemonThreads(size, "stem-async-sync")
+        self._runners: Executor = _DaemonThreads(size, "stem-async-sync")
         self._settlers = ThreadPoolExecutor(_SETTLERS, thread_name_prefix="stem-async-settle")
 
     def start(self) -> None:
@@ -330,10 +298,6 @@ class AsyncPool:
         tid = job.thread_id
         if tid is not None:
             _raise_in_thread(tid, HardTimeLimitExceeded)
-            # Code that does not return at once (blocked in C, say) keeps its thread: the
-            # next task must not queue behind it. The new thread is started from the event
-            # loop's thread, not this one (the worker's lease and time-limit thread).
-            self._loop.call_soon_threadsafe(self._runners.abandon, tid)
         else:
             self._loop.call_soon_threadsafe(self._cancel, job)
         # Recorded now: code that ignores the cancellation (or blocks the loop) must not

@@ -398,29 +398,6 @@ def test_async_pool_limits_reach_plain_functions_and_blocking_coroutines(app: St
     assert res.state == states.FAILURE  # not overwritten by the late return
 
 
-def test_async_pool_replaces_a_thread_stuck_past_its_hard_limit(app: Stem) -> None:
-    """A plain function blocked where the time-limit exception cannot reach it (in C)
-    keeps its thread; the next task must not queue behind it."""
-    blocker = threading.Event()
-
-    @app.task(name="blocked", time_limit=0.3, max_retries=0)
-    def blocked() -> None:
-        blocker.wait(120)
-
-    @app.task(name="next_plain")
-    def next_plain() -> str:
-        return "ran"
-
-    try:
-        with Running(app, pool="async", concurrency=1):
-            with pytest.raises(TaskError, match="HardTimeLimitExceeded"):
-                blocked.delay().get(timeout=30)
-            # Queued behind the stuck call, it would wait for it (120 s).
-            assert next_plain.delay().get(timeout=30) == "ran"
-    finally:
-        blocker.set()
-
-
 def test_a_pool_shrunk_while_reserving_admits_only_what_fits(app: Stem) -> None:
     """The consumer computed its free slots before waiting in reserve; a shrink that
     lands meanwhile must count (the async pool does not cap running tasks itself)."""
