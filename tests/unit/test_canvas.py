@@ -47,6 +47,14 @@ def app() -> Iterator[Stem]:
     a.close()
 
 
+def dead_reasons(app: Stem, timeout_s: float = 10.0) -> list[str]:
+    """The reasons of the dead letters on "default", once there is one (or the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while not app.broker.dlq_list("default") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [d.reason for d in app.broker.dlq_list("default")]
+
+
 def t(app: Stem, name: str) -> Any:
     return app.tasks[name]
 
@@ -225,10 +233,7 @@ def test_a_dead_lettered_step_resumes_its_chain_when_replayed(app: Stem) -> None
     add = t(app, "add")
     res = chain(app.signature("late.step", args=(1,)), add.s(10)).delay()
     with running_worker(app):
-        deadline = time.monotonic() + 10
-        while not app.broker.dlq_list("default") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [d.reason for d in app.broker.dlq_list("default")] == ["unknown-task"]
+        assert dead_reasons(app) == ["unknown-task"]
         assert res.state == states.PENDING
 
         @app.task(name="late.step")
@@ -245,10 +250,7 @@ def test_a_dead_lettered_later_step_runs_when_replayed(app: Stem) -> None:
     add = t(app, "add")
     res = chain(add.s(1, 2), app.signature("late.mul", args=(10,))).delay()
     with running_worker(app):
-        deadline = time.monotonic() + 10
-        while not app.broker.dlq_list("default") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [d.reason for d in app.broker.dlq_list("default")] == ["unknown-task"]
+        assert dead_reasons(app) == ["unknown-task"]
         assert res.state == states.DEAD
 
         @app.task(name="late.mul")
@@ -279,10 +281,7 @@ def test_a_chain_step_replayed_after_its_retries_runs_and_the_chain_goes_on(app:
     with running_worker(app):
         with pytest.raises(TaskError, match="dependency down"):
             res.get(timeout=10)
-        deadline = time.monotonic() + 10
-        while not app.broker.dlq_list("default") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert [d.reason for d in app.broker.dlq_list("default")] == ["retries-exhausted"]
+        assert dead_reasons(app) == ["retries-exhausted"]
         assert app.broker.dlq_replay() == 1
         deadline = time.monotonic() + 10
         while res.state != states.SUCCESS and time.monotonic() < deadline:
@@ -596,11 +595,7 @@ def test_a_unique_task_dead_lettered_after_its_retries_keeps_its_key(app: Stem) 
     with running_worker(app):
         with pytest.raises(TaskError):
             first.get(timeout=10)
-        deadline = time.monotonic() + 5
-        while not app.broker.dlq_list("default"):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    assert [d.reason for d in app.broker.dlq_list("default")] == ["retries-exhausted"]
+    assert dead_reasons(app, timeout_s=5.0) == ["retries-exhausted"]
     assert sync_shop.delay(4).id == first.id
 
 
