@@ -37,9 +37,6 @@ from stem.task import Task, TaskOptions, current_envelope
 
 # A unique key set with an expiring task lapses this long after the task expires.
 _UNIQUE_GRACE_S = 5.0
-# States of a unique key's holder that mean it will not run again (FAILURE may be a dead
-# letter, which keeps its key; DEAD is one).
-_ENDED_UNRUNNABLE = frozenset({states.SUCCESS, states.REVOKED, states.EXPIRED})
 log = logging.getLogger("stem.app")
 
 DEFAULT_URL = "sqlite:///stem.db"
@@ -500,7 +497,7 @@ class Stem:
             rec = self.result_store.read(holder)
         except BackendError:  # unknown: the holder keeps its key (as before this check)
             return False
-        return rec is not None and rec.state in _ENDED_UNRUNNABLE
+        return rec is not None and rec.state in states.DONE_STATES
 
     def seal(self, env: Envelope, *, headroom: int = 0) -> bytes:
         """Sign (when a keyring can sign) and encode an envelope for the broker, leaving

@@ -18,3 +18,6 @@ ALL_STATES = frozenset(
 #: States after which a task never runs again (unless a dead letter is replayed).
 READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED, EXPIRED, DEAD})
 EXCEPTION_STATES = frozenset({FAILURE, REVOKED, EXPIRED, DEAD})
+#: States after which nothing runs the task id again: a FAILURE may still run again (a
+#: redelivery, or the replay of its dead letter), and so may a DEAD one.
+DONE_STATES = frozenset({SUCCESS, REVOKED, EXPIRED})

@@ -25,10 +25,6 @@ def _followed_key(task_id: str) -> str:
     return f"canvas:followed:{task_id}"
 
 
-# States after which a canvas step's copy is not run again (see already_done).
-_ENDED = frozenset({states.SUCCESS, states.REVOKED, states.EXPIRED})
-
-
 class CanvasHooks:
     def __init__(self, app: Stem) -> None:
         self.app = app
@@ -45,7 +41,7 @@ class CanvasHooks:
         if not env.headers.get("canvas"):
             return None
         rec = self.app.result_store.read(env.id)
-        return rec if rec is not None and rec.state in _ENDED else None
+        return rec if rec is not None and rec.state in states.DONE_STATES else None
 
     def after_success(self, env: Envelope, value: Any) -> None:
         hdrs = env.headers
