@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import inspect
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from stem.brokers.base import Delivery
 from stem.envelope import Envelope, dumps
-from stem.errors import EncodeError, SoftTimeLimitExceeded
+from stem.errors import EncodeError, HardTimeLimitExceeded, SoftTimeLimitExceeded
 from stem.result import ErrorInfo
 from stem.retry import Retry
 from stem.task import RUNNING, Task, TaskContext
@@ -80,7 +81,7 @@ class Job:
     soft_fired: bool = False
     hard_fired: bool = False
     revoked: bool = False
-    thread_id: int | None = None
+    window: Interruptible = field(default_factory=lambda: Interruptible())
     on_acked: Callable[[], None] | None = None  # the worker frees the job's slot with it
     ack_deferred: bool = False  # settled with an ack still to be sent; on_acked will run
     _settle_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -96,6 +97,59 @@ class Job:
     @property
     def settled(self) -> bool:
         return self._settled
+
+
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> bool:
+    """Raise ``exc_type`` inside another Python thread at its next bytecode check; None
+    withdraws one set earlier that has not been raised yet."""
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), None if exc_type is None else ctypes.py_object(exc_type)
+    )
+    return bool(n == 1)
+
+
+_LIMIT_ERRORS = (SoftTimeLimitExceeded, HardTimeLimitExceeded)
+
+
+class Interruptible:
+    """The only window in which a time limit may raise inside a pool thread: while the
+    task's own function runs there. An exception injected into a thread by its id lands
+    wherever that thread is when it next checks, so one aimed at a task that had just
+    returned used to land in settlement code (a result stored but never acked, a pool
+    thread ended) or in the thread's next task. Here the window opens and closes under
+    a lock the injector takes too; closing withdraws an injection not yet raised."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: int | None = None
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` with the window open. A limit that arrives as ``fn``
+        returns is raised from the call (the task then failed at its limit)."""
+        me = threading.get_ident()
+        with self._lock:
+            self._thread = me
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            # No call between the end of fn and the store below, so nothing can be raised
+            # there; once it is stored no injection can start, and the one that may be
+            # pending is withdrawn, or raised here (at the calls below) and dropped.
+            try:
+                with self._lock:
+                    self._thread = None
+                    _raise_in_thread(me, None)
+            except _LIMIT_ERRORS:
+                pass
+
+    def interrupt(self, exc_type: type[BaseException]) -> int | None:
+        """Raise ``exc_type`` in the task's code if it is running in a thread now; the
+        thread's id if so."""
+        with self._lock:
+            tid = self._thread
+            if tid is None or not _raise_in_thread(tid, exc_type):
+                return None
+            return tid
 
 
 def make_context(env: Envelope, progress: Callable[[dict[str, Any]], None] | None) -> TaskContext:
@@ -117,16 +171,20 @@ def execute(
     task: Task[Any, Any],
     env: Envelope,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    window: Interruptible | None = None,
 ) -> Outcome:
     """Run a task function and turn whatever happens into an Outcome. Never raises: a
     task's SystemExit, KeyboardInterrupt or other BaseException is its failure, not the
-    pool thread's end (which would leave the task unsettled and its slot taken)."""
+    pool thread's end (which would leave the task unsettled and its slot taken). With a
+    ``window``, time limits can interrupt the function (and only the function)."""
     start = time.perf_counter()
     token = RUNNING.set(env)
     try:
-        value = task.fn(*call_args(task, env, progress), **env.kwargs)
-        if inspect.isawaitable(value):
-            value = asyncio.run(_await(value))
+        args = call_args(task, env, progress)
+        if window is None:
+            value = _invoke(task, args, env.kwargs)
+        else:
+            value = window.call(_invoke, task, args, env.kwargs)
     except BaseException as exc:
         return classify(task, exc, start)
     finally:
@@ -178,6 +236,13 @@ def check_value(task: Task[Any, Any], value: Any, start: float) -> Outcome:
             runtime_s=runtime,
         )
     return Outcome("success", value=value, runtime_s=runtime)
+
+
+def _invoke(task: Task[Any, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    value = task.fn(*args, **kwargs)
+    if inspect.isawaitable(value):
+        value = asyncio.run(_await(value))
+    return value
 
 
 async def _await(value: Any) -> Any:

@@ -9,7 +9,6 @@ Time limits are signalled by the worker's watchdog through ``on_soft_limit`` and
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import logging
 import queue
@@ -46,24 +45,10 @@ class Pool(Protocol):
     def stop(self, *, kill: bool) -> None: ...
 
 
-def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
-    """Raise ``exc_type`` inside another Python thread at its next bytecode."""
-    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
-    )
-    return bool(n == 1)
-
-
 def _execute_here(job: Job, progress: Any) -> Outcome:
     """Run a plain-function job in this thread, which a time limit can then interrupt by
-    injecting its exception (``job.thread_id``, see ``_raise_in_thread``)."""
-    job.thread_id = threading.get_ident()
-    try:
-        return execute(job.task, job.envelope, progress)
-    except HardTimeLimitExceeded as exc:
-        return failure(exc)
-    finally:
-        job.thread_id = None
+    raising its exception in the task's code (``job.window``)."""
+    return execute(job.task, job.envelope, progress, job.window)
 
 
 class ThreadPool:
@@ -122,13 +107,11 @@ class ThreadPool:
         self._jobs.put(job)
 
     def on_soft_limit(self, job: Job) -> None:
-        if job.thread_id is not None:
-            _raise_in_thread(job.thread_id, SoftTimeLimitExceeded)
+        job.window.interrupt(SoftTimeLimitExceeded)
 
     def on_hard_limit(self, job: Job) -> None:
-        tid = job.thread_id
+        tid = job.window.interrupt(HardTimeLimitExceeded)
         if tid is not None:
-            _raise_in_thread(tid, HardTimeLimitExceeded)
             with self._lock:
                 self._retired.add(tid)
             self._spawn()
@@ -288,17 +271,11 @@ class AsyncPool:
         return check_value(job.task, value, start)
 
     def on_soft_limit(self, job: Job) -> None:
-        tid = job.thread_id
-        if tid is not None:
-            _raise_in_thread(tid, SoftTimeLimitExceeded)
-        else:
+        if job.window.interrupt(SoftTimeLimitExceeded) is None:
             self._loop.call_soon_threadsafe(self._cancel, job)
 
     def on_hard_limit(self, job: Job) -> None:
-        tid = job.thread_id
-        if tid is not None:
-            _raise_in_thread(tid, HardTimeLimitExceeded)
-        else:
+        if job.window.interrupt(HardTimeLimitExceeded) is None:
             self._loop.call_soon_threadsafe(self._cancel, job)
         # Recorded now: code that ignores the cancellation (or blocks the loop) must not
         # hold the slot; whatever it returns later is dropped (a job settles once).

@@ -1,0 +1,129 @@
+"""Pools on their own: how time limits reach the code of a running task, and only it."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stem import Stem
+from stem.brokers.base import Delivery
+from stem.errors import SoftTimeLimitExceeded
+from stem.testing import memory_app
+from stem.worker import job as job_module
+from stem.worker.job import Job, Outcome
+from stem.worker.pools import ThreadPool
+
+
+@pytest.fixture
+def app() -> Iterator[Stem]:
+    a = memory_app()
+    yield a
+    a.close()
+
+
+def _job(app: Stem, name: str) -> Job:
+    env = app.build_envelope(name)
+    return Job(
+        delivery=Delivery("r", env.id, "default", b"", 1, lease_expires_ms=0),
+        envelope=env,
+        task=app.tasks[name],
+    )
+
+
+def test_a_limit_that_fires_as_the_task_returns_does_not_land_in_settlement(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog decides to interrupt, the task returns meanwhile: the exception used to
+    be raised wherever the pool thread was by then (settling the outcome, or the next
+    task), ending the thread with a result stored and no ack sent."""
+    go = threading.Event()
+    settling = threading.Event()
+    injected = threading.Event()
+    real = job_module._raise_in_thread
+
+    def late_raise(tid: int, exc_type: type[BaseException] | None) -> bool:
+        if exc_type is not None:
+            go.set()  # the task returns now
+            settling.wait(1.0)  # and, unless the window holds it, reaches settlement
+        try:
+            return real(tid, exc_type)
+        finally:
+            if exc_type is not None:
+                injected.set()
+
+    monkeypatch.setattr(job_module, "_raise_in_thread", late_raise)
+
+    @app.task(name="quick")
+    def quick() -> str:
+        go.wait(5)
+        return "done"
+
+    outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    stray: list[BaseException] = []
+
+    def done(job: Job, outcome: Outcome) -> None:
+        try:
+            outcomes.put(outcome)
+            settling.set()
+            injected.wait(2)
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:  # settlement work, in Python
+                pass
+        except BaseException as exc:
+            stray.append(exc)
+            raise
+
+    pool = ThreadPool(1, done)
+    pool.start()
+    try:
+        first = _job(app, "quick")
+        pool.submit(first)
+        deadline = time.monotonic() + 5
+        while first.window._thread is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pool.on_soft_limit(first)
+        outcome = outcomes.get(timeout=5)
+        assert outcome.status == "success" and outcome.value == "done"
+        assert stray == []
+        # The pool thread survived and the next task is not hit either.
+        go.set()
+        pool.submit(_job(app, "quick"))
+        assert outcomes.get(timeout=5).status == "success"
+        assert stray == []
+    finally:
+        go.set()
+        pool.stop(kill=False)
+
+
+def test_a_limit_interrupts_the_task_while_it_runs(app: Stem) -> None:
+    caught: list[str] = []
+
+    @app.task(name="slow")
+    def slow() -> str:
+        try:
+            while True:
+                time.sleep(0.01)
+        except SoftTimeLimitExceeded:
+            caught.append("soft")
+            return "cleaned up"
+
+    outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    pool = ThreadPool(1, lambda job, outcome: outcomes.put(outcome))
+    pool.start()
+    try:
+        job = _job(app, "slow")
+        assert job.window.interrupt(SoftTimeLimitExceeded) is None  # not running yet
+        pool.submit(job)
+        deadline = time.monotonic() + 5
+        while job.window.interrupt(SoftTimeLimitExceeded) is None:
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.01)
+        outcome = outcomes.get(timeout=5)
+        assert (outcome.status, outcome.value, caught) == ("success", "cleaned up", ["soft"])
+        assert job.window.interrupt(SoftTimeLimitExceeded) is None  # over: nothing to hit
+    finally:
+        pool.stop(kill=False)
