@@ -110,7 +110,12 @@ class LimitGate:
                 )
             except StemError:
                 body = None
-        self.settler.nack(delivery, delay_s=wait_ms / 1000, body=body)
+        if body is None:
+            self.settler.nack(delivery, delay_s=wait_ms / 1000, body=None)
+        else:
+            # Signed afresh: the bytes first delivered are spent, or a copy of them would
+            # run again (booking a slot, and being signed afresh, in its turn).
+            self.settler.put_back(delivery, env, delay_s=wait_ms / 1000, body=body)
         return False
 
     def finished(self, task: Task[Any, Any], env: Envelope) -> None:

@@ -285,12 +285,14 @@ class Settler:
 
     # -- broker ----------------------------------------------------------------------------
 
-    def _broker_call(self, what: str, fn: Callable[[], object]) -> None:
+    def _broker_call(self, what: str, fn: Callable[[], object]) -> bool:
         try:
             fn()
         except BrokerError as exc:
             # The lease lapses and the message is delivered again: at-least-once, not lost.
             log.error("%s failed: %s", what, exc, extra={"event": "broker-call-failed"})
+            return False
+        return True
 
     def ack(
         self,
@@ -319,10 +321,19 @@ class Settler:
     def release(self, delivery: Delivery, delay_s: float = 0.0) -> None:
         self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
 
-    def nack(self, delivery: Delivery, *, delay_s: float, body: bytes | None) -> None:
-        self._broker_call(
+    def nack(self, delivery: Delivery, *, delay_s: float, body: bytes | None) -> bool:
+        return self._broker_call(
             "nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s, body=body)
         )
+
+    def put_back(self, delivery: Delivery, env: Envelope, *, delay_s: float, body: bytes) -> None:
+        """Put back a copy of ``env`` signed afresh (``body``: a retry, a deferred
+        rate-limited run) in place of its delivery, then consume the nonce of the message
+        it replaces: the bytes first delivered must not run again. In that order: if the
+        copy did not go in, the first delivery comes back after its lease and must still
+        pass."""
+        if self.nack(delivery, delay_s=delay_s, body=body):
+            self.consume_nonce(env)
 
     def consume_nonce(self, env: Envelope) -> None:
         """Mark a signed message as settled, so a copy of it can never run again."""
@@ -609,6 +620,5 @@ class Settler:
             decision.delay_s,
             extra={"event": "task-retried", **self.fields(env)},
         )
-        self.consume_nonce(env)
-        self.nack(job.delivery, delay_s=decision.delay_s, body=body)
+        self.put_back(job.delivery, env, delay_s=decision.delay_s, body=body)
         self.finished(job, final=False)

@@ -1035,3 +1035,47 @@ def test_a_worker_deletes_expired_results_and_forgets_lapsed_revocations(
         assert rows.fetchone()[0] == 0
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("path", ["rate-limit", "retry"])
+def test_a_message_put_back_signed_afresh_cannot_be_replayed(path: str) -> None:
+    """A rate-limited run deferred to its slot, or a retry, is put back signed afresh (a
+    new nonce). The nonce of the bytes first delivered was left unspent on the rate-limit
+    path: a copy of them, re-injected after the task ran, ran again (and, deferred in
+    its turn, got signed afresh itself)."""
+    from stem.brokers.base import Message
+
+    url = f"memory://put-back-{time.monotonic_ns()}"
+    ring = Keyring.build("hmac-sha256", {"v1": b"k" * 32}, active_key="v1")
+    app = Stem("put-back", broker=url, backend=url, keyring=ring)
+    runs: list[str] = []
+    try:
+
+        @app.task(name="transfer", bind=True, rate_limit="2/s", max_retries=1)
+        def transfer(ctx: Any, what: str) -> str:
+            runs.append(what)
+            if path == "retry" and what == "target" and ctx.attempt == 0:
+                raise ctx.retry(countdown=0)
+            return what
+
+        filler = app.build_envelope("transfer", ["filler"])
+        target = app.build_envelope("transfer", ["target"])
+        captured = app.seal(target)  # what someone reading the broker saw
+        msgs = [
+            Message(filler.id, "default", app.seal(filler)),
+            Message(target.id, "default", captured),
+        ]
+        if path == "retry":
+            msgs = msgs[1:]
+        app.broker.publish(msgs)
+        with Running(app, concurrency=2):
+            assert app.AsyncResult(target.id).get(timeout=10) == "target"
+            app.broker.publish([Message(target.id, "default", captured) for _ in range(3)])
+            deadline = time.monotonic() + 10
+            while len(app.broker.dlq_list("default")) < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        reasons = [d.reason for d in app.broker.dlq_list("default")]
+        assert reasons == ["signature-replayed"] * 3
+        assert runs.count("target") == (2 if path == "retry" else 1), runs
+    finally:
+        app.close()
