@@ -256,11 +256,16 @@ class Stem:
         if self._result_store is None:
             with self._lock:
                 if self._result_store is None:
-                    seal = unseal = None
+                    seal = unseal = unseal_signed = None
                     if self.keyring is not None:
                         seal, unseal = self.keyring.record_sealers()
+                        unseal_signed = self.keyring.unseal_acted_on
                     self._result_store = ResultStore(
-                        self.backend, ttl_s=self.result_ttl_s, seal=seal, unseal=unseal
+                        self.backend,
+                        ttl_s=self.result_ttl_s,
+                        seal=seal,
+                        unseal=unseal,
+                        unseal_signed=unseal_signed,
                     )
         return self._result_store
 

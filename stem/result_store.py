@@ -27,11 +27,13 @@ class ResultStore:
         ttl_s: float | None = 86400.0,
         seal: Wrap | None = None,
         unseal: Wrap | None = None,
+        unseal_signed: Wrap | None = None,
     ) -> None:
         self.backend = backend
         self.ttl_s = ttl_s
         self._seal = seal
         self._unseal = unseal
+        self._unseal_signed = unseal_signed or unseal
 
     def write(self, record: ResultRecord) -> None:
         body = record.encode()
@@ -66,12 +68,15 @@ class ResultStore:
             )
         )
 
-    def _decode(self, task_id: str, body: bytes | None) -> ResultRecord | None:
+    def _decode(
+        self, task_id: str, body: bytes | None, *, signed: bool = False
+    ) -> ResultRecord | None:
         if body is None:
             return None
+        unseal = self._unseal_signed if signed else self._unseal
         try:
-            if self._unseal is not None:
-                body = self._unseal(body)
+            if unseal is not None:
+                body = unseal(body)
             record = ResultRecord.decode(body)
             if record.task_id != task_id:
                 # A valid record copied under another task's key must not pass as its result.
@@ -90,12 +95,17 @@ class ResultStore:
                 error=ErrorInfo(type(exc).__name__, f"result record rejected: {exc}"),
             )
 
-    def read(self, task_id: str) -> ResultRecord | None:
-        return self._decode(task_id, self.backend.fetch(task_id))
+    def read(self, task_id: str, *, signed: bool = False) -> ResultRecord | None:
+        """The record of ``task_id``. ``signed``: for what a worker acts on and signs (a
+        chain step taken as done, its value passed on; a chord's results): with signing
+        enforced, an unsigned record is refused there even where results may be unsigned
+        (Ed25519's default), or whoever can write to the result store would choose what
+        a worker signs and runs."""
+        return self._decode(task_id, self.backend.fetch(task_id), signed=signed)
 
-    def read_many(self, task_ids: list[str]) -> list[ResultRecord | None]:
+    def read_many(self, task_ids: list[str], *, signed: bool = False) -> list[ResultRecord | None]:
         bodies = self.backend.fetch_many(task_ids)
-        return [self._decode(t, b) for t, b in zip(task_ids, bodies, strict=True)]
+        return [self._decode(t, b, signed=signed) for t, b in zip(task_ids, bodies, strict=True)]
 
     def wait(self, task_id: str, timeout_s: float) -> ResultRecord | None:
         return self._decode(task_id, self.backend.wait(task_id, timeout_s))

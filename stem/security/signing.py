@@ -683,6 +683,12 @@ class Keyring:
 
         return (seal if self.can_sign else None), unseal
 
+    def unseal_acted_on(self, data: bytes) -> bytes:
+        """Unseal a result record a worker acts on and signs what follows from (see
+        ResultStore.read): unsigned records are refused when signing is ``required``, even
+        where results may otherwise be unsigned."""
+        return self.unseal(data, context="result", required=self.results_required or self.required)
+
 
 def is_sealed(data: bytes) -> bool:
     """Whether ``data`` has the form :meth:`Keyring.seal` writes (not whether it verifies)."""

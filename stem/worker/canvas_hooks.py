@@ -40,7 +40,7 @@ class CanvasHooks:
         earlier step failed, is no run either)."""
         if not env.headers.get("canvas"):
             return None
-        rec = self.app.result_store.read(env.id)
+        rec = self.app.result_store.read(env.id, signed=True)
         return rec if rec is not None and rec.state in states.DONE_STATES else None
 
     def after_success(self, env: Envelope, value: Any) -> None:
@@ -97,7 +97,7 @@ class CanvasHooks:
         if owner != env.id:
             return None
         ids = [f"{gid}-{i}" for i in range(size)]
-        records = self.app.result_store.read_many(ids)
+        records = self.app.result_store.read_many(ids, signed=True)
         for task_id, rec in zip(ids, records, strict=True):
             if rec is None or rec.state != states.SUCCESS:
                 self._fail_ids(

@@ -540,3 +540,58 @@ def test_keys_that_collide_as_strings_are_refused_when_signing(make) -> None:  #
     wire = codec.encode(ok)
     ring.verify(codec.decode(wire), body=wire, now_ms=NOW)
     assert codec.decode(wire).args == ({"1": "a", "2": {"true": None}},)
+
+
+# -- what a worker acts on from the result store ---------------------------------------------
+
+
+def test_a_forged_unsigned_record_cannot_steer_a_chain_or_a_chord() -> None:
+    """Ed25519 accepts unsigned result records by default (verify-only workers write
+    them). A chain step whose record said SUCCESS was skipped and its value passed to the
+    next step, which the worker signed; a chord callback was given a member's forged
+    value: whoever could write to the result store chose what ran. Where the worker acts
+    on a record, it must be signed when signing is enforced."""
+    import time
+    from typing import Any
+
+    from stem import Stem, chain, chord
+    from stem.envelope import decode
+    from stem.result import ResultRecord
+    from stem.testing import running_worker
+
+    url = f"memory://forged-records-{time.monotonic_ns()}"
+    app = Stem("forged", broker=url, backend=url, keyring=ed_ring())
+    assert app.keyring is not None and not app.keyring.results_required
+    seen: list[Any] = []
+    try:
+
+        @app.task(name="echo")
+        def echo(value: Any = "real") -> Any:
+            seen.append(value)
+            return value
+
+        @app.task(name="collect")
+        def collect(values: list[Any]) -> list[Any]:
+            return values
+
+        def forge(task_id: str) -> None:
+            record = ResultRecord(task_id=task_id, state="SUCCESS", result="EVIL")
+            app.backend.store(task_id, "SUCCESS", record.encode(), 3600)
+
+        forge("step-2")
+        steps = chain(echo.s("real"), dataclasses.replace(echo.s(), task_id="step-2"), echo.s())
+        last = steps.delay()
+        joined = chord([echo.s("a"), echo.s("b")], collect.s()).delay()
+        # The chord's member ids are its group id and index: read them off the queue.
+        held = app.broker.reserve(["default"], 10, lease_s=30)
+        gids = {decode(d.body).group_id for d in held} - {None}
+        for d in held:
+            app.broker.nack(d, delay_s=0)
+        for gid in gids:
+            forge(f"{gid}-1")
+        with running_worker(app):
+            assert last.get(timeout=10) == "real"
+            assert joined.get(timeout=10) == ["a", "b"]
+        assert "EVIL" not in seen and seen.count("real") == 3, seen
+    finally:
+        app.close()
