@@ -273,7 +273,7 @@ if cmd == 'reserve' then
         promote(q, now)
         reclaim(q, now, 1000)
     end
-    local out, got = {}, 0
+    local out, got, regrouped = {}, 0, {}
     for p = 9, 0, -1 do
         for _, q in ipairs(queues) do
             local key = qkey(q, p)
@@ -282,9 +282,21 @@ if cmd == 'reserve' then
             local again = got < max_n and redis.call('EXISTS', key) == 1
             while again do
                 again = false
-                local res = redis.call(
+                local res = redis.pcall(
                     'XREADGROUP', 'GROUP', GROUP, GROUP, 'COUNT', max_n - got, 'STREAMS', key, '>'
                 )
+                if type(res) == 'table' and res.err then
+                    -- A stream Stem did not create (written straight into Redis) has no
+                    -- group: give it one that sees every entry, which is then checked like
+                    -- any other. Any other error (a key of another type) skips this key
+                    -- rather than fail the reserve of every queue behind it.
+                    if string.find(res.err, 'NOGROUP', 1, true) and not regrouped[key] then
+                        regrouped[key] = true
+                        redis.pcall('XGROUP', 'CREATE', key, GROUP, '0')
+                        again = true
+                    end
+                    res = nil
+                end
                 if res then
                     local lkey = qkey(q, 'lease')
                     for _, e in ipairs(res[1][2]) do

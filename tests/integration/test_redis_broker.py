@@ -322,6 +322,27 @@ def test_storage_records_not_written_by_stem_are_dead_lettered_not_stuck(
     assert (stats.ready, stats.delayed, stats.reserved, stats.dead) == (0, 0, 0, 5)
 
 
+def test_a_stream_written_straight_into_redis_does_not_stop_the_queue(
+    broker: RedisBroker, redis_url: str
+) -> None:
+    """A priority stream created by someone else has no consumer group: every reserve
+    failed with NOGROUP, so the messages on the other priorities waited as long as it
+    stayed. A key of another type where a stream should be is skipped too."""
+    broker.publish([msg("q", "valid")])
+    raw = redis.Redis.from_url(redis_url)
+    prefix = broker._prefix
+    try:
+        raw.xadd(f"{prefix}q:q:7", {"m": "stray", "b": "not an envelope", "n": "0"})
+        raw.set(f"{prefix}q:q:8", "not a stream")
+    finally:
+        raw.close()
+    got = broker.reserve(["q"], 5, LONG_S)
+    assert [d.message_id for d in got] == ["stray", "valid"]  # priority 7 first
+    assert broker.ack(got) == 2
+    broker.publish([msg("q", "later", priority=7)])
+    assert [d.message_id for d in broker.reserve(["q"], 5, LONG_S)] == ["later"]
+
+
 # -- scripts and keys ----------------------------------------------------------------------
 
 
