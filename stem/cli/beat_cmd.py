@@ -8,8 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from stem.cli.context import emit_json, fail, load_app, print_table, state
+from stem.cli.context import absent_sqlite_file, emit_json, fail, load_app, print_table, state
 from stem.cli.exitcodes import ExitCode
+from stem.errors import BrokerConnectionError
 
 app = typer.Typer(
     help="List, add, remove, enable, disable, run and preview beat schedules.",
@@ -79,10 +80,16 @@ def beat(
 # -- stem schedule ------------------------------------------------------------------------------
 
 
-def _store(ctx: typer.Context) -> Any:
+def _store(ctx: typer.Context, *, create: bool = False) -> Any:
+    """The schedule store. Only ``add`` may create a SQLite database: the others refuse a
+    missing file (a mistyped path) rather than create one and report it empty."""
     from stem.beat import ScheduleStore
 
     stem_app = load_app(ctx)
+    if not create and (path := absent_sqlite_file(stem_app.broker_url)) is not None:
+        raise BrokerConnectionError(
+            f"no SQLite database at {path}: nothing was ever stored there (is the path right?)"
+        )
     return ScheduleStore(stem_app.broker, stem_app.keyring)
 
 
@@ -90,10 +97,11 @@ def _find(ctx: typer.Context, name: str) -> Any:
     """The stored entry, else one the app or config defines (not yet synced by a beat)."""
     from stem.beat import parse_entry
 
-    entry = _store(ctx).get(name)
-    if entry is not None:
-        return entry
     stem_app = load_app(ctx)
+    if absent_sqlite_file(stem_app.broker_url) is None:  # else nothing is stored yet
+        entry = _store(ctx).get(name)
+        if entry is not None:
+            return entry
     for origin, specs in (
         ("config", config_specs(state(ctx).settings)),
         ("code", stem_app.schedules),
@@ -242,7 +250,7 @@ def add(
     if solar is not None:
         spec["solar"] = {"event": solar, "latitude": lat, "longitude": lon, "offset": offset or 0}
     entry = parse_entry(name, spec, origin="cli")
-    store = _store(ctx)
+    store = _store(ctx, create=True)
     existed = store.exists(name)  # loadable or not: --replace also mends a broken entry
     if not store.put(entry, replace=replace):
         fail(f"schedule {name!r} exists; pass --replace to overwrite it", ExitCode.FAILURE)

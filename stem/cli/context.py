@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -71,14 +72,22 @@ def load_app(
     return app
 
 
-def _require_sqlite_files(app: Stem) -> None:
+def absent_sqlite_file(url: str) -> Path | None:
+    """The path of a SQLite URL whose file does not exist (None: it exists, or another
+    kind of URL)."""
     from stem.brokers.sqlite import sqlite_path
 
+    if url.lower().startswith("sqlite:") and not (path := sqlite_path(url)).exists():
+        return path
+    return None
+
+
+def _require_sqlite_files(app: Stem) -> None:
     for url, error in (
         (app.broker_url, BrokerConnectionError),
         (app.backend_url, BackendConnectionError),
     ):
-        if url.lower().startswith("sqlite:") and not (path := sqlite_path(url)).exists():
+        if (path := absent_sqlite_file(url)) is not None:
             raise error(
                 f"no SQLite database at {path}: nothing was ever stored there (is the path right?)"
             )

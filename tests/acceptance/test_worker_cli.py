@@ -236,6 +236,9 @@ def test_inspecting_a_mistyped_sqlite_path_creates_nothing(cli: StemCLI, tmp_pat
         ["workers"],
         ["events", "--no-follow"],
         ["control", "ping"],
+        ["schedule", "list"],
+        ["schedule", "disable", "nightly"],
+        ["schedule", "remove", "nightly"],
     ):
         proc = cli.run("--broker", f"sqlite:///{typo}", *args)
         assert proc.returncode == 69, proc.stderr
