@@ -10,7 +10,7 @@ from stem import states
 from stem.cli.context import emit_json, fail, load_app, print_table
 from stem.cli.exitcodes import ExitCode
 from stem.envelope import loads
-from stem.errors import DecodeError
+from stem.errors import DecodeError, ResultTimeout
 
 
 def _json_arg(value: str | None, name: str, kind: type) -> Any:
@@ -79,7 +79,19 @@ def enqueue(
 
 def _print_result(app: Any, task_id: str, wait: float | None, *, as_json: bool) -> None:
     res = app.AsyncResult(task_id)
-    rec = res.wait_record(wait) if wait else res.record
+    try:
+        rec = res.wait_record(wait) if wait else res.record
+    except ResultTimeout:
+        if as_json:  # scripts still get the id (of a task just enqueued) and its state
+            now = res.record
+            emit_json(
+                {
+                    "task_id": task_id,
+                    "state": now.state if now is not None else states.PENDING,
+                    "timed_out": True,
+                }
+            )
+        raise
     if rec is None:
         if as_json:
             emit_json({"task_id": task_id, "state": states.PENDING})

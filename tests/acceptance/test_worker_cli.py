@@ -172,6 +172,13 @@ def test_enqueue_result_queues_and_dlq_commands(cli: StemCLI) -> None:
     assert queues == [{"queue": "default", "ready": 2, "delayed": 0, "reserved": 0, "dead": 0}]
     pending = cli.run("result", task_id)
     assert pending.returncode == 66 and "PENDING" in pending.stdout
+    # Waited in vain: scripts asking for JSON still get the new task's id and its state.
+    timed = cli.run("enqueue", "acc.square", "--args", "[3]", "--wait", "0.3", "--json")
+    assert timed.returncode == 75, timed.stderr
+    body = json.loads(timed.stdout)
+    assert (body["state"], body["timed_out"]) == ("PENDING", True) and body["task_id"]
+    timed = cli.run("result", task_id, "--wait", "0.3", "--json")
+    assert timed.returncode == 75 and json.loads(timed.stdout)["task_id"] == task_id
 
     cli.start_worker("--pool", "thread", "-c", "2")
     shown = cli.run("result", task_id, "--wait", "30", "--json", check=True)
