@@ -99,16 +99,22 @@ class Job:
         return self._settled
 
 
-def _raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> bool:
-    """Raise ``exc_type`` inside another Python thread at its next bytecode check; None
-    withdraws one set earlier that has not been raised yet."""
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
+    """Raise ``exc_type`` inside a Python thread at its next bytecode check (it replaces
+    one set earlier and not raised yet)."""
     n = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), None if exc_type is None else ctypes.py_object(exc_type)
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)
     )
     return bool(n == 1)
 
 
-_LIMIT_ERRORS = (SoftTimeLimitExceeded, HardTimeLimitExceeded)
+class _Withdrawn(BaseException):
+    """Takes the place of a time-limit exception sent too late; raised and dropped at once.
+    (Withdrawing with PyThreadState_SetAsyncExc(id, NULL) leaves CPython's pending-work
+    flag set for every thread: seen here to spin a thread under a tracer.)"""
+
+
+_LATE = (SoftTimeLimitExceeded, HardTimeLimitExceeded, _Withdrawn)
 
 
 class Interruptible:
@@ -117,11 +123,12 @@ class Interruptible:
     wherever that thread is when it next checks, so one aimed at a task that had just
     returned used to land in settlement code (a result stored but never acked, a pool
     thread ended) or in the thread's next task. Here the window opens and closes under
-    a lock the injector takes too; closing withdraws an injection not yet raised."""
+    a lock the injector takes too, and closing takes an injection not raised yet."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._thread: int | None = None
+        self._sent = False
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)`` with the window open. A limit that arrives as ``fn``
@@ -129,17 +136,23 @@ class Interruptible:
         me = threading.get_ident()
         with self._lock:
             self._thread = me
+            self._sent = False
         try:
             return fn(*args, **kwargs)
         finally:
             # No call between the end of fn and the store below, so nothing can be raised
-            # there; once it is stored no injection can start, and the one that may be
-            # pending is withdrawn, or raised here (at the calls below) and dropped.
+            # there; once it is stored no injection can start. One sent in the window may
+            # still be pending: it is raised here and dropped, directly or replaced by
+            # _Withdrawn (which this thread then raises at its next check, in the loop).
             try:
                 with self._lock:
                     self._thread = None
-                    _raise_in_thread(me, None)
-            except _LIMIT_ERRORS:
+                    if self._sent:
+                        self._sent = False
+                        _raise_in_thread(me, _Withdrawn)
+                        for _ in range(1000):
+                            pass
+            except _LATE:
                 pass
 
     def interrupt(self, exc_type: type[BaseException]) -> int | None:
@@ -149,6 +162,7 @@ class Interruptible:
             tid = self._thread
             if tid is None or not _raise_in_thread(tid, exc_type):
                 return None
+            self._sent = True
             return tid
 
 

@@ -42,18 +42,16 @@ def test_a_limit_that_fires_as_the_task_returns_does_not_land_in_settlement(
     task), ending the thread with a result stored and no ack sent."""
     go = threading.Event()
     settling = threading.Event()
-    injected = threading.Event()
     real = job_module._raise_in_thread
 
-    def late_raise(tid: int, exc_type: type[BaseException] | None) -> bool:
-        if exc_type is not None:
+    def late_raise(tid: int, exc_type: type[BaseException]) -> bool:
+        if exc_type is SoftTimeLimitExceeded:
             go.set()  # the task returns now
             settling.wait(1.0)  # and, unless the window holds it, reaches settlement
-        try:
-            return real(tid, exc_type)
-        finally:
-            if exc_type is not None:
-                injected.set()
+        # Nothing after the injection: under a tracer (coverage), CPython 3.11 spins any
+        # thread that enters a Python function while an exception is pending for a
+        # thread that cannot run (this one holds the lock that thread waits for).
+        return real(tid, exc_type)
 
     monkeypatch.setattr(job_module, "_raise_in_thread", late_raise)
 
@@ -69,8 +67,7 @@ def test_a_limit_that_fires_as_the_task_returns_does_not_land_in_settlement(
         try:
             outcomes.put(outcome)
             settling.set()
-            injected.wait(2)
-            deadline = time.monotonic() + 0.2
+            deadline = time.monotonic() + 0.3
             while time.monotonic() < deadline:  # settlement work, in Python
                 pass
         except BaseException as exc:
