@@ -161,19 +161,38 @@ _Call = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
 
 
 class _DaemonThreads(Executor):
-    """A fixed set of daemon threads running submitted calls, for the async pool's plain
-    functions. ThreadPoolExecutor's threads are joined when the interpreter exits, so a
-    call still blocked after a hard shutdown handed its task back kept the worker alive,
-    and the task could run twice at once; daemon threads end with the process, as the
-    thread pool's do."""
+    """Daemon threads running submitted calls, for the async pool's plain functions: one
+    per slot, and a new one for each abandoned to a call stuck past its hard limit.
+    ThreadPoolExecutor's threads are joined when the interpreter exits, so a call still
+    blocked after a hard shutdown handed its task back kept the worker alive, and the task
+    could run twice at once; daemon threads end with the process, as the thread pool's
+    do."""
 
     def __init__(self, size: int, name: str) -> None:
         self._work: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(size)
-        ]
-        for t in self._threads:
-            t.start()
+        self._name = name
+        self._lock = threading.Lock()
+        self._retired: set[int] = set()  # threads abandoned to a call past its hard limit
+        self._threads: list[threading.Thread] = []
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            t = threading.Thread(
+                target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True
+            )
+            self._threads.append(t)
+        t.start()
+
+    def abandon(self, ident: int) -> None:
+        """The call running on thread ``ident`` is past its hard limit and may never
+        return: a new thread takes its place, and it ends once (if) the call returns."""
+        with self._lock:
+            if not any(t.ident == ident for t in self._threads):
+                return  # a thread of an executor replaced by a resize: it ends by itself
+            self._retired.add(ident)
+        self._spawn()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
@@ -181,20 +200,35 @@ class _DaemonThreads(Executor):
         return future
 
     def _run(self) -> None:
-        while (item := self._work.get()) is not None:
-            future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
+        me = threading.current_thread()
+        try:
+            while (item := self._work.get()) is not None:
+                future, fn, args = item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+                with self._lock:
+                    if me.ident in self._retired:
+                        return
+        finally:
+            # However the thread ends, its id leaves the retired set: a later thread may
+            # reuse it. (Time limits cannot end it: they raise only inside the task's
+            # function, see Job.window.)
+            with self._lock:
+                self._retired.discard(me.ident or 0)
+                if me in self._threads:
+                    self._threads.remove(me)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        for _ in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
             self._work.put(None)
         if wait:
-            for t in self._threads:
+            for t in threads:
                 t.join()
 
 
@@ -220,7 +254,7 @@ class AsyncPool:
             target=self._loop.run_forever, name="stem-async", daemon=True
         )
         self._tasks: dict[Job, asyncio.Task[Any]] = {}
-        self._runners: Executor = _DaemonThreads(size, "stem-async-sync")
+        self._runners = _DaemonThreads(size, "stem-async-sync")
         self._settlers = ThreadPoolExecutor(_SETTLERS, thread_name_prefix="stem-async-settle")
 
     def start(self) -> None:
@@ -275,7 +309,13 @@ class AsyncPool:
             self._loop.call_soon_threadsafe(self._cancel, job)
 
     def on_hard_limit(self, job: Job) -> None:
-        if job.window.interrupt(HardTimeLimitExceeded) is None:
+        tid = job.window.interrupt(HardTimeLimitExceeded)
+        if tid is not None:
+            # Code that does not return at once (blocked in C, say) keeps its thread: the
+            # next task must not queue behind it. The new thread is started from the event
+            # loop's thread, not this one (the worker's lease and time-limit thread).
+            self._loop.call_soon_threadsafe(self._runners.abandon, tid)
+        else:
             self._loop.call_soon_threadsafe(self._cancel, job)
         # Recorded now: code that ignores the cancellation (or blocks the loop) must not
         # hold the slot; whatever it returns later is dropped (a job settles once).

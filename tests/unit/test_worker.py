@@ -398,6 +398,40 @@ def test_async_pool_limits_reach_plain_functions_and_blocking_coroutines(app: St
     assert res.state == states.FAILURE  # not overwritten by the late return
 
 
+def test_async_pool_replaces_a_thread_stuck_past_its_hard_limit(app: Stem) -> None:
+    """A plain function that does not stop at its hard limit keeps its thread; the next
+    task must not queue behind it.
+
+    The function here swallows the time-limit exception rather than block in C: an
+    exception sent to a thread blocked in C stays pending, and CPython 3.11 then keeps
+    every thread on its slow path until it is raised, which under a tracer (coverage in
+    CI) stalls the whole process (seen here; the worker itself runs no tracer)."""
+    from stem.errors import HardTimeLimitExceeded
+
+    blocker = threading.Event()
+
+    @app.task(name="blocked", time_limit=0.3, max_retries=0)
+    def blocked() -> None:
+        while not blocker.is_set():
+            try:
+                time.sleep(0.01)
+            except HardTimeLimitExceeded:
+                pass
+
+    @app.task(name="next_plain")
+    def next_plain() -> str:
+        return "ran"
+
+    try:
+        with Running(app, pool="async", concurrency=1):
+            with pytest.raises(TaskError, match="HardTimeLimitExceeded"):
+                blocked.delay().get(timeout=30)
+            # Queued behind the stuck call, it would wait for it (until the test ends).
+            assert next_plain.delay().get(timeout=30) == "ran"
+    finally:
+        blocker.set()
+
+
 def test_a_pool_shrunk_while_reserving_admits_only_what_fits(app: Stem) -> None:
     """The consumer computed its free slots before waiting in reserve; a shrink that
     lands meanwhile must count (the async pool does not cap running tasks itself)."""
