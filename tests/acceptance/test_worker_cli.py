@@ -222,6 +222,12 @@ def test_delayed_task_survives_a_worker_restart(cli: StemCLI) -> None:
         (["--broker", "ftp://x", "queues"], 78, "--broker: broker.url: expected a URL starting"),
         (["--app", "no_such_module:app", "worker"], 78, "module 'no_such_module' not found"),
         (["--app", "acc_tasks:nothing", "worker"], 78, "has no attribute 'nothing'"),
+        (
+            ["--app", "broken_import_app:app", "worker"],
+            78,
+            "importing 'broken_import_app' failed: ModuleNotFoundError: No module named "
+            "'stem_test_dependency_not_installed' (at ",
+        ),
         (["worker", "--pool", "gevent"], 78, "--pool: worker.pool: expected one of process"),
         (["worker", "-c", "100000"], 2, "less than or equal to 4096"),
         (["dlq", "show", "nope"], 69, "no SQLite database at"),  # nothing ran here yet
