@@ -150,7 +150,11 @@ def queues(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     internal: Annotated[
         bool,
-        typer.Option("--internal", help="Also list Stem's own control and reply queues (stem.*)."),
+        typer.Option(
+            "--internal",
+            help="Also list Stem's control and reply queues (stem.control.*, stem.reply.*); "
+            "the events queue (stem.events), whose depth matters, is always listed.",
+        ),
     ] = False,
 ) -> None:
     """Queue depths: ready, delayed, reserved and dead-lettered messages."""
