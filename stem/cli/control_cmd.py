@@ -48,8 +48,16 @@ def _run(
             typer.echo(f"{r.worker}: {'OK' if r.ok else 'ERROR'} {r.result}")
     if not any(r.answered for r in replies):
         live = control.live_nodes(stem_app)
+        hint = ""
+        keyring = stem_app.keyring
+        if live and (keyring is None or not keyring.can_sign):
+            hint = (
+                "; this command has no signing key, and workers that require signatures "
+                "ignore unsigned requests (set STEM_SIGNING_* as for the workers)"
+            )
         fail(
-            f"no worker replied within {timeout:g}s (live nodes: {', '.join(live) or 'none'})",
+            f"no worker replied within {timeout:g}s (live nodes: {', '.join(live) or 'none'})"
+            + hint,
             ExitCode.UNAVAILABLE,
         )
     if not all(r.ok for r in replies):

@@ -128,6 +128,10 @@ def test_required_signing_runs_only_signed_tasks(
     assert honest.AsyncResult(signed.id).state == states.PENDING
     log = cli.log_text()
     assert "signature-missing" in log and "signature-replayed" in log
+    # An unsigned control command is ignored too: the CLI says why nobody answered.
+    ping = cli.run("control", "ping", "-t", "1")
+    assert ping.returncode == 69, ping.stderr
+    assert "this command has no signing key" in ping.stderr
     _stop(worker)
 
 
