@@ -45,8 +45,10 @@ def events(
 ) -> None:
     """Tail the events workers publish (they need ``stem worker --events``).
 
-    The stream is a queue: each event is shown by one tailer only, so two ``stem events``
-    running at once split it between them."""
+    The stream is a queue: each event is shown by one tailer only, so two
+    ``stem events`` running at once split it between them, and an event written
+    out is taken off it: to look at a few, use ``--limit N`` rather than
+    ``| head`` (whatever the pipe holds before head exits is taken too)."""
     app = load_app(ctx, existing=True)
     try:
         for event in tail(app.broker, follow=follow, limit=limit):

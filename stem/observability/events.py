@@ -336,8 +336,10 @@ def tail(
             if follow:
                 continue
             return
-        # Acked once shown: a reader that stops early (`stem events | head`) leaves the
-        # rest for the next one (handed back now, or after the lease if it was killed).
+        # Acked once yielded: a reader that stops early (--limit, Ctrl-C, a closed pipe)
+        # leaves the rest for the next one (handed back now, or after the lease if it was
+        # killed). Lines written into a pipe count as shown: `stem events | head -3`
+        # takes a whole batch (up to 100) if the pipe holds it before head exits.
         done = 0
         try:
             for d in deliveries:

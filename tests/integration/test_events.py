@@ -169,7 +169,8 @@ def test_each_event_goes_to_one_tailer(app: Stem) -> None:
 
 
 def test_a_reader_that_stops_early_leaves_the_rest_for_the_next(app: Stem) -> None:
-    """`stem events | head -3` used to take a whole batch off the stream and show 3."""
+    """A reader that stops (--limit, Ctrl-C, a pipe closed while writing) used to take a
+    whole batch off the stream and show part of it."""
     pub = EventPublisher(app, source="p")
     for i in range(7):
         pub.emit({"type": "custom", "n": i})
