@@ -108,6 +108,7 @@ class EventPublisher:
         ]
         if worker is not None:
             pairs += [
+                (signals.child_published, self._on_child_sent),
                 (signals.task_received, self._on_received),
                 (signals.task_prerun, self._on_started),
                 (signals.task_success, self._on_succeeded),
@@ -214,6 +215,10 @@ class EventPublisher:
     def _on_sent(self, envelope: Envelope, **_: Any) -> None:
         if envelope.queue != self.queue:
             self._task("task-sent", envelope, eta_ms=envelope.not_before_ms)
+
+    def _on_child_sent(self, **fields: Any) -> None:
+        if fields.get("queue") != self.queue:
+            self.emit(task_event("task-sent", None, self.source, **fields))
 
     def _on_received(self, envelope: Envelope, **_: Any) -> None:
         self._task("task-received", envelope, state=states.RECEIVED)

@@ -94,3 +94,6 @@ worker_shutdown = Signal("worker_shutdown")
 pool_process_init = Signal("pool_process_init")
 pool_process_shutdown = Signal("pool_process_shutdown")
 heartbeat = Signal("heartbeat")
+# In a worker: a task running in one of its pool processes published a message (fields
+# task, task_id, queue, attempt, eta_ms). after_publish fires in that process itself.
+child_published = Signal("child_published")

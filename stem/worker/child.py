@@ -59,11 +59,35 @@ def main(argv: list[str]) -> int:
     if isinstance(logs, dict):
         setup_logging(**logs)  # and the root, unless the app set up handlers of its own
     pid = os.getpid()
-    signals.pool_process_init.send(pid=pid)
-    write_frame(out_fd, {"type": "ready", "pid": pid})
+    out_lock = threading.Lock()  # tasks may report progress or publish from threads
+
+    def send(frame: dict[str, Any]) -> None:
+        with out_lock:
+            write_frame(out_fd, frame)
 
     def progress(data: dict[str, Any]) -> None:
-        write_frame(out_fd, {"type": "progress", "data": data})
+        send({"type": "progress", "data": data})
+
+    def published(envelope: codec.Envelope, **_: Any) -> None:
+        # For the worker's task-sent events (the worker's own after_publish never sees
+        # what tasks publish here). Not from a process the task forked.
+        if os.getpid() == pid:
+            send(
+                {
+                    "type": "sent",
+                    "sent": {
+                        "task": envelope.task,
+                        "task_id": envelope.id,
+                        "queue": envelope.queue,
+                        "attempt": envelope.attempt,
+                        "eta_ms": envelope.not_before_ms,
+                    },
+                }
+            )
+
+    signals.after_publish.connect(published)
+    signals.pool_process_init.send(pid=pid)
+    send({"type": "ready", "pid": pid})
 
     while True:
         frame = reader.frame()
@@ -90,11 +114,11 @@ def main(argv: list[str]) -> int:
             # an outcome or take jobs as if it were this pool process.
             os._exit(0)
         try:
-            write_frame(out_fd, {"type": "result", "outcome": outcome.to_wire()})
+            send({"type": "result", "outcome": outcome.to_wire()})
         except FrameTooLarge as exc:
             # Too big for the pipe to the worker (and for any result store).
             error = EncodeError(f"the task's result is too large to hand back: {exc}")
-            write_frame(out_fd, {"type": "result", "outcome": failure(error).to_wire()})
+            send({"type": "result", "outcome": failure(error).to_wire()})
     signals.pool_process_shutdown.send(pid=os.getpid())
     app.close()
     return 0

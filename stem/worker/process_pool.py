@@ -18,11 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stem.errors import HardTimeLimitExceeded, StemError, WorkerLost
+from stem.observability import signals
 from stem.worker.framing import FrameReader, write_frame
 from stem.worker.job import Job, Outcome, autoretries, failure
 from stem.worker.pools import Done, Progress
 
 log = logging.getLogger("stem.worker.process")
+
+# What a pool process tells of a message its task published (for the worker's events).
+_SENT_FIELDS = ("task", "task_id", "queue", "attempt", "eta_ms")
 
 
 @dataclass(eq=False)
@@ -170,6 +174,12 @@ class ProcessPool:
             kind = frame.get("type")
             if kind == "progress" and child.job is not None and self._progress is not None:
                 self._progress(child.job, frame["data"])
+            elif kind == "sent":
+                fields = frame.get("sent")
+                if isinstance(fields, dict) and signals.child_published.has_receivers:
+                    signals.child_published.send(
+                        **{k: fields.get(k) for k in _SENT_FIELDS if k in fields}
+                    )
             elif kind == "result":
                 with child.lock:
                     job, child.job = child.job, None

@@ -277,3 +277,21 @@ def test_every_option_reads_an_environment_variable(cli: StemCLI) -> None:
     assert out.stdout.strip()
     queues = json.loads(cli.run("queues", "--json", check=True).stdout)
     assert {q["queue"]: q["ready"] for q in queues} == {"envq": 1}
+
+
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_tasks_published_by_tasks_are_sent_events_on_every_pool(cli: StemCLI, pool: str) -> None:
+    """On the process pool a task publishes from a pool process, where the worker's event
+    publisher never heard of it: no task-sent event came out."""
+    cli.start_worker("--pool", pool, "-c", "1", "--events")
+    out = cli.run("enqueue", "acc.fan_out", "--args", "[5]", "--wait", "30", "--json", check=True)
+    child_id = json.loads(out.stdout)["result"]
+    deadline = time.monotonic() + 30
+    sent: list[dict[str, object]] = []
+    while not sent and time.monotonic() < deadline:
+        shown = cli.run("events", "--no-follow", "--json", check=True).stdout.splitlines()
+        events = [json.loads(line) for line in shown]
+        sent = [e for e in events if e["type"] == "task-sent" and e.get("task_id") == child_id]
+        time.sleep(0.2)
+    assert sent, "no task-sent event for the task published from inside a task"
+    assert (sent[0]["task"], sent[0]["queue"]) == ("acc.square", "default")
