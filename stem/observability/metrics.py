@@ -111,6 +111,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.control_rejections = Counter(
+            "stem_control_rejections_total",
+            "Control requests this worker refused (unsigned, forged, replayed), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             "stem_dead_letters_total", "Messages this worker dead-lettered, by reason.",
             ["reason"], registry=r,
@@ -134,6 +140,7 @@ class Metrics:
             (signals.task_revoked, self._on_revoked),
             (signals.task_postrun, self._on_postrun),
             (signals.task_rejected, self._on_rejected),
+            (signals.control_rejected, self._on_control_rejected),
             # Added by the worker later; absent signals are skipped, not an error.
             (getattr(signals, "task_expired", None), self._on_expired),
             (getattr(signals, "lease_renewed", None), self._on_lease_renewed),
@@ -212,6 +219,11 @@ class Metrics:
 
     def _on_rejected(self, reason: str, **_: Any) -> None:
         self.dead_letters.labels(reason).inc()
+        if reason.startswith("signature-"):
+            self.signature_rejections.labels(reason).inc()
+
+    def _on_control_rejected(self, reason: str, **_: Any) -> None:
+        self.control_rejections.labels(reason).inc()
         if reason.startswith("signature-"):
             self.signature_rejections.labels(reason).inc()
 

@@ -97,3 +97,5 @@ heartbeat = Signal("heartbeat")
 # In a worker: a task running in one of its pool processes published a message (fields
 # task, task_id, queue, attempt, eta_ms). after_publish fires in that process itself.
 child_published = Signal("child_published")
+# A control request this worker refused (reason: malformed, signature-missing, ...).
+control_rejected = Signal("control_rejected")

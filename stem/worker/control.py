@@ -12,6 +12,7 @@ from stem.control import CONTROL_TASK, REPLY_TASK, control_queue, open_envelope
 from stem.envelope import Envelope, new_id, now_ms
 from stem.errors import BrokerError, DecodeError, SignatureError, StemError
 from stem.limits import parse_rate
+from stem.observability import signals
 
 if TYPE_CHECKING:
     from stem.worker.consumer import Worker
@@ -83,6 +84,7 @@ class ControlServer:
                 exc,
                 extra={"event": "control-rejected", "reason": reason},
             )
+            signals.control_rejected.send(reason=reason)
             return
         if env.task != CONTROL_TASK or env.is_expired():
             return
@@ -98,6 +100,7 @@ class ControlServer:
                     exc.reason,
                     extra={"event": "control-rejected", "reason": exc.reason},
                 )
+                signals.control_rejected.send(reason=exc.reason)
                 return
         kw = env.kwargs
         command, args = str(kw.get("command")), kw.get("args") or {}

@@ -122,6 +122,33 @@ def test_rejections_count_by_reason_never_by_task_name(metrics: Metrics) -> None
     assert b"x" * 200 not in metrics.exposition()
 
 
+def test_refused_control_requests_are_counted(signed_app: Stem) -> None:
+    """A forged or unsigned control request was only logged: nothing an alert could see."""
+    from stem.control import CONTROL_TASK, control_queue
+
+    with running_worker(signed_app, lease_s=5.0, heartbeat_s=60.0) as worker:
+        endpoint = attach_metrics(worker, 0)
+        queue = control_queue(worker.name)
+        forged = Envelope(
+            id=new_id(), task=CONTROL_TASK, kwargs={"command": "shutdown"}, queue=queue
+        )
+        signed_app.broker.publish(
+            [
+                Message(id=forged.id, queue=queue, body=codec.encode(forged)),
+                Message(id="junk", queue=queue, body=b"not json"),
+            ]
+        )
+        registry = endpoint.metrics.registry
+
+        def count(name: str, reason: str) -> float | None:
+            return registry.get_sample_value(name, {"reason": reason})
+
+        _wait_for(lambda: count("stem_control_rejections_total", "malformed") == 1)
+        assert count("stem_control_rejections_total", "signature-missing") == 1
+        assert count("stem_signature_rejections_total", "signature-missing") == 1
+        assert not worker.stopped  # the unsigned shutdown did nothing
+
+
 def test_redeliveries_counted_when_the_delivery_is_given(metrics: Metrics) -> None:
     signals.task_received.send(envelope=_env(), delivery=_delivery(1))
     signals.task_received.send(envelope=_env(), delivery=_delivery(3, queue="q2"))
