@@ -95,9 +95,18 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+# key=value connection strings (libpq's "host=h password=x"), the value bare or quoted
+_CONNINFO_SECRET = re.compile(
+    r"""\b((?:ssl)?pass(?:word|wd)|secret|token)(\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'"]+)""",
+    re.IGNORECASE,
+)
+
+
 def redact_text(text: str) -> str:
-    """Redact credentials of any URLs inside free text (error messages, log lines)."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    """Redact credentials of any URLs inside free text (error messages, log lines), and
+    the values of password=... in key=value connection strings."""
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    return _CONNINFO_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
 
 
 def is_secret_name(name: str) -> bool:

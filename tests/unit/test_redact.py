@@ -104,3 +104,19 @@ def test_postgres_urls_keep_their_unix_socket_form() -> None:
 
     assert parse("postgresql:///stem?pool_size=2").conninfo == "postgresql:///stem"
     assert parse("postgresql:///stem").conninfo == "postgresql:///stem"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("connect failed: host=db password=s3cret dbname=x", "host=db password=*** dbname=x"),
+        ("host=db password='s3 cr\\'et' user=u", "host=db password=*** user=u"),
+        ("sslpassword=s3cret sslkey=/etc/stem/client.key", "sslpassword=*** sslkey=/etc/stem"),
+        ("PASSWORD = s3cret", "PASSWORD = ***"),
+    ],
+)
+def test_key_value_connection_strings_lose_their_passwords(text: str, shown: str) -> None:
+    """libpq's keyword form (host=... password=...) was left as it was."""
+    out = redact_text(text)
+    assert "s3" not in out and "cret" not in out
+    assert shown in out
