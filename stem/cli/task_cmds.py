@@ -141,7 +141,9 @@ def result(
     """Show a task's state and result. Exit 0 on success, 65 if it failed, 66 if there is
     no record of it (PENDING: queued or delayed and not started, or an unknown id; a result
     store keeps no record of what was only enqueued), 75 if --wait ran out."""
-    _print_result(load_app(ctx), task_id, wait, as_json=as_json)
+    # Without --wait nothing can appear: a missing SQLite file is a mistyped path (with
+    # --wait it may be a store that a worker starting now is about to create).
+    _print_result(load_app(ctx, existing=not wait), task_id, wait, as_json=as_json)
 
 
 def queues(

@@ -252,6 +252,7 @@ def test_inspecting_a_mistyped_sqlite_path_creates_nothing(cli: StemCLI, tmp_pat
         ["schedule", "list"],
         ["schedule", "disable", "nightly"],
         ["schedule", "remove", "nightly"],
+        ["result", "0123456789abcdef"],
     ):
         proc = cli.run("--broker", f"sqlite:///{typo}", *args)
         assert proc.returncode == 69, proc.stderr
