@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -176,6 +176,7 @@ class Worker:
         for target, name in (
             (self._consume, "stem-consumer"),
             (self._maintain, "stem-lease"),
+            (self._housekeep, "stem-housekeeping"),
             (self._watchdog, "stem-watchdog"),
             (self._clean_results, "stem-cleanup"),
         ):
@@ -569,44 +570,74 @@ class Worker:
                 log.debug("deleted %d expired results", deleted)
 
     def _maintain(self) -> None:
+        """Leases and time limits, and nothing slow: a lease not renewed in time lets
+        another worker run a task that is running here. Each step is guarded, since a
+        dead lease thread leaves the worker consuming with nothing renewed or enforced."""
         renew_every = self.config.lease_s / 3
         next_renew = time.monotonic() + renew_every
-        next_beat = time.monotonic()
-        next_scale = time.monotonic()
         while not self._stopped.is_set():
             self._stopped.wait(0.05)
             now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self.config.heartbeat_s
-                self._load_revoked()
-                signals.heartbeat.send(worker=self, health=self.health())
-            if self.config.autoscale is not None and now >= next_scale:
-                next_scale = now + 1.0
-                self._autoscale(now)
             with self._slots:
                 jobs = list(self.inflight.values())
             for job in jobs:
-                if job.settled:
-                    continue  # finished; its ack is on its way (the lease is still renewed)
-                elapsed = now - job.started
-                if job.soft_limit_s and not job.soft_fired and elapsed > job.soft_limit_s:
-                    job.soft_fired = True
-                    self.pool.on_soft_limit(job)
-                if job.hard_limit_s and not job.hard_fired and elapsed > job.hard_limit_s:
-                    job.hard_fired = True
-                    log.warning(
-                        "task %s hit its hard time limit (%.1fs)",
-                        job.envelope.id,
-                        job.hard_limit_s,
-                        extra={"event": "task-hard-limit"},
-                    )
-                    self.pool.on_hard_limit(job)
+                if not job.settled:  # else finished: its ack is on its way (lease renewed)
+                    self._guarded("enforcing time limits", self._check_limits, job, now)
             if now >= next_renew:
                 next_renew = now + renew_every
                 with self._slots:
                     waiting = list(self.buffered)
                 if jobs or waiting:
-                    self.settler.renew(jobs, self.config.lease_s, waiting=waiting)
+                    self._guarded(
+                        "renewing leases",
+                        self.settler.renew,
+                        jobs,
+                        self.config.lease_s,
+                        waiting=waiting,
+                    )
+
+    def _check_limits(self, job: Job, now: float) -> None:
+        elapsed = now - job.started
+        if job.soft_limit_s and not job.soft_fired and elapsed > job.soft_limit_s:
+            job.soft_fired = True
+            self.pool.on_soft_limit(job)
+        if job.hard_limit_s and not job.hard_fired and elapsed > job.hard_limit_s:
+            job.hard_fired = True
+            log.warning(
+                "task %s hit its hard time limit (%.1fs)",
+                job.envelope.id,
+                job.hard_limit_s,
+                extra={"event": "task-hard-limit"},
+            )
+            self.pool.on_hard_limit(job)
+
+    def _housekeep(self) -> None:
+        """Heartbeats, revocations and autoscaling, off the lease thread: they call the
+        broker, and growing a process pool starts processes (seconds each where the app
+        is slow to import), which once held up lease renewal long enough for tasks running
+        here to be delivered to another worker."""
+        next_beat = next_scale = time.monotonic()
+        while not self._stopped.wait(0.05):
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self.config.heartbeat_s
+                self._guarded("loading revocations", self._load_revoked)
+                self._guarded(
+                    "sending a heartbeat",
+                    signals.heartbeat.send,
+                    worker=self,
+                    health=self.health(),
+                )
+            if self.config.autoscale is not None and now >= next_scale:
+                next_scale = now + 1.0
+                self._guarded("autoscaling", self._autoscale, now)
+
+    @staticmethod
+    def _guarded(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            log.exception("%s failed", what, extra={"event": "maintenance-failed"})
 
     def _autoscale(self, now: float) -> None:
         """Grow under backlog when every slot is busy; shrink by one after idling."""

@@ -15,7 +15,7 @@ from stem import Stem, TaskError, states
 from stem.backends.memory import MemoryBackend
 from stem.brokers.base import Delivery, Message
 from stem.brokers.memory import MemoryBroker
-from stem.errors import ConfigError, ResultTimeout
+from stem.errors import ConfigError, ResultTimeout, StemError
 from stem.security.signing import Keyring
 from stem.testing import memory_app, running_worker
 
@@ -882,7 +882,7 @@ def test_a_result_store_outage_during_admission_does_not_stop_consuming(
     outage = threading.Event()
     outage.set()
 
-    def read(task_id: str) -> Any:
+    def read(task_id: str, **_: Any) -> Any:
         if outage.is_set():
             raise BackendConnectionError("cannot reach the result store (test)")
         return real_read(task_id)
@@ -1113,3 +1113,42 @@ def test_a_message_put_back_signed_afresh_cannot_be_replayed(path: str) -> None:
         assert runs.count("target") == (2 if path == "retry" else 1), runs
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("trouble", ["slow-heartbeat", "autoscale-raises"])
+def test_leases_are_renewed_whatever_housekeeping_does(
+    app: Stem, trouble: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats and autoscaling ran on the lease thread: a slow one (a broker slow to
+    answer, a process pool starting processes) held up lease renewal, and one that raised
+    ended the thread for good. Either way a task still running here was delivered again
+    and ran twice."""
+    from stem.observability import signals
+
+    runs: list[str] = []
+
+    @app.task(name="long_one")
+    def long_one() -> None:
+        runs.append("ran")
+        time.sleep(2.5)
+
+    def slow_heartbeat(**_: Any) -> None:
+        time.sleep(4)
+
+    def failing_autoscale(now: float) -> None:
+        raise StemError("pool process failed to start: ImportError: broken deploy")
+
+    if trouble == "slow-heartbeat":
+        signals.heartbeat.connect(slow_heartbeat)
+    try:
+        with Running(app, lease_s=1.0, pool="thread", autoscale=(3, 2), heartbeat_s=0.5) as worker:
+            if trouble == "autoscale-raises":
+                monkeypatch.setattr(worker, "_autoscale", failing_autoscale)
+            res = long_one.delay()
+            res.get(timeout=15)
+            time.sleep(1.5)  # a copy delivered again would have started by now
+            lease = [t for t in worker._threads if t.name == "stem-lease"]
+            assert lease and lease[0].is_alive()
+        assert runs == ["ran"]
+    finally:
+        signals.heartbeat.disconnect(slow_heartbeat)
