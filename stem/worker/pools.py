@@ -115,14 +115,20 @@ class ThreadPool:
             with self._lock:
                 self._retired.add(tid)
             self._spawn()
-        self._done(
-            job,
-            failure(
-                HardTimeLimitExceeded(
-                    f"task {job.task.name!r} exceeded its hard time limit of {job.hard_limit_s}s"
-                )
-            ),
+        outcome = failure(
+            HardTimeLimitExceeded(
+                f"task {job.task.name!r} exceeded its hard time limit of {job.hard_limit_s}s"
+            )
         )
+        # Settled on a thread of its own: this is the worker's lease thread, and a result
+        # store slow to answer would hold up lease renewal (tasks running here would be
+        # delivered again elsewhere).
+        try:
+            threading.Thread(
+                target=self._done, args=(job, outcome), name="stem-limit-settle", daemon=True
+            ).start()
+        except RuntimeError:  # out of threads: settle here rather than not at all
+            self._done(job, outcome)
 
     def resize(self, size: int) -> None:
         size = max(1, size)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,13 @@ class _Child:
     job: Job | None = None
     retiring: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _waited_past_limit(job: Job) -> str:
+    return (
+        f"task {job.task.name!r} exceeded its hard time limit of {job.hard_limit_s}s "
+        "waiting for a pool process; it did not start"
+    )
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -147,6 +155,15 @@ class ProcessPool:
             break
         with child.lock:
             child.job = job
+        if job.hard_fired:
+            # Its hard limit passed while it waited for a pool process (a replacement still
+            # starting): on_hard_limit found no process to kill then. It does not start.
+            with child.lock:
+                if child.job is job:
+                    child.job = None
+            self._idle.put(child)
+            self._done(job, failure(HardTimeLimitExceeded(_waited_past_limit(job))))
+            return
         # The delivered bytes, which the parent verified; the child decodes them itself.
         try:
             write_frame(child.to_child, {"soft": job.soft_limit_s}, job.delivery.body)
@@ -215,12 +232,28 @@ class ProcessPool:
                 code,
                 extra={"event": "pool-process-replaced"},
             )
-            try:
-                self._spawn()
-            except (StemError, OSError):
-                log.exception(
-                    "could not replace pool process", extra={"event": "pool-process-spawn-failed"}
-                )
+            self._replace()
+
+    def _replace(self, delay_s: float = 0.0) -> None:
+        """Start a pool process in place of one that exited; if it cannot start (the app
+        fails to import after a bad deploy, say), try again in the background with a
+        growing delay until it does, rather than run short of a process for good."""
+        if delay_s:
+            time.sleep(delay_s)
+        if self._stopping:
+            return
+        try:
+            self._spawn()
+        except (StemError, OSError):
+            retry_in = min(30.0, max(1.0, delay_s * 2))
+            log.exception(
+                "could not replace pool process; trying again in %.0fs",
+                retry_in,
+                extra={"event": "pool-process-spawn-failed"},
+            )
+            threading.Thread(
+                target=self._replace, args=(retry_in,), name="stem-child-respawn", daemon=True
+            ).start()
 
     def on_soft_limit(self, job: Job) -> None:
         """Soft limits are raised inside the child by its own timer."""
@@ -236,9 +269,12 @@ class ProcessPool:
         size = max(1, size)
         with self._lock:
             delta = size - self.size
-            self.size = size
+            if delta <= 0:
+                self.size = size
         for _ in range(delta):
-            self._spawn()
+            self._spawn()  # may raise: the size then counts the processes that did start
+            with self._lock:
+                self.size += 1
         for _ in range(-delta):
             # Retire an idle child now; if none is idle the next one to finish retires.
             try:

@@ -6,12 +6,13 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from stem import Stem
 from stem.brokers.base import Delivery
-from stem.errors import SoftTimeLimitExceeded
+from stem.errors import SoftTimeLimitExceeded, StemError
 from stem.testing import memory_app
 from stem.worker import job as job_module
 from stem.worker.job import Job, Outcome
@@ -124,3 +125,95 @@ def test_a_limit_interrupts_the_task_while_it_runs(app: Stem) -> None:
         assert job.window.interrupt(SoftTimeLimitExceeded) is None  # over: nothing to hit
     finally:
         pool.stop(kill=False)
+
+
+def test_a_hard_limit_on_the_thread_pool_is_settled_off_the_callers_thread(app: Stem) -> None:
+    """on_hard_limit is called by the worker's lease thread: settling there (a result
+    write, perhaps slow) held up lease renewal of every other running task."""
+    release = threading.Event()
+
+    @app.task(name="stuck_here")
+    def stuck_here() -> None:
+        release.wait(10)
+
+    settled_on: queue.SimpleQueue[str] = queue.SimpleQueue()
+    pool = ThreadPool(1, lambda job, outcome: settled_on.put(threading.current_thread().name))
+    pool.start()
+    try:
+        job = _job(app, "stuck_here")
+        pool.submit(job)
+        deadline = time.monotonic() + 5
+        while job.window._thread is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pool.on_hard_limit(job)
+        assert settled_on.get(timeout=5) != threading.current_thread().name
+    finally:
+        release.set()
+        pool.stop(kill=False)
+
+
+class _FakeChild:
+    def __init__(self) -> None:
+        self.retiring = False
+        self.job: Job | None = None
+        self.lock = threading.Lock()
+        self.proc = type("P", (), {"poll": lambda self: None, "pid": 0})()
+
+
+def _process_pool(app: Stem, done: Any) -> Any:
+    from stem.worker.process_pool import ProcessPool
+
+    return ProcessPool(1, done, bootstrap={"app": "tests.unit.nowhere:app"})
+
+
+def test_a_process_pool_grown_part_way_counts_the_processes_that_started(app: Stem) -> None:
+    pool = _process_pool(app, lambda job, outcome: None)
+    started: list[int] = []
+
+    def spawn() -> None:
+        if len(started) == 1:
+            raise StemError("pool process failed to start: ImportError: broken deploy")
+        started.append(1)
+
+    pool._spawn = spawn
+    with pytest.raises(StemError, match="broken deploy"):
+        pool.resize(4)
+    assert pool.size == 2  # it said 4 while only one more process ran
+
+
+def test_a_pool_process_that_cannot_be_replaced_is_tried_again(app: Stem) -> None:
+    pool = _process_pool(app, lambda job, outcome: None)
+    tries: list[float] = []
+
+    def spawn() -> None:
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise StemError("pool process failed to start: ImportError: broken deploy")
+
+    pool._spawn = spawn
+    pool._replace()
+    deadline = time.monotonic() + 10
+    while len(tries) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(tries) == 3, "a replacement that failed once was never tried again"
+
+
+def test_a_job_whose_hard_limit_passed_while_it_waited_does_not_start(app: Stem) -> None:
+    """on_hard_limit found no process holding it then (a replacement was still starting),
+    so the limit was never enforced and the task ran to completion."""
+    from stem.errors import HardTimeLimitExceeded
+
+    @app.task(name="late", time_limit=1)
+    def late() -> None: ...
+
+    outcomes: list[Outcome] = []
+    pool = _process_pool(app, lambda job, outcome: outcomes.append(outcome))
+    child = _FakeChild()
+    pool._idle.put(child)
+    job = _job(app, "late")
+    job.hard_fired = True
+    pool.submit(job)
+    assert [o.status for o in outcomes] == ["failure"]
+    assert outcomes[0].error is not None
+    assert outcomes[0].error.type == HardTimeLimitExceeded.__name__
+    assert child.job is None and pool._idle.get_nowait() is child  # free for the next job
