@@ -35,6 +35,15 @@ def _job(app: Stem, name: str) -> Job:
     )
 
 
+def _run_until_inside(pool: ThreadPool, job: Job) -> None:
+    """Submit ``job`` and return once its function runs (its window is open)."""
+    pool.submit(job)
+    deadline = time.monotonic() + 5
+    while job.window._thread is None:
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.01)
+
+
 def test_a_limit_that_fires_as_the_task_returns_does_not_land_in_settlement(
     app: Stem, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -79,10 +88,7 @@ def test_a_limit_that_fires_as_the_task_returns_does_not_land_in_settlement(
     pool.start()
     try:
         first = _job(app, "quick")
-        pool.submit(first)
-        deadline = time.monotonic() + 5
-        while first.window._thread is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _run_until_inside(pool, first)
         pool.on_soft_limit(first)
         outcome = outcomes.get(timeout=5)
         assert outcome.status == "success" and outcome.value == "done"
@@ -141,10 +147,7 @@ def test_a_hard_limit_on_the_thread_pool_is_settled_off_the_callers_thread(app: 
     pool.start()
     try:
         job = _job(app, "stuck_here")
-        pool.submit(job)
-        deadline = time.monotonic() + 5
-        while job.window._thread is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _run_until_inside(pool, job)
         pool.on_hard_limit(job)
         assert settled_on.get(timeout=5) != threading.current_thread().name
     finally:
