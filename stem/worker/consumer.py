@@ -287,10 +287,13 @@ class Worker:
             self._slots.notify_all()
 
     def shutdown(self) -> None:
-        """Stop reserving, wait for running tasks up to the drain budget, hand the rest
-        back to the broker, stop the pool."""
+        """Stop reserving, wait for running tasks up to the drain budget, stop the pool,
+        hand the rest back to the broker. The steps that call the broker each get a few
+        seconds (one on a stop now): an unresponsive broker must not hold the exit past
+        what a supervisor allows (systemd's TimeoutStopSec); leases bring back whatever
+        they did not do."""
         self._stop_reserving.set()
-        self._release_buffered()
+        self._bounded("releasing prefetched messages", self._release_buffered)
         signals.worker_shutting_down.send(worker=self)
         deadline = time.monotonic() + self.config.shutdown_budget_s
         with self._slots:
@@ -300,14 +303,27 @@ class Worker:
                     break
                 self._slots.wait(min(remaining, 0.2))
             leftover = list(self.inflight.values())
-        handed_back = self.settler.hand_back(leftover)
-        if handed_back:
+        claimed = self.settler.claim_all(leftover)
+        # Before they go back: a pool process still running one must be gone by the time
+        # another worker may take it (threads cannot be stopped; they end with the process).
+        self.pool.stop(kill=bool(leftover) or self._stop_now.is_set())
+        handed: list[int] = []
+        if claimed:
+            self._bounded(
+                "handing tasks back", lambda: handed.append(self.settler.give_back(claimed))
+            )
+        if handed and handed[0]:
             log.warning(
                 "handed %d unfinished task(s) back to the broker",
-                handed_back,
-                extra={"event": "worker-handed-back", "count": handed_back},
+                handed[0],
+                extra={"event": "worker-handed-back", "count": handed[0]},
             )
-        self.pool.stop(kill=bool(leftover) or self._stop_now.is_set())
+        if claimed and (not handed or handed[0] < len(claimed)):
+            log.warning(
+                "%d unfinished task(s) not handed back: they come back after their lease",
+                len(claimed) - (handed[0] if handed else 0),
+                extra={"event": "worker-hand-back-failed"},
+            )
         # Every outcome is settled now: send the acks still queued, then end the sender.
         if not self.settler.acks.stop(0.5 if self._stop_now.is_set() else 5.0):
             log.warning(
@@ -323,12 +339,30 @@ class Worker:
         self.admission.close()
         if self._control is not None:
             self._control.join(timeout=grace)
-        signals.worker_shutdown.send(worker=self)
-        if self._heartbeats is not None:
-            self._heartbeats.detach()
+        self._bounded("saying goodbye", self._goodbye)
         log.info(
             "worker %s stopped", self.name, extra={"event": "worker-stopped", "worker": self.name}
         )
+
+    def _goodbye(self) -> None:
+        signals.worker_shutdown.send(worker=self)  # the last heartbeat and event say offline
+        if self._heartbeats is not None:
+            self._heartbeats.detach()
+
+    def _bounded(self, what: str, step: Callable[[], object]) -> None:
+        budget_s = 1.0 if self._stop_now.is_set() else 5.0
+        t = threading.Thread(
+            target=self._guarded, args=(what, step), name="stem-stopping", daemon=True
+        )
+        t.start()
+        t.join(budget_s)
+        if t.is_alive():
+            log.warning(
+                "%s did not finish within %.0fs (the broker is slow to answer); going on",
+                what,
+                budget_s,
+                extra={"event": "shutdown-step-timeout"},
+            )
 
     def free_slots(self) -> int:
         return max(0, self.pool.size - len(self.inflight))

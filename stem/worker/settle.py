@@ -318,8 +318,8 @@ class Settler:
             done = job.on_acked
         self.acks.add(delivery, claim, done)
 
-    def release(self, delivery: Delivery, delay_s: float = 0.0) -> None:
-        self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
+    def release(self, delivery: Delivery, delay_s: float = 0.0) -> bool:
+        return self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
 
     def nack(self, delivery: Delivery, *, delay_s: float, body: bytes | None) -> bool:
         return self._broker_call(
@@ -452,15 +452,23 @@ class Settler:
 
     def hand_back(self, jobs: Sequence[Job]) -> int:
         """Give unfinished jobs back to the broker (shutdown), and their concurrency
-        slots: the copy that comes back may never run (expired, revoked by then)."""
+        slots: the copy that comes back may never run (expired, revoked by then). The
+        number the broker took back."""
+        return self.give_back(self.claim_all(jobs))
+
+    @staticmethod
+    def claim_all(jobs: Sequence[Job]) -> list[Job]:
+        """Claim the settlement of each job not settled yet: an outcome that arrives
+        later (a pool process killed at shutdown reporting WorkerLost) is dropped."""
+        return [job for job in jobs if job.claim_settlement()]
+
+    def give_back(self, claimed: Sequence[Job]) -> int:
         n = 0
-        for job in jobs:
-            if job.claim_settlement():
-                # The slot first: released first, the copy could be taken elsewhere and
-                # pass the cap as this holder, then lose its place when this one freed it.
-                self.limits.finished(job.task, job.envelope)
-                self.release(job.delivery)
-                n += 1
+        for job in claimed:
+            # The slot first: released first, the copy could be taken elsewhere and pass
+            # the cap as this holder, then lose its place when this one freed it.
+            self.limits.finished(job.task, job.envelope)
+            n += self.release(job.delivery)
         return n
 
     # -- outcomes --------------------------------------------------------------------------

@@ -1152,3 +1152,36 @@ def test_leases_are_renewed_whatever_housekeeping_does(
         assert runs == ["ran"]
     finally:
         signals.heartbeat.disconnect(slow_heartbeat)
+
+
+def test_shutdown_is_bounded_when_the_broker_stops_answering(
+    app: Stem, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Handing unfinished tasks back, one broker call each with no deadline, held the exit
+    for minutes when the broker hung (past systemd's TimeoutStopSec), and each call that
+    failed still counted as handed back."""
+    hung = threading.Event()
+
+    @app.task(name="sleepy")
+    def sleepy() -> None:
+        hung.wait(60)
+
+    def hanging_nack(*_: Any, **__: Any) -> bool:
+        hung.wait(60)
+        return True
+
+    try:
+        with Running(app, pool="thread", concurrency=2, shutdown_budget_s=0.2) as worker:
+            sleepy.delay()
+            sleepy.delay()
+            deadline = time.monotonic() + 5
+            while len(worker.inflight) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            monkeypatch.setattr(app.broker, "nack", hanging_nack)
+            stopping = time.monotonic()
+        assert time.monotonic() - stopping < 30, "shutdown waited on the hung broker"
+        assert "handing tasks back did not finish" in caplog.text
+        assert "2 unfinished task(s) not handed back" in caplog.text
+        assert "handed 2 unfinished" not in caplog.text
+    finally:
+        hung.set()
