@@ -8,6 +8,7 @@ It ignores SIGINT/SIGTERM (the parent drains and stops it) and exits if its pare
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -30,6 +31,24 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when the worker's thread that started it
+    ends (the worker killed with SIGKILL included): the watcher thread below cannot run
+    while a task holds the GIL in C code, and a pool process that lives on runs its task
+    beside the copy delivered again after the lease. Linux only; elsewhere the watcher."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _on_alarm(signum: int, frame: Any) -> NoReturn:
     raise SoftTimeLimitExceeded("task exceeded its soft time limit")
 
@@ -39,6 +58,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, _on_alarm)
+    _die_with_parent(parent_pid)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     reader = FrameReader(in_fd)
     boot = reader.frame()

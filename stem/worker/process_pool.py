@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,11 @@ class ProcessPool:
         self._idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stopping = False
+        self._spawns: queue.SimpleQueue[Future[_Child]] = queue.SimpleQueue()
+        self._spawner = threading.Thread(
+            target=self._spawn_loop, name="stem-child-spawner", daemon=True
+        )
+        self._spawner.start()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -88,6 +94,27 @@ class ProcessPool:
             self._spawn()
 
     def _spawn(self) -> _Child:
+        """Start a pool process, always from the pool's spawner thread: a pool process
+        has the kernel kill it when the thread that started it ends (PR_SET_PDEATHSIG, so
+        that it never outlives a worker killed with SIGKILL, even while its task holds the
+        GIL), so that thread must live as long as the pool."""
+        if threading.current_thread() is self._spawner:
+            return self._start_child()
+        started: Future[_Child] = Future()
+        self._spawns.put(started)
+        return started.result()
+
+    def _spawn_loop(self) -> None:
+        while True:
+            started = self._spawns.get()
+            if not started.set_running_or_notify_cancel():
+                continue
+            try:
+                started.set_result(self._start_child())
+            except BaseException as exc:  # the caller raises it; this thread must live on
+                started.set_exception(exc)
+
+    def _start_child(self) -> _Child:
         c_in, p_out = os.pipe()  # parent writes jobs, child reads
         p_in, c_out = os.pipe()  # child writes outcomes, parent reads
         try:

@@ -296,3 +296,36 @@ def test_tasks_published_by_tasks_are_sent_events_on_every_pool(cli: StemCLI, po
         time.sleep(0.2)
     assert sent, "no task-sent event for the task published from inside a task"
     assert (sent[0]["task"], sent[0]["queue"]) == ("acc.square", "default")
+
+
+def test_a_pool_process_dies_with_a_worker_killed_while_its_task_holds_the_gil(
+    cli: StemCLI, tmp_path: Path
+) -> None:
+    """A pool process noticed its worker's death only from a Python thread, which cannot
+    run while the task holds the GIL in C: killed with SIGKILL, the worker left it running
+    the task beside the copy delivered again after the lease."""
+    pid_file = tmp_path / "hog.pid"
+    worker = cli.start_worker("--pool", "process", "-c", "1")
+    cli.run("enqueue", "acc.gil_hog", "--args", json.dumps([str(pid_file)]), check=True)
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    hog = int(pid_file.read_text())
+    time.sleep(0.5)  # well inside its C call
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(hog, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the pool process outlived its worker")
+    finally:
+        try:
+            os.kill(hog, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

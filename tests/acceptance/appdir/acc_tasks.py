@@ -35,6 +35,14 @@ def pid() -> int:
     return os.getpid()
 
 
+@app.task(name="acc.gil_hog")
+def gil_hog(pid_file: str) -> int:
+    """Writes its process id, then holds the GIL in one C call for minutes."""
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    return sum(range(10**11))
+
+
 def _record(line: str) -> None:
     path = os.environ.get("STEM_TEST_RECORD")
     if path:
