@@ -134,10 +134,12 @@ class Interruptible:
         """``fn(*args, **kwargs)`` with the window open. A limit that arrives as ``fn``
         returns is raised from the call (the task then failed at its limit)."""
         me = threading.get_ident()
-        with self._lock:
-            self._thread = me
-            self._sent = False
         try:
+            # Opened inside the try: one sent as soon as it is open (the lock's __exit__
+            # call checks for it) must still find the window closed behind it.
+            with self._lock:
+                self._thread = me
+                self._sent = False
             return fn(*args, **kwargs)
         finally:
             # No call between the end of fn and the store below, so nothing can be raised

@@ -107,14 +107,17 @@ class ThreadPool:
         self._jobs.put(job)
 
     def on_soft_limit(self, job: Job) -> None:
-        job.window.interrupt(SoftTimeLimitExceeded)
+        if job.window.interrupt(SoftTimeLimitExceeded) is None:
+            job.soft_fired = False  # not running yet (or over): the watchdog tries again
 
     def on_hard_limit(self, job: Job) -> None:
         tid = job.window.interrupt(HardTimeLimitExceeded)
         if tid is not None:
             with self._lock:
+                replaced = tid in self._retired  # a second hard limit (revoke --terminate)
                 self._retired.add(tid)
-            self._spawn()
+            if not replaced:
+                self._spawn()
         outcome = failure(
             HardTimeLimitExceeded(
                 f"task {job.task.name!r} exceeded its hard time limit of {job.hard_limit_s}s"
@@ -195,6 +198,8 @@ class _DaemonThreads(Executor):
         """The call running on thread ``ident`` is past its hard limit and may never
         return: a new thread takes its place, and it ends once (if) the call returns."""
         with self._lock:
+            if ident in self._retired:
+                return  # replaced already (a second hard limit: revoke --terminate)
             if not any(t.ident == ident for t in self._threads):
                 return  # a thread of an executor replaced by a resize: it ends by itself
             self._retired.add(ident)

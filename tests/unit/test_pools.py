@@ -12,7 +12,7 @@ import pytest
 
 from stem import Stem
 from stem.brokers.base import Delivery
-from stem.errors import SoftTimeLimitExceeded, StemError
+from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded, StemError
 from stem.testing import memory_app
 from stem.worker import job as job_module
 from stem.worker.job import Job, Outcome
@@ -140,7 +140,13 @@ def test_a_hard_limit_on_the_thread_pool_is_settled_off_the_callers_thread(app: 
 
     @app.task(name="stuck_here")
     def stuck_here() -> None:
-        release.wait(10)
+        # Not blocked in C (release.wait): under a tracer (coverage), CPython 3.11 stalls
+        # other threads while an exception is pending for a thread that cannot take it.
+        while not release.is_set():
+            try:
+                time.sleep(0.01)
+            except HardTimeLimitExceeded:
+                pass
 
     settled_on: queue.SimpleQueue[str] = queue.SimpleQueue()
     pool = ThreadPool(1, lambda job, outcome: settled_on.put(threading.current_thread().name))
@@ -220,3 +226,86 @@ def test_a_job_whose_hard_limit_passed_while_it_waited_does_not_start(app: Stem)
     assert outcomes[0].error is not None
     assert outcomes[0].error.type == HardTimeLimitExceeded.__name__
     assert child.job is None and pool._idle.get_nowait() is child  # free for the next job
+
+
+class _SlowToOpen:
+    """A lock whose first release pauses (after releasing): the moment just after the
+    window opened, held long enough for a limit to be sent then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.opened = threading.Event()
+        self._first = True
+
+    def __enter__(self) -> _SlowToOpen:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._lock.release()
+        if self._first:
+            self._first = False
+            self.opened.set()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the limit sent meanwhile is raised here
+                time.sleep(0.001)
+
+
+def test_a_limit_sent_as_the_window_opens_leaves_it_closed_behind_it() -> None:
+    """Raised at the check after the opening lock's __exit__, the exception escaped
+    before the try whose finally closes the window: it stayed open, and a later limit
+    (the hard one, revoke --terminate) was raised into the idle pool thread."""
+    window = job_module.Interruptible()
+    lock = _SlowToOpen()
+    window._lock = lock  # type: ignore[assignment]
+    seen: list[object] = []
+
+    def run() -> None:
+        try:
+            seen.append(window.call(lambda: "ran"))
+        except SoftTimeLimitExceeded:
+            seen.append("limit")
+        seen.append(window._thread)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert lock.opened.wait(5)
+    assert window.interrupt(SoftTimeLimitExceeded) is not None
+    t.join(10)
+    assert seen == ["limit", None]
+    assert window.interrupt(HardTimeLimitExceeded) is None  # nothing left to hit
+
+
+def test_a_second_hard_limit_on_a_stuck_thread_replaces_it_once(app: Stem) -> None:
+    release = threading.Event()
+
+    @app.task(name="deaf")
+    def deaf() -> None:
+        while not release.is_set():
+            try:
+                time.sleep(0.01)
+            except HardTimeLimitExceeded:
+                pass
+
+    pool = ThreadPool(1, lambda job, outcome: None)
+    pool.start()
+    try:
+        job = _job(app, "deaf")
+        _run_until_inside(pool, job)
+        pool.on_hard_limit(job)
+        pool.on_hard_limit(job)  # revoke --terminate after the watchdog's own
+        assert len(pool._threads) == 2  # the stuck one and one replacement
+    finally:
+        release.set()
+        pool.stop(kill=False)
+
+
+def test_a_soft_limit_sent_before_the_task_started_is_sent_again(app: Stem) -> None:
+    @app.task(name="quick_soft")
+    def quick_soft() -> None: ...
+
+    pool = ThreadPool(1, lambda job, outcome: None)
+    job = _job(app, "quick_soft")
+    job.soft_fired = True  # as the watchdog sets it before calling on_soft_limit
+    pool.on_soft_limit(job)  # the task is not running yet: nothing to raise into
+    assert job.soft_fired is False
