@@ -17,6 +17,7 @@ from stem.testing import memory_app
 from stem.worker import job as job_module
 from stem.worker.job import Job, Outcome
 from stem.worker.pools import ThreadPool
+from tests.fixtures.stuck import ignore_hard_limits
 
 
 @pytest.fixture
@@ -140,13 +141,7 @@ def test_a_hard_limit_on_the_thread_pool_is_settled_off_the_callers_thread(app: 
 
     @app.task(name="stuck_here")
     def stuck_here() -> None:
-        # Not blocked in C (release.wait): under a tracer (coverage), CPython 3.11 stalls
-        # other threads while an exception is pending for a thread that cannot take it.
-        while not release.is_set():
-            try:
-                time.sleep(0.01)
-            except HardTimeLimitExceeded:
-                pass
+        ignore_hard_limits(release)
 
     settled_on: queue.SimpleQueue[str] = queue.SimpleQueue()
     pool = ThreadPool(1, lambda job, outcome: settled_on.put(threading.current_thread().name))
@@ -281,11 +276,7 @@ def test_a_second_hard_limit_on_a_stuck_thread_replaces_it_once(app: Stem) -> No
 
     @app.task(name="deaf")
     def deaf() -> None:
-        while not release.is_set():
-            try:
-                time.sleep(0.01)
-            except HardTimeLimitExceeded:
-                pass
+        ignore_hard_limits(release)
 
     pool = ThreadPool(1, lambda job, outcome: None)
     pool.start()

@@ -406,17 +406,13 @@ def test_async_pool_replaces_a_thread_stuck_past_its_hard_limit(app: Stem) -> No
     exception sent to a thread blocked in C stays pending, and CPython 3.11 then keeps
     every thread on its slow path until it is raised, which under a tracer (coverage in
     CI) stalls the whole process (seen here; the worker itself runs no tracer)."""
-    from stem.errors import HardTimeLimitExceeded
+    from tests.fixtures.stuck import ignore_hard_limits
 
     blocker = threading.Event()
 
     @app.task(name="blocked", time_limit=0.3, max_retries=0)
     def blocked() -> None:
-        while not blocker.is_set():
-            try:
-                time.sleep(0.01)
-            except HardTimeLimitExceeded:
-                pass
+        ignore_hard_limits(blocker)
 
     @app.task(name="next_plain")
     def next_plain() -> str:
