@@ -8,7 +8,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 REDACTED = "***"
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "key", "credential", "private")
-_URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+# The lookbehind starts a match only where a scheme can start: without it a long run of
+# letters (a token, base64) was scanned again from each of its characters (quadratic).
+_URL_IN_TEXT = re.compile(r"(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
 # A host, a host:port, or a list of them (PostgreSQL): what an authority without user info
 # looks like, told apart from "user:password".
 _HOSTS = re.compile(r"(\[[^\]]*\]|[^:@,\[]*)(:\d*)?(,.*)?")
@@ -95,9 +97,11 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-# key=value connection strings (libpq's "host=h password=x"), the value bare or quoted
-_CONNINFO_SECRET = re.compile(
-    r"""\b((?:ssl)?pass(?:word|wd)|secret|token)(\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'"]+)""",
+# key=value secrets (libpq's "host=h password=x", PGPASSWORD=x, client_secret: "x"):
+# the value bare, or quoted (to its closing quote, or to the end of the word if unclosed)
+_KEY_VALUE_SECRET = re.compile(
+    r"""((?<![a-z0-9_])[a-z0-9_]*?(?:pass(?:word|wd)|secret|token)[a-z0-9_]*)"""
+    r"""(\s*[=:]\s*)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|['"]?[^\s'",;]+)""",
     re.IGNORECASE,
 )
 
@@ -106,7 +110,7 @@ def redact_text(text: str) -> str:
     """Redact credentials of any URLs inside free text (error messages, log lines), and
     the values of password=... in key=value connection strings."""
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
-    return _CONNINFO_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    return _KEY_VALUE_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
 
 
 def is_secret_name(name: str) -> bool:
