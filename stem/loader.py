@@ -46,7 +46,7 @@ def load_app(spec: str) -> Stem:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise ConfigError(
                 f"--app {spec!r}: module {module_name!r} not found (is it on PYTHONPATH?)"
             ) from None

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, NoReturn
+from typing import Any
 
 from stem import envelope as codec
 from stem.errors import EncodeError, SoftTimeLimitExceeded, StemError, TaskNotRegistered
@@ -49,7 +49,18 @@ def _die_with_parent(parent_pid: int) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _on_alarm(signum: int, frame: Any) -> NoReturn:
+class _Alarm:
+    writing = False  # the main thread is writing a frame to the worker
+    deferred = False  # the soft limit came meanwhile
+
+
+_alarm = _Alarm()
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    if _alarm.writing:
+        _alarm.deferred = True
+        return
     raise SoftTimeLimitExceeded("task exceeded its soft time limit")
 
 
@@ -82,8 +93,19 @@ def main(argv: list[str]) -> int:
     out_lock = threading.Lock()  # tasks may report progress or publish from threads
 
     def send(frame: dict[str, Any]) -> None:
+        # The soft limit (SIGALRM, raised in the main thread) waits while the main thread
+        # writes a frame: raised part-way through, it left half a frame in the pipe and
+        # the worker killed this process for it. It is raised once the frame is out.
+        main = threading.current_thread() is threading.main_thread()
         with out_lock:
-            write_frame(out_fd, frame)
+            _alarm.writing = main
+            try:
+                write_frame(out_fd, frame)
+            finally:
+                _alarm.writing = False
+        if main and _alarm.deferred:
+            _alarm.deferred = False
+            raise SoftTimeLimitExceeded("task exceeded its soft time limit")
 
     def progress(data: dict[str, Any]) -> None:
         send({"type": "progress", "data": data})

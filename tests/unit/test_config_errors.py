@@ -330,3 +330,16 @@ def test_missing_tls_files(tmp_path: Path) -> None:
     issue = only_issue(tmp_path)
     assert issue.key == "tls.ca_file"
     assert str(tmp_path / "etc" / "ca.pem") in issue.message
+
+
+def test_an_app_whose_dependency_is_missing_is_not_called_missing_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--app tasks_prod:app` whose module imports a missing `tasks` was reported as
+    "module 'tasks_prod' not found" (a prefix of the name, not a parent package)."""
+    from stem.loader import load_app
+
+    (tmp_path / "stem_tasks_prod.py").write_text("import stem_tasks\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"importing 'stem_tasks_prod' failed: .*'stem_tasks'"):
+        load_app("stem_tasks_prod:app")

@@ -300,3 +300,19 @@ def test_a_soft_limit_sent_before_the_task_started_is_sent_again(app: Stem) -> N
     job.soft_fired = True  # as the watchdog sets it before calling on_soft_limit
     pool.on_soft_limit(job)  # the task is not running yet: nothing to raise into
     assert job.soft_fired is False
+
+
+def test_a_soft_limit_waits_while_the_pool_process_writes_a_frame() -> None:
+    """Raised part-way through a frame (a progress report, a publish's notice), the soft
+    limit left half a frame in the pipe and the worker killed the pool process."""
+    from stem.worker import child
+
+    child._alarm.writing = True
+    try:
+        child._on_alarm(14, None)  # no raise while writing
+        assert child._alarm.deferred
+    finally:
+        child._alarm.writing = False
+        child._alarm.deferred = False
+    with pytest.raises(SoftTimeLimitExceeded):
+        child._on_alarm(14, None)
