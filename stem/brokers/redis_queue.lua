@@ -137,6 +137,16 @@ local function bury_entry(q, p, id, f, problem)
     bury(q, p, mid, f.b or '', 1, 'malformed', 'storage entry ' .. id .. ': ' .. problem)
 end
 
+-- add_ready inside reserve, where one stream key that is not a stream (written outside
+-- Stem) must not fail the reserve of every queue: the message is dead-lettered instead,
+-- kept for a replay once the key is mended.
+local function add_ready_or_bury(q, p, mid, body, n)
+    local ok = pcall(add_ready, q, p, mid, body, n)
+    if not ok then
+        bury(q, p, mid, body, n, 'malformed', 'storage key ' .. qkey(q, p) .. ' is not a stream')
+    end
+end
+
 local notified = {}
 local function notify(q)
     if not notified[q] then
@@ -180,7 +190,7 @@ local function promote(q, now)
     for _, packed in ipairs(due) do
         local p, n, mid, body = unpack_message(packed)
         if p then
-            add_ready(q, p, mid, body, n)
+            add_ready_or_bury(q, p, mid, body, n)
         else
             bury(q, '0', 'delayed', packed, 0, 'malformed', 'a delayed entry is not a packed message')
         end
@@ -200,7 +210,7 @@ local function reclaim(q, now, limit)
             if problem then
                 bury_entry(q, p, string.match(receipt, '/(.-)/') or receipt, f, problem)
             else
-                add_ready(q, p, f.m, f.b, tonumber(f.n) + 1)
+                add_ready_or_bury(q, p, f.m, f.b, tonumber(f.n) + 1)
             end
         end
     end
@@ -467,11 +477,13 @@ if cmd == 'purge' then
     for p = 0, 9 do
         local key = qkey(q, p)
         if redis.call('EXISTS', key) == 1 then
+            -- A stream written outside Stem has no group yet: one that sees every entry.
+            redis.pcall('XGROUP', 'CREATE', key, GROUP, '0')
             while true do
-                local res = redis.call(
+                local res = redis.pcall(
                     'XREADGROUP', 'GROUP', GROUP, GROUP, 'COUNT', 500, 'STREAMS', key, '>'
                 )
-                if not res or #res[1][2] == 0 then
+                if not res or res.err or #res[1][2] == 0 then
                     break
                 end
                 local ids = {}

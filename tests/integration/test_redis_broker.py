@@ -343,6 +343,35 @@ def test_a_stream_written_straight_into_redis_does_not_stop_the_queue(
     assert [d.message_id for d in broker.reserve(["q"], 5, LONG_S)] == ["later"]
 
 
+def test_a_stream_key_of_another_type_costs_only_its_own_messages(
+    broker: RedisBroker, redis_url: str
+) -> None:
+    """A priority's stream key that is not a stream failed every reserve as soon as a
+    delayed or lapsed message had to go into it (the script kept its earlier writes, so
+    each failed reserve promoted the others again: duplicates). Its message is dead-
+    lettered instead; purge skips such keys and reads streams with no group."""
+    raw = redis.Redis.from_url(redis_url)
+    prefix = broker._prefix
+    try:
+        raw.set(f"{prefix}q:q:8", "not a stream")
+        broker.publish(
+            [
+                msg("q", "early", not_before_ms=now_ms() + 100),
+                msg("q", "stuck", priority=8, not_before_ms=now_ms() + 150),
+            ]
+        )
+        time.sleep(0.3)
+        got = broker.reserve(["q"], 5, LONG_S)
+        assert [d.message_id for d in got] == ["early"]
+        assert broker.ack(got) == 1
+        assert [(d.message_id, d.reason) for d in broker.dlq_list("q")] == [("stuck", "malformed")]
+        raw.xadd(f"{prefix}q:q:3", {"m": "stray", "b": "x", "n": "0"})  # no group
+    finally:
+        raw.close()
+    assert broker.purge("q") == 1
+    assert broker.reserve(["q"], 5, LONG_S) == []
+
+
 # -- scripts and keys ----------------------------------------------------------------------
 
 
