@@ -10,7 +10,7 @@ from stem import states
 from stem.cli.context import emit_json, fail, load_app, print_table
 from stem.cli.exitcodes import ExitCode
 from stem.envelope import loads
-from stem.errors import DecodeError, ResultTimeout
+from stem.errors import DecodeError, ResultTimeout, StemError
 
 
 def _json_arg(value: str | None, name: str, kind: type) -> Any:
@@ -83,7 +83,10 @@ def _print_result(app: Any, task_id: str, wait: float | None, *, as_json: bool) 
         rec = res.wait_record(wait) if wait else res.record
     except ResultTimeout:
         if as_json:  # scripts still get the id (of a task just enqueued) and its state
-            now = res.record
+            try:
+                now = res.record
+            except StemError:  # the store went away meanwhile: the timeout is the news
+                now = None
             emit_json(
                 {
                     "task_id": task_id,
