@@ -240,15 +240,29 @@ def autoretries(task: Task[Any, Any], exc: BaseException) -> bool:
     return bool(task.options.autoretry_for) and isinstance(exc, task.options.autoretry_for)
 
 
+# The largest value a task may return, as JSON: the same on every pool (the process
+# pool's pipe takes 64 MiB frames, with the rest of the outcome around the value).
+MAX_RESULT_BYTES = 48 * 1024 * 1024
+
+
 def check_value(task: Task[Any, Any], value: Any, start: float) -> Outcome:
-    """Success, unless the value cannot be stored as JSON (then a clear failure now, with
-    the task's name, rather than at result-write time)."""
+    """Success, unless the value cannot be stored as JSON or is over MAX_RESULT_BYTES
+    (then a clear failure now, with the task's name, rather than at result-write time)."""
     runtime = time.perf_counter() - start
     try:
-        dumps(value)
+        size = len(dumps(value))
     except EncodeError as exc:
         return failure(
             EncodeError(f"task {task.name!r} returned a value that is not JSON: {exc}"),
+            runtime_s=runtime,
+        )
+    if size > MAX_RESULT_BYTES:
+        return failure(
+            EncodeError(
+                f"task {task.name!r} returned a value of {size} bytes as JSON, over the "
+                f"{MAX_RESULT_BYTES >> 20} MiB a result may have (store it elsewhere and "
+                "return where)"
+            ),
             runtime_s=runtime,
         )
     return Outcome("success", value=value, runtime_s=runtime)

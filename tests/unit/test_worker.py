@@ -1181,3 +1181,17 @@ def test_shutdown_is_bounded_when_the_broker_stops_answering(
         assert "handed 2 unfinished" not in caplog.text
     finally:
         hung.set()
+
+
+def test_a_result_too_large_for_any_pool_fails_on_every_pool(app: Stem) -> None:
+    """A 70 MB result failed on the process pool (its pipe's frame limit) but was stored
+    on the others: one limit now, with a message that says what to do."""
+    from stem.worker.job import MAX_RESULT_BYTES
+
+    @app.task(name="huge", max_retries=0)
+    def huge() -> str:
+        return "x" * (MAX_RESULT_BYTES + 1)
+
+    with Running(app, pool="thread", concurrency=1):
+        with pytest.raises(TaskError, match="over the 48 MiB a result may have"):
+            huge.delay().get(timeout=30)
