@@ -121,6 +121,12 @@ class Metrics:
             "stem_dead_letters_total", "Messages this worker dead-lettered, by reason.",
             ["reason"], registry=r,
         )  # fmt: skip
+        self.queue_stats_at = Gauge(
+            "stem_queue_stats_last_success_timestamp_seconds",
+            "When the queue gauges were last read from the broker (Unix time): they keep "
+            "their last values while the broker does not answer.",
+            registry=r,
+        )
         self.pool_size = Gauge("stem_pool_size", "Slots in the worker's pool.", registry=r)
         self.running = Gauge("stem_tasks_running", "Tasks running now.", registry=r)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds
@@ -172,6 +178,7 @@ class Metrics:
             self.queue_delayed.labels(s.queue).set(s.delayed)
             self.queue_reserved.labels(s.queue).set(s.reserved)
             self.queue_dead.labels(s.queue).set(s.dead)
+        self.queue_stats_at.set_to_current_time()
 
     # -- receivers -----------------------------------------------------------------------
 

@@ -265,6 +265,9 @@ def test_endpoint_serves_the_workload(signed_app: Stem) -> None:
     assert sample(data, "stem_queue_reserved", queue="default") == 0
     assert sample(data, "stem_queue_dead", queue="default") == 2
     assert sample(data, "stem_pool_size") == 2
+    # When the depths were read, for alerts on gauges gone stale (the broker not answering).
+    read_at = sample(data, "stem_queue_stats_last_success_timestamp_seconds")
+    assert read_at is not None and abs(read_at - time.time()) < 3600
     assert sample(data, "stem_tasks_running") == 0
     assert (sample(data, "process_resident_memory_bytes") or 0) > 0
 
