@@ -1023,7 +1023,7 @@ def test_hand_back_frees_the_concurrency_place_before_the_delivery(app: Stem) ->
 
     order: list[str] = []
     settler = Settler.__new__(Settler)
-    settler.release = lambda delivery, delay_s=0.0: order.append("release")  # type: ignore[method-assign]
+    settler.release = lambda delivery, delay_s=0.0: not order.append("release")  # type: ignore[method-assign]
     settler.limits = type("L", (), {"finished": lambda self, task, env: order.append("slot")})()  # type: ignore[assignment]
     env = app.build_envelope("capped_hb")
     delivery = Delivery("r", env.id, "default", b"", 1, lease_expires_ms=0)
