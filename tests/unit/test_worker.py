@@ -759,7 +759,7 @@ def plain():
 
 @app.task(name="crash.huge")
 def huge():
-    return "x" * (70 << 20)  # over the 64 MiB frame limit between worker and child
+    return "x" * (70 << 20)  # over the result size limit (and the pipe's 64 MiB frames)
 
 @app.task(name="crash.fork_returns")
 def fork_returns():
@@ -792,7 +792,7 @@ def test_a_lost_pool_process_fails_the_task_or_retries_it_if_asked(
             assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
             with pytest.raises(TaskError, match="WorkerLost"):
                 app.tasks["crash.plain"].delay().get(timeout=30)
-            with pytest.raises(TaskError, match="too large to hand back"):
+            with pytest.raises(TaskError, match="over the 48 MiB a result may have"):
                 app.tasks["crash.huge"].delay().get(timeout=30)
             assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
             # A forked process that returns is not taken for the pool process.
