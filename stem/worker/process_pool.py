@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import signal
 import subprocess
 import sys
@@ -26,6 +27,9 @@ from stem.worker.job import Job, Outcome, autoretries, failure
 from stem.worker.pools import Done, Progress
 
 log = logging.getLogger("stem.worker.process")
+
+# How long a new pool process may take to say it is ready (it imports the app).
+START_TIMEOUT_S = 120.0
 
 # What a pool process tells of a message its task published (for the worker's events).
 _SENT_FIELDS = ("task", "task_id", "queue", "attempt", "eta_ms")
@@ -81,7 +85,7 @@ class ProcessPool:
         self._idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stopping = False
-        self._spawns: queue.SimpleQueue[Future[_Child]] = queue.SimpleQueue()
+        self._spawns: queue.SimpleQueue[Future[_Child] | None] = queue.SimpleQueue()
         self._spawner = threading.Thread(
             target=self._spawn_loop, name="stem-child-spawner", daemon=True
         )
@@ -101,12 +105,14 @@ class ProcessPool:
         if threading.current_thread() is self._spawner:
             return self._start_child()
         started: Future[_Child] = Future()
-        self._spawns.put(started)
+        with self._lock:  # never queued behind the spawner's end (stop)
+            if self._stopping:
+                raise StemError("the pool is stopping: no new pool process")
+            self._spawns.put(started)
         return started.result()
 
     def _spawn_loop(self) -> None:
-        while True:
-            started = self._spawns.get()
+        while (started := self._spawns.get()) is not None:
             if not started.set_running_or_notify_cancel():
                 continue
             try:
@@ -134,24 +140,51 @@ class ProcessPool:
                 # would otherwise keep the outcome pipe open and the slot taken.
                 process_group=0,
             )
+        except BaseException:
+            os.close(p_out)
+            os.close(p_in)
+            raise
         finally:
             os.close(c_in)
             os.close(c_out)
         child = _Child(proc, p_out, p_in, FrameReader(p_in))
-        write_frame(p_out, self._bootstrap)
-        first = child.reader.frame()
+        try:
+            write_frame(p_out, self._bootstrap)
+            first = self._first_frame(child)
+        except OSError as exc:  # it exited before reading its bootstrap, say
+            first = {"error": f"{type(exc).__name__}: {exc}"}
         if first is None or first.get("type") != "ready":
-            error = (first or {}).get("error") or f"exited with code {proc.wait()}"
+            _kill(proc)
             self._close(child)
-            proc.wait()
+            code = proc.wait()
+            error = (first or {}).get("error") or f"exited with code {code}"
             raise StemError(f"pool process failed to start: {error}")
         with self._lock:
-            self._children.add(child)
+            # A pool stopped meanwhile has taken its snapshot of the processes to stop:
+            # this one would outlive it (and take a job handed back already).
+            stopping = self._stopping
+            if not stopping:
+                self._children.add(child)
+        if stopping:
+            _kill(proc)
+            self._close(child)
+            proc.wait()
+            raise StemError("the pool is stopping: no new pool process")
         threading.Thread(
             target=self._reader, args=(child,), name=f"stem-child-{proc.pid}", daemon=True
         ).start()
         self._idle.put(child)
         return child
+
+    @staticmethod
+    def _first_frame(child: _Child) -> dict[str, Any] | None:
+        """The pool process's first frame ("ready"), or an error if it says nothing for
+        START_TIMEOUT_S: one hung while importing the app would hold up every later start
+        (they all go through the spawner thread)."""
+        ready, _, _ = select.select([child.from_child], [], [], START_TIMEOUT_S)
+        if not ready:
+            return {"error": f"no word from it within {START_TIMEOUT_S:.0f}s (stuck importing?)"}
+        return child.reader.frame()
 
     @staticmethod
     def _close_writer(child: _Child) -> None:
@@ -176,10 +209,18 @@ class ProcessPool:
 
     def submit(self, job: Job) -> None:
         while True:
-            child = self._idle.get()
+            try:
+                child = self._idle.get(timeout=0.5)
+            except queue.Empty:
+                if self._stopping:
+                    return  # no process will come: shutdown hands the job back
+                continue
             if child.retiring or child.proc.poll() is not None:
                 continue  # stale entry for a child that is gone or going
             break
+        if self._stopping or job.settled:  # handed back meanwhile (shutdown): not run here
+            self._idle.put(child)
+            return
         with child.lock:
             child.job = job
         if job.hard_fired:
@@ -316,9 +357,10 @@ class ProcessPool:
             self._close_writer(child)
 
     def stop(self, *, kill: bool) -> None:
-        self._stopping = True
         with self._lock:
+            self._stopping = True
             children = list(self._children)
+            self._spawns.put(None)  # the spawner ends once what was asked before is done
         for child in children:
             child.retiring = True
             if kill:

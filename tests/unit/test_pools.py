@@ -316,3 +316,58 @@ def test_a_soft_limit_waits_while_the_pool_process_writes_a_frame() -> None:
         child._alarm.deferred = False
     with pytest.raises(SoftTimeLimitExceeded):
         child._on_alarm(14, None)
+
+
+def test_a_pool_process_that_comes_up_as_the_pool_stops_is_not_kept(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stop() took its list of processes while a replacement was still starting: the
+    replacement joined after it, outlived the pool, and ran a job already handed back."""
+    pool = _process_pool(app, lambda job, outcome: None)
+    started: list[Any] = []
+
+    def ready_as_the_pool_stops(child: Any) -> dict[str, Any]:
+        started.append(child.proc)
+        pool.stop(kill=True)  # what the worker's shutdown does meanwhile
+        return {"type": "ready", "pid": child.proc.pid}
+
+    monkeypatch.setattr(pool, "_first_frame", ready_as_the_pool_stops)
+    with pytest.raises(StemError, match="the pool is stopping"):
+        pool._start_child()
+    assert pool.pids() == [] and pool._idle.empty()
+    assert started[0].poll() is not None  # and the process is gone
+    with pytest.raises(StemError, match="the pool is stopping"):
+        pool._spawn()  # nothing new starts once stopped
+
+
+def test_a_job_waiting_for_a_pool_process_gives_up_when_the_pool_stops(app: Stem) -> None:
+    @app.task(name="waits")
+    def waits() -> None: ...
+
+    pool = _process_pool(app, lambda job, outcome: None)
+    waiting = threading.Thread(target=pool.submit, args=(_job(app, "waits"),), daemon=True)
+    waiting.start()
+    pool.stop(kill=True)
+    waiting.join(5)
+    assert not waiting.is_alive(), "submit waited for a pool process that never comes"
+
+
+def test_a_pool_process_stuck_starting_is_killed_not_waited_for(
+    app: Stem, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every start goes through the spawner thread: one pool process hung importing the
+    app held up every later start (replacements, resizes) for good."""
+    from stem.worker import process_pool
+
+    (tmp_path / "stem_slow_import_app.py").write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(process_pool, "START_TIMEOUT_S", 1.0)
+    pool = process_pool.ProcessPool(
+        1, lambda job, outcome: None, bootstrap={"app": "stem_slow_import_app:app"}
+    )
+    try:
+        with pytest.raises(StemError, match="no word from it within 1s"):
+            pool._spawn()
+        assert pool.pids() == []
+    finally:
+        pool.stop(kill=True)
