@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded
+
 log = logging.getLogger("stem.signals")
 
 Receiver = Callable[..., Any]
@@ -42,6 +44,10 @@ class Signal:
         for receiver in self._receivers:
             try:
                 receiver(signal=self.name, **payload)
+            except (SoftTimeLimitExceeded, HardTimeLimitExceeded):
+                # The running task's time limit, raised while a receiver ran inside it (a
+                # publish's after_publish, say): the task's to see, not a broken receiver.
+                raise
             except Exception:
                 log.exception(
                     "signal receiver failed",

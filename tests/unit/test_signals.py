@@ -323,3 +323,25 @@ def test_task_log_fields_with_log_args_still_redact_secrets() -> None:
     line = _json_line(task_log_fields(env, log_args=True))
     assert line["task_args"] == ["alice", "redis://u:***@host/0"]
     assert line["task_kwargs"] == {"password": "***", "n": 1}
+
+
+def test_a_time_limit_raised_in_a_receiver_reaches_the_task() -> None:
+    """A receiver that fails is logged and skipped; a task's time limit raised while one
+    ran inside it (the pool process's after_publish notice) was swallowed the same way,
+    and the task ran on past its soft limit."""
+    from stem.errors import SoftTimeLimitExceeded
+    from stem.observability.signals import Signal
+
+    sig = Signal("test_limit")
+
+    def broken(**_: object) -> None:
+        raise ValueError("a broken receiver")
+
+    def interrupted(**_: object) -> None:
+        raise SoftTimeLimitExceeded("task exceeded its soft time limit")
+
+    sig.connect(broken)
+    sig.send()  # logged, not raised
+    sig.connect(interrupted)
+    with pytest.raises(SoftTimeLimitExceeded):
+        sig.send()
