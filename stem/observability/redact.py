@@ -97,20 +97,25 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-# key=value secrets (libpq's "host=h password=x", PGPASSWORD=x, client_secret: "x"):
-# the value bare, or quoted (to its closing quote, or to the end of the word if unclosed)
+# key=value secrets (libpq's "host=h password=x", PGPASSWORD=x, {'client_secret': 'x'},
+# api_key: x): a key that ends in one of these words, quoted or not, then its value, bare
+# or quoted. Matches start only where a word starts, and the key is one word: linear on
+# any input (a word repeating "token" was quadratic).
 _KEY_VALUE_SECRET = re.compile(
-    r"""((?<![a-z0-9_])[a-z0-9_]*?(?:pass(?:word|wd)|secret|token)[a-z0-9_]*)"""
-    r"""(\s*[=:]\s*)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|['"]?[^\s'",;]+)""",
+    r"""(?<![a-z0-9_])(["']?)[a-z0-9_]*?(?:pass(?:word|wd)|secret|token|api_?key)"""
+    r"""(?![a-z0-9_])\1[ \t]*[=:][ \t]*"""
+    r"""('(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|['"]?[^\s'",;}]+)""",
     re.IGNORECASE,
 )
+_BEARER = re.compile(r"(?<![a-z0-9_])(bearer[ \t]+)[a-z0-9._~+/=-]+", re.IGNORECASE)
 
 
 def redact_text(text: str) -> str:
     """Redact credentials of any URLs inside free text (error messages, log lines), and
     the values of password=... in key=value connection strings."""
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
-    return _KEY_VALUE_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
+    text = _KEY_VALUE_SECRET.sub(lambda m: m.string[m.start() : m.start(2)] + REDACTED, text)
+    return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
 
 
 def is_secret_name(name: str) -> bool:

@@ -116,6 +116,9 @@ def test_postgres_urls_keep_their_unix_socket_form() -> None:
         ("STEM_DB_PASSWORD=s3cret and PGPASSWORD=s3cret", "STEM_DB_PASSWORD=*** and PGPASSWORD"),
         ('client_secret: "s3 cret" access_token=s3cret', "client_secret: *** access_token=***"),
         ("password='s3cret", "password=***"),
+        ("{'password': 's3cret', 'user': 'u'}", "{'password': ***, 'user': 'u'}"),
+        ('{"client_secret": "s3cret"} api_key=s3cret', '{"client_secret": ***} api_key=***'),
+        ("Authorization: Bearer s3cret.abc-def", "Authorization: Bearer ***"),
     ],
 )
 def test_key_value_connection_strings_lose_their_passwords(text: str, shown: str) -> None:
@@ -134,7 +137,23 @@ def test_a_long_word_in_a_log_line_does_not_stall_redaction() -> None:
 
     code = (
         "from stem.observability.redact import redact_text\n"
-        "for text in ('a' * 200_000, 'a_' * 100_000, 'ab://cd ' * 30_000):\n"
+        "for text in ('a' * 200_000, 'a_' * 100_000, 'ab://cd ' * 30_000,\n"
+        "             'token' * 40_000, 'secret_' * 30_000):\n"
         "    redact_text(text)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "tokenizer: bert",
+        "max_tokens=512",
+        "STEM_SECRET_FILE=/etc/stem/secret",
+        "secrets: 3 loaded",
+        "password=\nnext line",
+        "KeyError: 'password'",
+    ],
+)
+def test_words_that_only_look_like_secrets_are_left_alone(text: str) -> None:
+    assert redact_text(text) == text
