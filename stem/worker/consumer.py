@@ -293,6 +293,15 @@ class Worker:
         what a supervisor allows (systemd's TimeoutStopSec); leases bring back whatever
         they did not do."""
         self._stop_reserving.set()
+        with self._slots:
+            self._slots.notify_all()
+        # The consumer may be admitting what its last reserve brought: let it finish, so
+        # that every job is in the list below (one added after it would be neither
+        # waited for nor handed back).
+        grace = 1.0 if self._stop_now.is_set() else self.config.poll_wait_s + 2.0
+        for t in self._threads:
+            if t.name == "stem-consumer":
+                t.join(grace)
         self._bounded("releasing prefetched messages", self._release_buffered)
         signals.worker_shutting_down.send(worker=self)
         deadline = time.monotonic() + self.config.shutdown_budget_s

@@ -92,6 +92,8 @@ class ThreadPool:
                 job = self._jobs.get()
                 if job is None:
                     return
+                if job.settled:
+                    continue  # failed by its hard limit, or handed back, while it waited
                 progress = None
                 if self._progress is not None:
                     progress = functools.partial(self._progress, job)

@@ -371,3 +371,26 @@ def test_a_pool_process_stuck_starting_is_killed_not_waited_for(
         assert pool.pids() == []
     finally:
         pool.stop(kill=True)
+
+
+def test_a_queued_job_settled_before_its_turn_does_not_run(app: Stem) -> None:
+    """Failed by its hard limit (or handed back) while it waited in the pool's queue, it
+    used to run all the same once a thread was free."""
+    ran: list[str] = []
+
+    @app.task(name="too_late")
+    def too_late() -> None:
+        ran.append("ran")
+
+    outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    pool = ThreadPool(1, lambda job, outcome: outcomes.put(outcome))
+    job = _job(app, "too_late")
+    assert job.claim_settlement()
+    pool.submit(job)
+    pool.submit(_job(app, "too_late"))
+    pool.start()
+    try:
+        outcomes.get(timeout=5)  # the second one ran
+        assert ran == ["ran"]
+    finally:
+        pool.stop(kill=False)

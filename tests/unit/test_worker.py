@@ -1195,3 +1195,31 @@ def test_a_result_too_large_for_any_pool_fails_on_every_pool(app: Stem) -> None:
     with Running(app, pool="thread", concurrency=1):
         with pytest.raises(TaskError, match="over the 48 MiB a result may have"):
             huge.delay().get(timeout=30)
+
+
+def test_a_task_being_admitted_as_the_worker_stops_is_not_stranded(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown listed the running jobs while the consumer was still admitting what its
+    last reserve brought: a job added after the list was neither waited for nor handed
+    back, queued behind the pool's stop, and stayed reserved until its lease ran out."""
+
+    @app.task(name="late_admit")
+    def late_admit() -> str:
+        return "ran"
+
+    with Running(app, lease_s=60.0, concurrency=1, shutdown_budget_s=2.0) as worker:
+        real_admit = worker.admission.admit
+        admitting = threading.Event()
+
+        def slow_admit(*args: Any, **kwargs: Any) -> Any:
+            admitting.set()  # past the consumer's last look at the stop flag
+            time.sleep(0.5)
+            return real_admit(*args, **kwargs)
+
+        monkeypatch.setattr(worker.admission, "admit", slow_admit)
+        res = late_admit.delay()
+        assert admitting.wait(5)
+    [stats] = app.broker.stats(["default"])
+    assert res.state == states.SUCCESS or stats.ready == 1, (res.state, stats)
+    assert stats.reserved == 0
