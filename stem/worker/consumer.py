@@ -665,15 +665,13 @@ class Worker:
             if now >= next_beat:
                 next_beat = now + self.config.heartbeat_s
                 self._guarded("loading revocations", self._load_revoked)
-                self._guarded(
-                    "sending a heartbeat",
-                    signals.heartbeat.send,
-                    worker=self,
-                    health=self.health(),
-                )
+                self._guarded("sending a heartbeat", self._heartbeat)
             if self.config.autoscale is not None and now >= next_scale:
                 next_scale = now + 1.0
                 self._guarded("autoscaling", self._autoscale, now)
+
+    def _heartbeat(self) -> None:
+        signals.heartbeat.send(worker=self, health=self.health())
 
     @staticmethod
     def _guarded(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:

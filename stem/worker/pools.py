@@ -113,6 +113,12 @@ class ThreadPool:
             job.soft_fired = False  # not running yet (or over): the watchdog tries again
 
     def on_hard_limit(self, job: Job) -> None:
+        try:
+            self._replace_stuck(job)
+        finally:  # settled even if no thread could be started in its place
+            self._settle_hard_limit(job)
+
+    def _replace_stuck(self, job: Job) -> None:
         tid = job.window.interrupt(HardTimeLimitExceeded)
         if tid is not None:
             with self._lock:
@@ -120,6 +126,8 @@ class ThreadPool:
                 self._retired.add(tid)
             if not replaced:
                 self._spawn()
+
+    def _settle_hard_limit(self, job: Job) -> None:
         outcome = failure(
             HardTimeLimitExceeded(
                 f"task {job.task.name!r} exceeded its hard time limit of {job.hard_limit_s}s"

@@ -394,3 +394,32 @@ def test_a_queued_job_settled_before_its_turn_does_not_run(app: Stem) -> None:
         assert ran == ["ran"]
     finally:
         pool.stop(kill=False)
+
+
+def test_a_hard_limit_is_settled_even_when_no_thread_can_replace_the_stuck_one(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+
+    @app.task(name="stuck_no_threads")
+    def stuck_no_threads() -> None:
+        ignore_hard_limits(release)
+
+    outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+    pool = ThreadPool(1, lambda job, outcome: outcomes.put(outcome))
+    pool.start()
+    try:
+        job = _job(app, "stuck_no_threads")
+        _run_until_inside(pool, job)
+
+        def no_threads() -> None:
+            raise StemError("cannot start a pool thread: can't start new thread")
+
+        monkeypatch.setattr(pool, "_spawn", no_threads)
+        with pytest.raises(StemError, match="cannot start a pool thread"):
+            pool.on_hard_limit(job)
+        outcome = outcomes.get(timeout=5)
+        assert outcome.error is not None and outcome.error.type == "HardTimeLimitExceeded"
+    finally:
+        release.set()
+        pool.stop(kill=False)
