@@ -29,7 +29,7 @@ from stem.brokers.base import (
     list_limit,
     row_id,
 )
-from stem.errors import BrokerConnectionError, BrokerError
+from stem.errors import BrokerConnectionError, BrokerError, BrokerTimeoutError
 from stem.pg import conninfo, queries
 from stem.pg.client import Conn, PgClient
 from stem.pg.notify import Notifier
@@ -122,7 +122,11 @@ class PostgresBroker:
         self.url = url
         self.options = conninfo.parse(url, tls)
         self._client = PgClient(
-            self.options, error=BrokerError, conn_error=BrokerConnectionError, role="broker"
+            self.options,
+            error=BrokerError,
+            conn_error=BrokerConnectionError,
+            timeout_error=BrokerTimeoutError,
+            role="broker",
         )
         self._notifier = Notifier(self._client.new_connection, CHANNEL, enabled=self.options.listen)
         self._sweep_lock = threading.Lock()

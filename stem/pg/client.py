@@ -80,11 +80,13 @@ class PgClient:
         *,
         error: type[StemError],
         conn_error: type[StemError],
+        timeout_error: type[StemError] | None = None,
         role: str,
     ) -> None:
         self.options = options
         self._error = error
         self._conn_error = conn_error
+        self._timeout_error = timeout_error or conn_error
         self._role = role
         self._idle: list[Conn] = []
         self._lock = threading.Lock()
@@ -186,12 +188,21 @@ class PgClient:
         retried = False
         while True:
             conn, pooled = self._checkout()
+            call = _Call(conn, self.options.call_timeout_s)
             try:
-                with _DEADLINES.watch(conn, self.options.call_timeout_s):
+                with _DEADLINES.watch(call):
                     result = fn(conn)
             except psycopg.Error as exc:
                 broken = conn.closed or conn.broken
                 self._checkin(conn)
+                if call.overdue:
+                    # The server may still carry it out (a statement waiting on a lock
+                    # commits once it gets it): sent again, a publish would be stored twice.
+                    raise self._timeout_error(
+                        f"PostgreSQL at {self.options.target} did not answer within "
+                        f"{self.options.call_timeout_s:g}s while {doing}; it may still have "
+                        "been carried out"
+                    ) from None
                 if broken:
                     self._drop_idle()
                     if pooled and not retried:
@@ -234,22 +245,33 @@ def close_quietly(conn: Conn | None) -> None:
             conn.close()
 
 
+class _Call:
+    """One call watched by _Deadlines: ``overdue`` once its connection was shut down."""
+
+    __slots__ = ("conn", "deadline", "overdue")
+
+    def __init__(self, conn: Conn, timeout_s: float) -> None:
+        self.conn = conn
+        self.deadline = time.monotonic() + timeout_s
+        self.overdue = False
+
+
 class _Deadlines:
     """One watchdog thread for every client in the process. psycopg has no client-side
     deadline for a statement; when a connection goes silent (no reset, no reply) a call
-    would wait forever. Shutting the socket down wakes the waiting call with an error, so
-    the caller retries on a fresh connection."""
+    would wait forever. Shutting the socket down wakes the waiting call with an error
+    (a timeout error: the statement may still take effect on the server)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._calls: dict[int, tuple[Conn, float]] = {}
+        self._calls: dict[int, _Call] = {}
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def watch(self, conn: Conn, timeout_s: float) -> Iterator[None]:
-        key = id(conn)
+    def watch(self, call: _Call) -> Iterator[None]:
+        key = id(call.conn)
         with self._lock:
-            self._calls[key] = (conn, time.monotonic() + timeout_s)
+            self._calls[key] = call
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="stem-pg-deadlines", daemon=True
@@ -266,16 +288,17 @@ class _Deadlines:
             time.sleep(0.25)
             now = time.monotonic()
             with self._lock:
-                overdue = [c for c, deadline in self._calls.values() if deadline < now]
-                for conn in overdue:
-                    self._calls.pop(id(conn), None)
-            for conn in overdue:
+                overdue = [c for c in self._calls.values() if c.deadline < now]
+                for call in overdue:
+                    self._calls.pop(id(call.conn), None)
+                    call.overdue = True
+            for call in overdue:
                 log.warning(
                     "PostgreSQL call overdue: shutting its connection down",
                     extra={"event": "pg-call-timeout"},
                 )
                 try:
-                    fd = conn.fileno()
+                    fd = call.conn.fileno()
                     sock = socket.socket(fileno=os.dup(fd))
                     try:
                         sock.shutdown(socket.SHUT_RDWR)

@@ -401,3 +401,37 @@ def test_a_sweep_keeps_up_with_many_expired_claims(postgres_url: str) -> None:
         assert left == (0,)
     finally:
         broker.close()
+
+
+def test_a_publish_that_outlives_its_deadline_is_not_sent_again(postgres_url: str) -> None:
+    """A publish stuck behind a lock had its connection shut at the call deadline and was
+    sent again on a fresh one (and again by the producer's retries); the stuck statements
+    still committed once the lock went: one delay() stored the message several times. It
+    fails with BrokerTimeoutError now, sent once."""
+    from stem.errors import BrokerTimeoutError
+
+    b = PostgresBroker(postgres_url + "?call_timeout_s=1")
+    b.publish([Message("warm-up", "q", b"x")])  # the schema exists, the pool is warm
+    locker = psycopg.connect(postgres_url.split("?")[0], autocommit=False)
+    try:
+        locker.execute("LOCK TABLE stem_messages IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(BrokerTimeoutError, match="may still have been carried out"):
+            b.publish([Message("once", "q", b"body")])
+    finally:
+        locker.rollback()  # the lock goes: a stuck insert may commit now
+        locker.close()
+
+    def stored() -> int:
+        with psycopg.connect(postgres_url.split("?")[0]) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM stem_messages WHERE message_id = 'once'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    deadline = time.monotonic() + 10
+    while stored() == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # any second copy, released by the same lock, has committed by now
+    count = stored()
+    assert count <= 1, f"one publish stored {count} times"
+    b.close()
