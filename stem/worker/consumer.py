@@ -493,14 +493,14 @@ class Worker:
                 job = self.admission.admit(delivery, self._limits, env)
             except (BrokerError, BackendError) as exc:
                 # A result or limit store that is down (a canvas step's check): the
-                # delivery comes back in a second, and this thread keeps consuming.
+                # delivery comes back later (Settler.later), and this thread keeps consuming.
                 log.warning(
                     "could not admit task %s, handing it back: %s",
                     env.id,
                     exc,
                     extra={"event": "admission-failed", "task_id": env.id},
                 )
-                self.settler.release(delivery, delay_s=1.0)
+                self.settler.release(delivery, delay_s=self.settler.later())
                 continue
             except Exception as exc:  # waiting will not fix it (a bad key template, a bug)
                 log.exception(

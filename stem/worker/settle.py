@@ -181,6 +181,7 @@ class AckBatcher:
             return not self._pending and not self._sending
 
 
+_LATER_MAX_S = 30.0  # the longest a delivery is given back for while a store is down
 ACK_LINGER_S = 0.001  # how long a busy worker's ack sender waits for running tasks' acks
 
 
@@ -235,6 +236,7 @@ class Settler:
             "dead_lettered": 0,
             "expired": 0,
         }
+        self._down_streak = 0  # result writes / follow-ups failed in a row (see later())
 
     def _send_acks(self, batch: Sequence[Delivery], claims: Sequence[Claim]) -> int:
         # claims only when there are some: a broker of the user's own written before
@@ -257,6 +259,7 @@ class Settler:
                     group_id=env.group_id,
                     **fields,
                 )
+                self._down_streak = 0
                 return True
             except BackendError as exc:
                 log.warning(
@@ -268,7 +271,15 @@ class Settler:
                 if attempt + 1 < attempts:
                     time.sleep(delay)
                     delay *= 2
+        self._down_streak += 1
         return False
+
+    def later(self) -> float:
+        """How long to give a delivery back for when a store it needs is down (its result
+        not written, its follow-ups not published): 1 s, doubling with each failure in a
+        row up to 30 s, so that a task is not run again every second for as long as the
+        result store stays down (each run's result lost in turn)."""
+        return float(min(_LATER_MAX_S, 2 ** max(0, self._down_streak - 1)))
 
     def fields(self, env: Envelope) -> dict[str, Any]:
         """Structured log fields for a task (argument values only if the task opts in)."""
@@ -497,7 +508,8 @@ class Settler:
                 exc,
                 extra={"event": "canvas-publish-failed", **self.fields(env)},
             )
-            self.release(delivery, delay_s=1.0)
+            self._down_streak += 1
+            self.release(delivery, delay_s=self.later())
             return False
         except StemError as exc:
             # Trying again cannot help (a next step too large to publish, say): the task
@@ -525,7 +537,7 @@ class Settler:
         if outcome.status == "success":
             stores_result = not env.headers.get("ignore_result")
             if stores_result and not self.store(env, states.SUCCESS, result=outcome.value):
-                self.release(delivery, delay_s=1.0)  # result not written: run it again later
+                self.release(delivery, delay_s=self.later())  # result not written: run again
                 return
             if not self.follow_up(env, delivery, outcome.value):
                 return
@@ -546,10 +558,10 @@ class Settler:
         env = job.envelope
         error = outcome.error or ErrorInfo("Error", "task failed")
         if not self.store(env, states.FAILURE, error=error):
-            self.release(job.delivery, delay_s=1.0)
+            self.release(job.delivery, delay_s=self.later())
             return
         if not self._fail_waiters(env, error):
-            self.release(job.delivery, delay_s=1.0)
+            self.release(job.delivery, delay_s=self.later())
             return
         self.counts["failed"] += 1
         log.info(

@@ -1223,3 +1223,31 @@ def test_a_task_being_admitted_as_the_worker_stops_is_not_stranded(
     [stats] = app.broker.stats(["default"])
     assert res.state == states.SUCCESS or stats.ready == 1, (res.state, stats)
     assert stats.reserved == 0
+
+
+def test_a_result_store_down_gives_tasks_back_for_longer_and_longer(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run whose result could not be written was given back for 1 s: for as long as
+    the result store stayed down, every task ran again about every second (found with
+    PostgreSQL down: 286 runs for 20 tasks in 20 s)."""
+    from stem.errors import BackendConnectionError
+    from stem.worker.settle import Settler
+
+    down = True
+
+    def write_state(*_: Any, **__: Any) -> None:
+        if down:
+            raise BackendConnectionError("cannot reach the result store (test)")
+
+    monkeypatch.setattr(app.result_store, "write_state", write_state)
+    settler = Settler(app, "w", max_deliveries=5)
+    env = app.build_envelope("anything")
+    delays = []
+    for _ in range(7):
+        assert not settler.store(env, states.SUCCESS, attempts=1)
+        delays.append(settler.later())
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    down = False
+    assert settler.store(env, states.SUCCESS, attempts=1)
+    assert settler.later() == 1.0
