@@ -288,10 +288,12 @@ class Worker:
 
     def shutdown(self) -> None:
         """Stop reserving, wait for running tasks up to the drain budget, stop the pool,
-        hand the rest back to the broker. The steps that call the broker each get a few
-        seconds (one on a stop now): an unresponsive broker must not hold the exit past
-        what a supervisor allows (systemd's TimeoutStopSec); leases bring back whatever
-        they did not do."""
+        hand the rest back to the broker. What follows the drain shares one deadline
+        (STOP_TAIL_S, 2 s on a stop now), each step that calls the broker running for
+        at most its share: an unresponsive broker must not hold the exit past what a
+        supervisor allows (systemd's TimeoutStopSec); leases bring back whatever those
+        steps did not do."""
+        drain_until = time.monotonic() + self.config.shutdown_budget_s
         self._stop_reserving.set()
         with self._slots:
             self._slots.notify_all()
@@ -302,16 +304,16 @@ class Worker:
         for t in self._threads:
             if t.name == "stem-consumer":
                 t.join(grace)
-        self._bounded("releasing prefetched messages", self._release_buffered)
+        self._bounded("releasing prefetched messages", self._release_buffered, drain_until)
         signals.worker_shutting_down.send(worker=self)
-        deadline = time.monotonic() + self.config.shutdown_budget_s
         with self._slots:
             while self.inflight and not self._stop_now.is_set():
-                remaining = deadline - time.monotonic()
+                remaining = drain_until - time.monotonic()
                 if remaining <= 0:
                     break
                 self._slots.wait(min(remaining, 0.2))
             leftover = list(self.inflight.values())
+        until = time.monotonic() + (STOP_TAIL_NOW_S if self._stop_now.is_set() else STOP_TAIL_S)
         claimed = self.settler.claim_all(leftover)
         # Before they go back: a pool process still running one must be gone by the time
         # another worker may take it (threads cannot be stopped; they end with the process).
@@ -319,7 +321,9 @@ class Worker:
         handed: list[int] = []
         if claimed:
             self._bounded(
-                "handing tasks back", lambda: handed.append(self.settler.give_back(claimed))
+                "handing tasks back",
+                lambda: handed.append(self.settler.give_back(claimed)),
+                until,
             )
         if handed and handed[0]:
             log.warning(
@@ -334,21 +338,20 @@ class Worker:
                 extra={"event": "worker-hand-back-failed"},
             )
         # Every outcome is settled now: send the acks still queued, then end the sender.
-        if not self.settler.acks.stop(0.5 if self._stop_now.is_set() else 5.0):
+        if not self.settler.acks.stop(_share(until)):
             log.warning(
                 "acks still unsent at shutdown; those tasks will be delivered again",
                 extra={"event": "acks-unsent"},
             )
         self._stopped.set()
-        # Stopping now: do not wait on threads that may be stuck in a broker call (they
-        # are daemon threads and end with the process).
-        grace = 0.5 if self._stop_now.is_set() else self.config.poll_wait_s + 5
+        # Threads stuck in a broker call are not waited for past the deadline (they are
+        # daemon threads and end with the process).
         for t in self._threads:
-            t.join(timeout=grace)
+            t.join(timeout=max(0.0, until - time.monotonic()))
         self.admission.close()
         if self._control is not None:
-            self._control.join(timeout=grace)
-        self._bounded("saying goodbye", self._goodbye)
+            self._control.join(timeout=max(0.0, until - time.monotonic()))
+        self._bounded("saying goodbye", self._goodbye, until)
         log.info(
             "worker %s stopped", self.name, extra={"event": "worker-stopped", "worker": self.name}
         )
@@ -358,8 +361,9 @@ class Worker:
         if self._heartbeats is not None:
             self._heartbeats.detach()
 
-    def _bounded(self, what: str, step: Callable[[], object]) -> None:
-        budget_s = 1.0 if self._stop_now.is_set() else 5.0
+    def _bounded(self, what: str, step: Callable[[], object], until: float) -> None:
+        """Run a shutdown step that calls the broker for its share of the time left."""
+        budget_s = _share(until)
         t = threading.Thread(
             target=self._guarded, args=(what, step), name="stem-stopping", daemon=True
         )
@@ -367,7 +371,7 @@ class Worker:
         t.join(budget_s)
         if t.is_alive():
             log.warning(
-                "%s did not finish within %.0fs (the broker is slow to answer); going on",
+                "%s did not finish within %.1fs (the broker is slow to answer); going on",
                 what,
                 budget_s,
                 extra={"event": "shutdown-step-timeout"},
@@ -702,6 +706,17 @@ class Worker:
         ):
             self.resize(size - 1)
             self._idle_since = now
+
+
+# What a stop may take after the drain budget: handing back, acks, goodbyes, joins.
+STOP_TAIL_S = 15.0
+STOP_TAIL_NOW_S = 2.0
+
+
+def _share(until: float) -> float:
+    """The time a shutdown step may take: at most 5 s, and what is left before ``until``
+    (a step about to run with no time left still gets a moment)."""
+    return max(0.1, min(5.0, until - time.monotonic()))
 
 
 def drain(

@@ -15,7 +15,7 @@ from stem import Stem, TaskError, states
 from stem.backends.memory import MemoryBackend
 from stem.brokers.base import Delivery, Message
 from stem.brokers.memory import MemoryBroker
-from stem.errors import ConfigError, ResultTimeout, StemError
+from stem.errors import BrokerError, ConfigError, ResultTimeout, StemError
 from stem.security.signing import Keyring
 from stem.testing import memory_app, running_worker
 
@@ -1251,3 +1251,37 @@ def test_a_result_store_down_gives_tasks_back_for_longer_and_longer(
     down = False
     assert settler.store(env, states.SUCCESS, attempts=1)
     assert settler.later() == 1.0
+
+
+def test_a_stop_with_the_broker_hung_ends_within_the_drain_budget_and_its_tail(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each shutdown step had its own few seconds (handing back, acks, every thread's
+    join, the control thread, the goodbye): with the broker hung they added up to 35-40 s
+    past the drain budget, where units allow the budget plus 30 s."""
+    from stem.worker import consumer
+
+    monkeypatch.setattr(consumer, "STOP_TAIL_S", 3.0)  # 15 s in service: kept short here
+    hung = threading.Event()
+
+    def hang(*_: Any, **__: Any) -> Any:
+        hung.wait(120)
+        raise BrokerError("hung (test)")
+
+    @app.task(name="sleepy_tail")
+    def sleepy_tail() -> None:
+        hung.wait(120)
+
+    try:
+        with Running(app, pool="thread", concurrency=2, shutdown_budget_s=0.5) as worker:
+            sleepy_tail.delay()
+            deadline = time.monotonic() + 5
+            while not worker.inflight and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for name in ("nack", "ack", "extend", "reserve", "drop", "claim", "swap", "publish"):
+                monkeypatch.setattr(app.broker, name, hang)
+            stopping = time.monotonic()
+        took = time.monotonic() - stopping
+        assert took < 0.5 + 3.0 + 5, f"the stop took {took:.1f}s"
+    finally:
+        hung.set()
