@@ -472,10 +472,17 @@ class Worker:
 
     def _admit(self, deliveries: Sequence[Delivery]) -> None:
         wanted = []
+        with self._slots:
+            running = {j.delivery.message_id for j in self.inflight.values()}
         for delivery in deliveries:
             # Reserved while a stop or a pause arrived: hand it straight back.
             if self._stop_reserving.is_set() or delivery.queue in self.paused:
                 self.settler.release(delivery)
+            elif delivery.message_id in running:
+                # Running here already: its lease lapsed (renewals held up by a paused
+                # server, say) and it came back to this worker. Not run twice at once here;
+                # it comes back again if the run in hand does not settle it.
+                self.settler.release(delivery, delay_s=_RUNNING_HERE_DELAY_S)
             else:
                 wanted.append(delivery)
         try:
@@ -707,6 +714,9 @@ class Worker:
             self.resize(size - 1)
             self._idle_since = now
 
+
+# How long a delivery of a message already running in this worker is given back for.
+_RUNNING_HERE_DELAY_S = 5.0
 
 # What a stop may take after the drain budget: handing back, acks, goodbyes, joins.
 STOP_TAIL_S = 15.0

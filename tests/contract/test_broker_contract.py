@@ -164,6 +164,17 @@ def test_lapsed_lease_is_redelivered_and_old_receipt_is_void(broker: Broker, q: 
     assert broker.dlq_list(queue=q) == []
 
 
+def test_a_lapsed_lease_nobody_took_can_still_be_renewed(broker: Broker, q: str) -> None:
+    """A worker whose renewal came late (the server paused past the lease) still holds
+    the message if nobody reserved it meanwhile: renewing it spares a second run."""
+    broker.publish([msg(q, "m")])
+    [d] = broker.reserve([q], 1, 0.2)
+    time.sleep(0.4)
+    assert broker.extend([d], LONG_LEASE_S) == [True]
+    assert broker.reserve([q], 1, LONG_LEASE_S) == []  # still leased to the first
+    assert broker.ack([d]) == 1
+
+
 def test_extend_keeps_a_message_leased_past_its_first_lease(broker: Broker, q: str) -> None:
     broker.publish([msg(q, "m"), msg(q, "gone")])
     started = time.monotonic()

@@ -1285,3 +1285,34 @@ def test_a_stop_with_the_broker_hung_ends_within_the_drain_budget_and_its_tail(
         assert took < 0.5 + 3.0 + 5, f"the stop took {took:.1f}s"
     finally:
         hung.set()
+
+
+def test_a_message_whose_lease_lapsed_is_not_run_twice_at_once_by_one_worker(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renewals held up (a paused server) let a running task's lease lapse; the same
+    worker reserved it again and ran the copy beside the first run."""
+    release = threading.Event()
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+
+    @app.task(name="lapsing")
+    def lapsing() -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            release.wait(10)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(app.broker, "extend", lambda deliveries, lease_s: [False] * len(deliveries))
+    with Running(app, pool="thread", concurrency=2, lease_s=0.3, poll_wait_s=0.05):
+        lapsing.delay()
+        deadline = time.monotonic() + 3  # the lease lapses many times over meanwhile
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert most[0] == 1, "the copy ran beside the first run in the same worker"
+        release.set()
