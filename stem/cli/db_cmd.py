@@ -80,7 +80,8 @@ def status(
         bool, typer.Option("--check", help="Exit 1 if any migration is pending or changed.")
     ] = False,
 ) -> None:
-    """Which migrations are applied, pending, or changed since they were applied."""
+    """Which migrations are applied, pending, or changed since they were applied; and
+    any applied by a newer Stem than this one ("newer")."""
     from stem.pg import migrate as mig
 
     client = _client(ctx, url)
@@ -106,5 +107,5 @@ def status(
     else:
         for r in rows:
             typer.echo(f"{r.version:04d}  {r.name:<24} {r.state:<8} {r.applied_at or ''}".rstrip())
-    if check and any(r.state != "applied" for r in rows):
+    if check and any(r.state in ("pending", "changed") for r in rows):
         raise typer.Exit(ExitCode.FAILURE)

@@ -108,6 +108,12 @@ def status(conn: psycopg.Connection[Any]) -> list[MigrationStatus]:
         _, checksum, at = applied[m.version]
         state = "applied" if checksum == m.checksum else "changed"
         out.append(MigrationStatus(m.version, m.name, state, at))
+    shipped = {m.version for m in load()}
+    for version in sorted(set(applied) - shipped):
+        # Applied by a newer Stem (after a rollback of the code, say): old code keeps
+        # working on a newer schema, but an operator should know the two differ.
+        name, _, at = applied[version]
+        out.append(MigrationStatus(version, name, "newer", at))
     return out
 
 

@@ -99,6 +99,24 @@ def test_apply_is_idempotent_and_status_reports(
 
 
 @pytest.mark.postgres
+def test_a_schema_applied_by_a_newer_stem_is_reported(
+    postgres_server: PostgresServer, fresh_db: str
+) -> None:
+    """After a rollback of the code the database may hold migrations this Stem does not
+    ship: old code works on the newer schema, but `stem db status` said nothing of it."""
+    with postgres_server.admin(fresh_db) as conn:
+        migrate.apply(conn)
+        conn.execute(
+            "INSERT INTO stem_migrations (version, name, checksum) VALUES (9999, 'future', 'x')"
+        )
+        rows = migrate.status(conn)
+        assert [(r.version, r.name, r.state) for r in rows if r.state != "applied"] == [
+            (9999, "future", "newer")
+        ]
+        assert migrate.is_current(conn)
+
+
+@pytest.mark.postgres
 def test_concurrent_starts_apply_each_migration_once(
     postgres_server: PostgresServer, fresh_db: str
 ) -> None:
