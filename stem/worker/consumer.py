@@ -183,6 +183,10 @@ class Worker:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        if self.config.autoscale is not None:
+            t = threading.Thread(target=self._scale, name="stem-autoscale", daemon=True)
+            t.start()
+            self._threads.append(t)
         log.info(
             "worker %s ready: queues=%s pool=%s concurrency=%d",
             self.name,
@@ -666,20 +670,24 @@ class Worker:
             self.pool.on_hard_limit(job)
 
     def _housekeep(self) -> None:
-        """Heartbeats, revocations and autoscaling, off the lease thread: they call the
-        broker, and growing a process pool starts processes (seconds each where the app
-        is slow to import), which once held up lease renewal long enough for tasks running
+        """Heartbeats and revocations, off the lease thread: they call the broker, and a
+        broker slow to answer once held up lease renewal long enough for tasks running
         here to be delivered to another worker."""
-        next_beat = next_scale = time.monotonic()
+        next_beat = time.monotonic()
         while not self._stopped.wait(0.05):
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + self.config.heartbeat_s
                 self._guarded("loading revocations", self._load_revoked)
                 self._guarded("sending a heartbeat", self._heartbeat)
-            if self.config.autoscale is not None and now >= next_scale:
-                next_scale = now + 1.0
-                self._guarded("autoscaling", self._autoscale, now)
+
+    def _scale(self) -> None:
+        """Autoscaling, on a thread of its own: growing a process pool starts processes,
+        seconds each where the app is slow to import, which would hold up heartbeats
+        (and with them systemd's watchdog) or lease renewal."""
+        while not self._stopped.wait(1.0):
+            if not self._stop_reserving.is_set():
+                self._guarded("autoscaling", self._autoscale, time.monotonic())
 
     def _heartbeat(self) -> None:
         signals.heartbeat.send(worker=self, health=self.health())

@@ -1316,3 +1316,31 @@ def test_a_message_whose_lease_lapsed_is_not_run_twice_at_once_by_one_worker(
             time.sleep(0.05)
         assert most[0] == 1, "the copy ran beside the first run in the same worker"
         release.set()
+
+
+def test_heartbeats_go_on_while_autoscaling_takes_its_time(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Growing a process pool starts processes one by one (seconds each for an app slow
+    to import): on the heartbeat thread that held up heartbeats, and with them systemd's
+    watchdog, which could kill a worker for growing."""
+    from stem.observability import signals
+
+    beats: list[float] = []
+
+    def count(**_: Any) -> None:
+        beats.append(time.monotonic())
+
+    def slow_autoscale(now: float) -> None:
+        time.sleep(3)
+
+    signals.heartbeat.connect(count)
+    try:
+        with Running(app, pool="thread", autoscale=(3, 1), heartbeat_s=0.1) as worker:
+            monkeypatch.setattr(worker, "_autoscale", slow_autoscale)
+            time.sleep(1.2)  # the first slow autoscale pass starts meanwhile
+            since = time.monotonic()
+            time.sleep(1.5)
+        assert len([b for b in beats if b >= since]) >= 3, "heartbeats stopped while scaling"
+    finally:
+        signals.heartbeat.disconnect(count)
