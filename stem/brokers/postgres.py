@@ -145,7 +145,7 @@ class PostgresBroker:
             "bodies": [bytes(m.body) for m in messages],
             "channel": CHANNEL,
         }
-        self._client.run("publishing", lambda c: c.execute(_Q["publish"], params))
+        self._client.run("publishing", lambda c: c.execute(_Q["publish"], params), resend=False)
 
     def _reserve_now(self, queues: list[str], max_n: int, lease_s: float) -> list[Delivery]:
         params = {"queues": queues, "n": max_n, "lease_ms": _ms(lease_s)}
@@ -280,7 +280,9 @@ class PostgresBroker:
     def dlq_replay(self, ids: Sequence[str] | None = None, queue: str | None = None) -> int:
         params = {"ids": _dead_ids(ids), "queue": queue, "channel": CHANNEL}
         rows = self._client.run(
-            "replaying dead letters", lambda c: c.execute(_Q["dlq_replay"], params).fetchall()
+            "replaying dead letters",
+            lambda c: c.execute(_Q["dlq_replay"], params).fetchall(),
+            resend=False,
         )
         return sum(int(r[0]) for r in rows)
 

@@ -181,9 +181,12 @@ class PgClient:
         finally:
             self._checkin(conn)
 
-    def run(self, doing: str, fn: Callable[[Conn], T]) -> T:
+    def run(self, doing: str, fn: Callable[[Conn], T], *, resend: bool = True) -> T:
         """Run ``fn`` on a pooled connection, retrying once if a stale one broke. A call
-        that outlives ``call_timeout_s`` has its socket shut down (see _Deadlines)."""
+        that outlives ``call_timeout_s`` has its socket shut down (see _Deadlines); it is
+        sent again only if ``resend`` (calls that do no harm twice: acks, renewals,
+        reads), else it raises the timeout error at once: the server may still carry it
+        out, and a publish sent again would be stored twice."""
         self.ensure_schema()
         retried = False
         while True:
@@ -195,17 +198,17 @@ class PgClient:
             except psycopg.Error as exc:
                 broken = conn.closed or conn.broken
                 self._checkin(conn)
-                if call.overdue:
+                if call.overdue and (not resend or retried):
                     # The server may still carry it out (a statement waiting on a lock
-                    # commits once it gets it): sent again, a publish would be stored twice.
+                    # commits once it gets it).
                     raise self._timeout_error(
                         f"PostgreSQL at {self.options.target} did not answer within "
                         f"{self.options.call_timeout_s:g}s while {doing}; it may still have "
                         "been carried out"
                     ) from None
-                if broken:
+                if broken or call.overdue:
                     self._drop_idle()
-                    if pooled and not retried:
+                    if (pooled or call.overdue) and not retried:
                         retried = True
                         continue
                 raise self.translate(exc, doing, conn) from None
