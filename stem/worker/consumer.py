@@ -474,20 +474,35 @@ class Worker:
                 self.settler.release(delivery)  # stopping: shutdown already emptied the buffer
             self._admit(now_ready)
 
+    def _adopt(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` is of a message running here already, now taken over by
+        its run: the run's lease lapsed (renewals held up by a paused server, say) and
+        the message came back to this worker under a new lease. The run renews and acks
+        the new lease from now on, so it neither runs beside itself nor again after."""
+        with self._slots:
+            for receipt, job in list(self.inflight.items()):
+                if job.delivery.message_id != delivery.message_id:
+                    continue
+                if not job.adopt(delivery):
+                    return False  # over (a retry put back, say): a copy to run
+                del self.inflight[receipt]
+                self.inflight[delivery.receipt] = job
+                log.warning(
+                    "task %s came back while running here (its lease lapsed); the run "
+                    "carries on under the new lease",
+                    job.envelope.id,
+                    extra={"event": "lease-adopted", "task_id": job.envelope.id},
+                )
+                return True
+        return False
+
     def _admit(self, deliveries: Sequence[Delivery]) -> None:
         wanted = []
-        with self._slots:
-            running = {j.delivery.message_id for j in self.inflight.values()}
         for delivery in deliveries:
             # Reserved while a stop or a pause arrived: hand it straight back.
             if self._stop_reserving.is_set() or delivery.queue in self.paused:
                 self.settler.release(delivery)
-            elif delivery.message_id in running:
-                # Running here already: its lease lapsed (renewals held up by a paused
-                # server, say) and it came back to this worker. Not run twice at once here;
-                # it comes back again if the run in hand does not settle it.
-                self.settler.release(delivery, delay_s=_RUNNING_HERE_DELAY_S)
-            else:
+            elif not self._adopt(delivery):
                 wanted.append(delivery)
         try:
             decoded = self.admission.decode_many(wanted)
@@ -722,9 +737,6 @@ class Worker:
             self.resize(size - 1)
             self._idle_since = now
 
-
-# How long a delivery of a message already running in this worker is given back for.
-_RUNNING_HERE_DELAY_S = 5.0
 
 # What a stop may take after the drain budget: handing back, acks, goodbyes, joins.
 STOP_TAIL_S = 15.0

@@ -98,6 +98,16 @@ class Job:
     def settled(self) -> bool:
         return self._settled
 
+    def adopt(self, delivery: Delivery) -> bool:
+        """Carry on under ``delivery``, a new lease of this job's own message (its lease
+        lapsed and it came back to this worker), unless the job is settled already: a
+        settlement acks the lease it read once it claimed."""
+        with self._settle_lock:
+            if self._settled:
+                return False
+            self.delivery = delivery
+            return True
+
 
 def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
     """Raise ``exc_type`` inside a Python thread at its next bytecode check (it replaces
