@@ -97,24 +97,34 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-# key=value secrets (libpq's "host=h password=x", PGPASSWORD=x, {'client_secret': 'x'},
-# api_key: x): a key that ends in one of these words, quoted or not, then its value, bare
-# or quoted. Matches start only where a word starts, and the key is one word: linear on
-# any input (a word repeating "token" was quadratic).
+# key=value secrets (libpq's "host=h password=x", PGPASSWORD=x, AWS_SECRET_ACCESS_KEY=x,
+# {'client_secret': 'x'}, api_key: x): a key, quoted or not, holding one of these words
+# not followed by a letter (so not "tokenizer" or "max_tokens"), then its value, bare or
+# quoted, on the same line. A match starts only where a word starts and takes the whole
+# word at once (possessive): linear on any input.
 _KEY_VALUE_SECRET = re.compile(
-    r"""(?<![a-z0-9_])(["']?)[a-z0-9_]*?(?:pass(?:word|wd)|secret|token|api_?key)"""
-    r"""(?![a-z0-9_])\1[ \t]*[=:][ \t]*"""
+    r"""(?<![a-z0-9_])(["']?)"""
+    r"""(?=[a-z0-9_]*?(?:pass(?:word|wd)|secret|token|api_?key)(?![a-z]))([a-z0-9_]++)"""
+    r"""\1[ \t]*[=:][ \t]*"""
     r"""('(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|['"]?[^\s'",;}]+)""",
     re.IGNORECASE,
 )
+# Keys that name where a secret is, not the secret (as is_secret_name has it).
+_NOT_SECRET_SUFFIXES = ("_file", "_path", "_dir")
 _BEARER = re.compile(r"(?<![a-z0-9_])(bearer[ \t]+)[a-z0-9._~+/=-]+", re.IGNORECASE)
+
+
+def _redact_value(m: re.Match[str]) -> str:
+    if m.group(2).lower().endswith(_NOT_SECRET_SUFFIXES):
+        return m.group(0)
+    return m.string[m.start() : m.start(3)] + REDACTED
 
 
 def redact_text(text: str) -> str:
     """Redact credentials of any URLs inside free text (error messages, log lines), and
     the values of password=... in key=value connection strings."""
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
-    text = _KEY_VALUE_SECRET.sub(lambda m: m.string[m.start() : m.start(2)] + REDACTED, text)
+    text = _KEY_VALUE_SECRET.sub(_redact_value, text)
     return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
 
 

@@ -119,6 +119,8 @@ def test_postgres_urls_keep_their_unix_socket_form() -> None:
         ("{'password': 's3cret', 'user': 'u'}", "{'password': ***, 'user': 'u'}"),
         ('{"client_secret": "s3cret"} api_key=s3cret', '{"client_secret": ***} api_key=***'),
         ("Authorization: Bearer s3cret.abc-def", "Authorization: Bearer ***"),
+        ("AWS_SECRET_ACCESS_KEY=s3cret SECRET_KEY=s3cret", "KEY=*** SECRET_KEY=***"),
+        ("client_secret_id=s3cret password_hash=s3cret", "_id=*** password_hash=***"),
     ],
 )
 def test_key_value_connection_strings_lose_their_passwords(text: str, shown: str) -> None:
@@ -138,7 +140,7 @@ def test_a_long_word_in_a_log_line_does_not_stall_redaction() -> None:
     code = (
         "from stem.observability.redact import redact_text\n"
         "for text in ('a' * 200_000, 'a_' * 100_000, 'ab://cd ' * 30_000,\n"
-        "             'token' * 40_000, 'secret_' * 30_000):\n"
+        "             'token' * 40_000, 'secret_' * 30_000, 'password_' * 30_000):\n"
         "    redact_text(text)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
