@@ -137,8 +137,9 @@ class Admission:
                 exc,
                 extra={"event": "replay-check-failed"},
             )
+            self.settler.mark_down()
             for delivery, _ in signed:
-                self.settler.release(delivery, delay_s=1.0)
+                self.settler.release(delivery, delay_s=self.settler.later())
             return [(d, env) for d, env in decoded if env.signature is None]
         rejected = set()
         for (delivery, env), err in zip(signed, verdicts, strict=True):
@@ -223,7 +224,7 @@ class Admission:
             if self.settler.ended(env, error):
                 self.settler.ack(delivery)
             else:
-                self.settler.release(delivery, delay_s=1.0)
+                self.settler.release(delivery, delay_s=self.settler.later())
             return None
         if env.not_before_ms is not None:
             early_s = (env.not_before_ms - codec.now_ms()) / 1000

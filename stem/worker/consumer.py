@@ -308,7 +308,10 @@ class Worker:
         for t in self._threads:
             if t.name == "stem-consumer":
                 t.join(grace)
-        self._bounded("releasing prefetched messages", self._release_buffered, drain_until)
+        release_until = drain_until
+        if self._stop_now.is_set():
+            release_until = min(drain_until, time.monotonic() + STOP_TAIL_NOW_S)
+        self._bounded("releasing prefetched messages", self._release_buffered, release_until)
         signals.worker_shutting_down.send(worker=self)
         with self._slots:
             while self.inflight and not self._stop_now.is_set():
@@ -530,6 +533,7 @@ class Worker:
                     exc,
                     extra={"event": "admission-failed", "task_id": env.id},
                 )
+                self.settler.mark_down()
                 self.settler.release(delivery, delay_s=self.settler.later())
                 continue
             except Exception as exc:  # waiting will not fix it (a bad key template, a bug)

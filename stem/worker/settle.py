@@ -236,7 +236,12 @@ class Settler:
             "dead_lettered": 0,
             "expired": 0,
         }
-        self._down_streak = 0  # result writes / follow-ups failed in a row (see later())
+        # When a store this worker needs (results, or the broker's for follow-ups) was
+        # first and last found down: see later().
+        self._down_lock = threading.Lock()
+        self._down_since: float | None = None
+        self._down_last = 0.0
+        self._clock = time.monotonic
 
     def _send_acks(self, batch: Sequence[Delivery], claims: Sequence[Claim]) -> int:
         # claims only when there are some: a broker of the user's own written before
@@ -259,7 +264,7 @@ class Settler:
                     group_id=env.group_id,
                     **fields,
                 )
-                self._down_streak = 0
+                self.mark_up()
                 return True
             except BackendError as exc:
                 log.warning(
@@ -271,15 +276,34 @@ class Settler:
                 if attempt + 1 < attempts:
                     time.sleep(delay)
                     delay *= 2
-        self._down_streak += 1
+        self.mark_down()
         return False
+
+    def mark_down(self) -> None:
+        """A store this worker needs did not answer (see later())."""
+        now = self._clock()
+        with self._down_lock:
+            if self._down_since is None or now - self._down_last > _LATER_MAX_S:
+                self._down_since = now
+            self._down_last = now
+
+    def mark_up(self) -> None:
+        with self._down_lock:
+            self._down_since = None
 
     def later(self) -> float:
         """How long to give a delivery back for when a store it needs is down (its result
-        not written, its follow-ups not published): 1 s, doubling with each failure in a
-        row up to 30 s, so that a task is not run again every second for as long as the
-        result store stays down (each run's result lost in turn)."""
-        return float(min(_LATER_MAX_S, 2 ** max(0, self._down_streak - 1)))
+        not written, its follow-ups not published, its admission checks not made): as
+        long as the store has been down so far, from 1 s up to 30 s. A task is then not
+        run again every second for as long as the result store stays down (its result
+        lost each time), while a blip of a second costs a second. Without a failure for
+        30 s the store counts as back."""
+        now = self._clock()
+        with self._down_lock:
+            since, last = self._down_since, self._down_last
+        if since is None or now - last > _LATER_MAX_S:
+            return 1.0
+        return min(_LATER_MAX_S, max(1.0, now - since))
 
     def fields(self, env: Envelope) -> dict[str, Any]:
         """Structured log fields for a task (argument values only if the task opts in)."""
@@ -492,7 +516,7 @@ class Settler:
         if self.ended(env, error):
             self.ack(delivery, nonce_of=env, job=job)
         else:
-            self.release(delivery, delay_s=1.0)
+            self.release(delivery, delay_s=self.later())
 
     def follow_up(self, env: Envelope, delivery: Delivery, value: Any) -> bool:
         """Publish what a task's success sets in motion (its chain's next step, its link,
@@ -508,7 +532,7 @@ class Settler:
                 exc,
                 extra={"event": "canvas-publish-failed", **self.fields(env)},
             )
-            self._down_streak += 1
+            self.mark_down()
             self.release(delivery, delay_s=self.later())
             return False
         except StemError as exc:
@@ -521,7 +545,7 @@ class Settler:
                 extra={"event": "canvas-follow-up-refused", **self.fields(env)},
             )
             if not self._fail_waiters(env, ErrorInfo.from_exception(exc), errback=False):
-                self.release(delivery, delay_s=1.0)
+                self.release(delivery, delay_s=self.later())
                 return False
         return True
 

@@ -1230,11 +1230,13 @@ def test_a_result_store_down_gives_tasks_back_for_longer_and_longer(
 ) -> None:
     """Each run whose result could not be written was given back for 1 s: for as long as
     the result store stayed down, every task ran again about every second (found with
-    PostgreSQL down: 286 runs for 20 tasks in 20 s)."""
+    PostgreSQL down: 286 runs for 20 tasks in 20 s). Given back now for as long as the
+    store has been down (1 s to 30 s), whatever the number of tasks failing meanwhile."""
     from stem.errors import BackendConnectionError
     from stem.worker.settle import Settler
 
     down = True
+    clock = [1000.0]
 
     def write_state(*_: Any, **__: Any) -> None:
         if down:
@@ -1242,12 +1244,19 @@ def test_a_result_store_down_gives_tasks_back_for_longer_and_longer(
 
     monkeypatch.setattr(app.result_store, "write_state", write_state)
     settler = Settler(app, "w", max_deliveries=5)
+    settler._clock = lambda: clock[0]
     env = app.build_envelope("anything")
     delays = []
-    for _ in range(7):
+    for elapsed in (0, 0, 0, 3, 10, 25, 50):  # 16 tasks failing at once count as one
+        clock[0] = 1000.0 + elapsed
         assert not settler.store(env, states.SUCCESS, attempts=1)
         delays.append(settler.later())
-    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert delays == [1.0, 1.0, 1.0, 3.0, 10.0, 25.0, 30.0]
+    clock[0] += 31  # no failure for 30 s: back, whatever no write said so
+    assert settler.later() == 1.0
+    assert not settler.store(env, states.SUCCESS, attempts=1)
+    clock[0] += 5
+    assert settler.later() == 5.0
     down = False
     assert settler.store(env, states.SUCCESS, attempts=1)
     assert settler.later() == 1.0
