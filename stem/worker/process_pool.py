@@ -358,9 +358,8 @@ class ProcessPool:
 
     def stop(self, *, kill: bool) -> None:
         with self._lock:
-            self._stopping = True
+            self._stopping = True  # no start is queued after this
             children = list(self._children)
-            self._spawns.put(None)  # the spawner ends once what was asked before is done
         for child in children:
             child.retiring = True
             if kill:
@@ -373,3 +372,7 @@ class ProcessPool:
             except subprocess.TimeoutExpired:
                 _kill(child.proc)
                 child.proc.wait()
+        # Only now: the kernel kills the pool processes when their starting thread ends
+        # (PR_SET_PDEATHSIG), which would cut short a graceful stop (and the app's
+        # pool_process_shutdown receivers).
+        self._spawns.put(None)

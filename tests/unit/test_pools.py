@@ -423,3 +423,30 @@ def test_a_hard_limit_is_settled_even_when_no_thread_can_replace_the_stuck_one(
     finally:
         release.set()
         pool.stop(kill=False)
+
+
+def test_a_graceful_stop_lets_pool_processes_exit_by_themselves(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ending the spawner thread first had the kernel kill every pool process at once
+    (PR_SET_PDEATHSIG follows the thread that started them): a graceful stop cut short,
+    and the app's pool_process_shutdown receivers never ran."""
+    from stem.loader import load_app
+    from stem.worker.process_pool import ProcessPool
+
+    (tmp_path / "stem_stop_app.py").write_text(
+        "from stem import Stem\napp = Stem('stopapp', broker='memory://s', backend='memory://s')\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = load_app("stem_stop_app:app")
+    pool = ProcessPool(
+        2,
+        lambda job, outcome: None,
+        bootstrap={"app": "stem_stop_app:app", "config": app.child_config()},
+    )
+    pool.start()
+    procs = [c.proc for c in pool._children]
+    assert len(procs) == 2
+    pool.stop(kill=False)
+    assert [p.returncode for p in procs] == [0, 0]  # not -9 (SIGKILL)
