@@ -38,7 +38,7 @@ from stem.beat.entry import ScheduleEntry, parse_entry
 from stem.beat.schedules import jitter_ms
 from stem.beat.store import FIRING_PREFIX, TICK_PREFIX, ScheduleStore
 from stem.envelope import now_ms
-from stem.errors import BrokerError, ConfigError, StemError
+from stem.errors import BrokerError, BrokerTimeoutError, ConfigError, StemError
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -255,6 +255,17 @@ class Beat:
                 expires=expires,
                 countdown=delay_ms / 1000 if delay_ms else None,
                 headers={"beat_entry": entry.name, "beat_tick_ms": tick},
+            )
+        except BrokerTimeoutError as exc:
+            # No answer in time: the tick may well have gone in. Published again by
+            # another beat it would run twice; taken as published it runs at most once.
+            log.warning(
+                "schedule %r: enqueueing %s timed out, taken as enqueued (it may not have "
+                "been): %s",
+                entry.name,
+                entry.task,
+                exc,
+                extra={"event": "beat-publish-timeout", "entry": entry.name, "tick_ms": tick},
             )
         except Exception as exc:
             log.error(

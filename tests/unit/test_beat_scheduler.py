@@ -232,6 +232,27 @@ def test_publish_failure_releases_the_tick_for_another_beat(rec: Recorder, twin:
     assert ids(rec, twin) == sorted([task_id_for("sec", T0), task_id_for("sec", T0 + S)])
 
 
+def test_a_publish_that_timed_out_is_taken_as_published(rec: Recorder, twin: Recorder) -> None:
+    """A timeout may hide a publish that went in (the broker answered too late): the tick
+    was released and another beat published it again, so it ran twice."""
+    from stem.errors import BrokerTimeoutError
+
+    put(rec, "sec", every=1)
+    a, b = rec.beat(beat_id="a"), twin.beat(beat_id="b")
+    a.tick(T0)
+    original = rec.app.publish
+
+    def went_in_then_timed_out(envelopes: Any) -> None:
+        original(envelopes)
+        raise BrokerTimeoutError("no answer within 5s (test)")
+
+    rec.app.publish = went_in_then_timed_out  # type: ignore[method-assign]
+    assert a.tick(T0 + S).fired == [("sec", T0 + S)]
+    rec.app.publish = original  # type: ignore[method-assign]
+    assert b.tick(T0 + S + 100).fired == []
+    assert ids(rec, twin) == sorted([task_id_for("sec", T0), task_id_for("sec", T0 + S)])
+
+
 def test_a_beat_that_dies_before_publishing_leaves_the_tick_to_another(
     rec: Recorder, twin: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
