@@ -84,6 +84,7 @@ class ProcessPool:
         self._children: set[_Child] = set()
         self._idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._resize_lock = threading.Lock()
         self._stopping = False
         self._spawns: queue.SimpleQueue[Future[_Child] | None] = queue.SimpleQueue()
         self._spawner = threading.Thread(
@@ -334,7 +335,11 @@ class ProcessPool:
                 _kill(child.proc)
 
     def resize(self, size: int) -> None:
-        size = max(1, size)
+        # One at a time: two (control and autoscale) reading the same size both grew it.
+        with self._resize_lock:
+            self._resize(max(1, size))
+
+    def _resize(self, size: int) -> None:
         with self._lock:
             delta = size - self.size
             if delta <= 0:
@@ -343,7 +348,8 @@ class ProcessPool:
             self._spawn()  # may raise: the size then counts the processes that did start
             with self._lock:
                 self.size += 1
-        for _ in range(-delta):
+        retire = -delta
+        while retire > 0:
             # Retire an idle child now; if none is idle the next one to finish retires.
             try:
                 child = self._idle.get_nowait()
@@ -352,9 +358,13 @@ class ProcessPool:
                     busy = [c for c in self._children if not c.retiring]
                 if busy:
                     busy[0].retiring = True
+                retire -= 1
                 continue
+            if child.retiring or child.proc.poll() is not None:
+                continue  # a stale entry (a process gone or going): retires nothing
             child.retiring = True
             self._close_writer(child)
+            retire -= 1
 
     def stop(self, *, kill: bool) -> None:
         with self._lock:

@@ -450,3 +450,37 @@ def test_a_graceful_stop_lets_pool_processes_exit_by_themselves(
     assert len(procs) == 2
     pool.stop(kill=False)
     assert [p.returncode for p in procs] == [0, 0]  # not -9 (SIGKILL)
+
+
+def test_two_resizes_at_once_grow_the_pool_once(app: Stem) -> None:
+    """A control pool-grow and an autoscale step read the same size and both started
+    the processes it lacked."""
+    pool = _process_pool(app, lambda job, outcome: None)
+    started: list[int] = []
+
+    def slow_spawn() -> None:
+        time.sleep(0.2)
+        started.append(1)
+
+    pool._spawn = slow_spawn
+    both = [threading.Thread(target=pool.resize, args=(3,)) for _ in range(2)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(10)
+    assert (pool.size, len(started)) == (3, 2)
+
+
+def test_a_shrink_skips_stale_idle_entries(app: Stem) -> None:
+    """A stale entry (a process gone) taken from the idle queue counted as the one
+    retired, and a live process stayed."""
+    pool = _process_pool(app, lambda job, outcome: None)
+    gone, live = _FakeChild(), _FakeChild()
+    gone.proc = type("P", (), {"poll": lambda self: -9, "pid": 1})()
+    closed: list[object] = []
+    pool._close_writer = closed.append
+    pool.size = 2
+    pool._idle.put(gone)
+    pool._idle.put(live)
+    pool.resize(1)
+    assert closed == [live] and live.retiring
