@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stem.brokers.base import Delivery
 from stem.config.schema import MAX_POOL_SIZE
@@ -38,6 +38,8 @@ from stem.worker.settle import Settler
 if TYPE_CHECKING:
     from stem.app import Stem
     from stem.observability.heartbeats import HeartbeatWriter
+
+T = TypeVar("T")
 
 RESULT_CLEANUP_S = 60.0  # how often a worker deletes expired results
 _RECENT_REVOKE_S = 120.0  # a revocation told by control outlives a scan for this long
@@ -173,18 +175,17 @@ class Worker:
         if self.config.control:
             self._control = ControlServer(self)
             self._control.start()
-        for target, name in (
+        loops: list[tuple[Callable[[], None], str]] = [
             (self._consume, "stem-consumer"),
             (self._maintain, "stem-lease"),
             (self._housekeep, "stem-housekeeping"),
             (self._watchdog, "stem-watchdog"),
             (self._clean_results, "stem-cleanup"),
-        ):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        ]
         if self.config.autoscale is not None:
-            t = threading.Thread(target=self._scale, name="stem-autoscale", daemon=True)
+            loops.append((self._scale, "stem-autoscale"))
+        for target, name in loops:
+            t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         log.info(
@@ -325,23 +326,22 @@ class Worker:
         # Before they go back: a pool process still running one must be gone by the time
         # another worker may take it (threads cannot be stopped; they end with the process).
         self.pool.stop(kill=bool(leftover) or self._stop_now.is_set())
-        handed: list[int] = []
+        handed = 0
         if claimed:
-            self._bounded(
-                "handing tasks back",
-                lambda: handed.append(self.settler.give_back(claimed)),
-                until,
+            handed = (
+                self._bounded("handing tasks back", lambda: self.settler.give_back(claimed), until)
+                or 0
             )
-        if handed and handed[0]:
+        if handed:
             log.warning(
                 "handed %d unfinished task(s) back to the broker",
-                handed[0],
-                extra={"event": "worker-handed-back", "count": handed[0]},
+                handed,
+                extra={"event": "worker-handed-back", "count": handed},
             )
-        if claimed and (not handed or handed[0] < len(claimed)):
+        if handed < len(claimed):
             log.warning(
                 "%d unfinished task(s) not handed back: they come back after their lease",
-                len(claimed) - (handed[0] if handed else 0),
+                len(claimed) - handed,
                 extra={"event": "worker-hand-back-failed"},
             )
         # Every outcome is settled now: send the acks still queued, then end the sender.
@@ -368,11 +368,15 @@ class Worker:
         if self._heartbeats is not None:
             self._heartbeats.detach()
 
-    def _bounded(self, what: str, step: Callable[[], object], until: float) -> None:
-        """Run a shutdown step that calls the broker for its share of the time left."""
+    def _bounded(self, what: str, step: Callable[[], T], until: float) -> T | None:
+        """Run a shutdown step that calls the broker for its share of the time left; its
+        value, or None if it failed or did not finish in time."""
         budget_s = _share(until)
+        done: list[T | None] = []
         t = threading.Thread(
-            target=self._guarded, args=(what, step), name="stem-stopping", daemon=True
+            target=lambda: done.append(self._guarded(what, step)),
+            name="stem-stopping",
+            daemon=True,
         )
         t.start()
         t.join(budget_s)
@@ -383,6 +387,8 @@ class Worker:
                 budget_s,
                 extra={"event": "shutdown-step-timeout"},
             )
+            return None
+        return done[0] if done else None
 
     def free_slots(self) -> int:
         return max(0, self.pool.size - len(self.inflight))
@@ -712,11 +718,13 @@ class Worker:
         signals.heartbeat.send(worker=self, health=self.health())
 
     @staticmethod
-    def _guarded(what: str, fn: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+    def _guarded(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``fn``'s value; None (logged) if it raised."""
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception:
             log.exception("%s failed", what, extra={"event": "maintenance-failed"})
+            return None
 
     def _autoscale(self, now: float) -> None:
         """Grow under backlog when every slot is busy; shrink by one after idling."""

@@ -155,9 +155,7 @@ class ProcessPool:
         except OSError as exc:  # it exited before reading its bootstrap, say
             first = {"error": f"{type(exc).__name__}: {exc}"}
         if first is None or first.get("type") != "ready":
-            _kill(proc)
-            self._close(child)
-            code = proc.wait()
+            code = self._discard(child)
             error = (first or {}).get("error") or f"exited with code {code}"
             raise StemError(f"pool process failed to start: {error}")
         with self._lock:
@@ -167,15 +165,20 @@ class ProcessPool:
             if not stopping:
                 self._children.add(child)
         if stopping:
-            _kill(proc)
-            self._close(child)
-            proc.wait()
+            self._discard(child)
             raise StemError("the pool is stopping: no new pool process")
         threading.Thread(
             target=self._reader, args=(child,), name=f"stem-child-{proc.pid}", daemon=True
         ).start()
         self._idle.put(child)
         return child
+
+    def _discard(self, child: _Child) -> int:
+        """Kill a pool process that will not be used, close its pipes, reap it; its exit
+        code."""
+        _kill(child.proc)
+        self._close(child)
+        return child.proc.wait()
 
     @staticmethod
     def _first_frame(child: _Child) -> dict[str, Any] | None:

@@ -485,12 +485,6 @@ class Settler:
                 )
                 signals.lease_lost.send(envelope=job.envelope)
 
-    def hand_back(self, jobs: Sequence[Job]) -> int:
-        """Give unfinished jobs back to the broker (shutdown), and their concurrency
-        slots: the copy that comes back may never run (expired, revoked by then). The
-        number the broker took back."""
-        return self.give_back(self.claim_all(jobs))
-
     @staticmethod
     def claim_all(jobs: Sequence[Job]) -> list[Job]:
         """Claim the settlement of each job not settled yet: an outcome that arrives
@@ -498,6 +492,9 @@ class Settler:
         return [job for job in jobs if job.claim_settlement()]
 
     def give_back(self, claimed: Sequence[Job]) -> int:
+        """Give unfinished jobs (their settlement claimed) back to the broker at shutdown,
+        and their concurrency slots: the copy that comes back may never run (expired,
+        revoked by then). The number the broker took back."""
         n = 0
         for job in claimed:
             # The slot first: released first, the copy could be taken elsewhere and pass

@@ -1027,7 +1027,8 @@ def test_hand_back_frees_the_concurrency_place_before_the_delivery(app: Stem) ->
     settler.limits = type("L", (), {"finished": lambda self, task, env: order.append("slot")})()  # type: ignore[assignment]
     env = app.build_envelope("capped_hb")
     delivery = Delivery("r", env.id, "default", b"", 1, lease_expires_ms=0)
-    assert settler.hand_back([Job(delivery=delivery, envelope=env, task=capped_hb)]) == 1
+    job = Job(delivery=delivery, envelope=env, task=capped_hb)
+    assert settler.give_back(settler.claim_all([job])) == 1
     assert order == ["slot", "release"]
 
 
