@@ -318,18 +318,20 @@ def signed_part(body: bytes, value: str) -> bytes | None:
     return body[:at] + body[at + len(tail) - 1 :]
 
 
+_CONTAINERS = (dict, list)
+
+
 def _depth_ok(value: Any, limit: int) -> bool:
+    """Whether no dict or list in ``value`` (itself at depth 1) sits deeper than ``limit``.
+    Only containers go on the stack: most values in a message are scalars."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            if depth > limit:
-                return False
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            if depth > limit:
-                return False
-            stack.extend((v, depth + 1) for v in item)
+        if depth > limit:
+            return False
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, _CONTAINERS):
+                stack.append((child, depth + 1))
     return True
 
 
@@ -361,25 +363,33 @@ def _req_str(d: Mapping[str, Any], key: str) -> str:
 def _signature(raw: Any) -> SignatureBlock | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) != _SIG_FIELDS:
+    if not isinstance(raw, dict) or raw.keys() != _SIG_FIELDS:
         raise DecodeError(f"field 'signature' must be an object with keys {sorted(_SIG_FIELDS)}")
-    for k in ("algorithm", "key_id", "nonce", "value"):
-        if not isinstance(raw[k], str):
+    algorithm, key_id, issued, nonce, value = (
+        raw["algorithm"],
+        raw["key_id"],
+        raw["issued_at_ms"],
+        raw["nonce"],
+        raw["value"],
+    )
+    for k, v in (("algorithm", algorithm), ("key_id", key_id), ("nonce", nonce), ("value", value)):
+        if not isinstance(v, str):
             raise DecodeError(f"field 'signature.{k}' must be a string")
-    if type(raw["issued_at_ms"]) is not int:
+    if type(issued) is not int:
         raise DecodeError("field 'signature.issued_at_ms' must be an integer")
-    return SignatureBlock(**raw)
+    return SignatureBlock(algorithm, key_id, issued, nonce, value)
 
 
 def from_dict(d: Any) -> Envelope:
     """Build an envelope from decoded JSON, validating every field."""
     if not isinstance(d, dict):
         raise DecodeError(f"message must be a JSON object, got {type(d).__name__}")
-    unknown = set(d) - _FIELDS
-    if unknown:
+    keys = d.keys()
+    if not keys <= _FIELDS:
+        unknown = keys - _FIELDS
         raise DecodeError(f"unknown field(s) in message: {', '.join(sorted(unknown))}")
-    missing = _REQUIRED - set(d)
-    if missing:
+    if not keys >= _REQUIRED:
+        missing = _REQUIRED - keys
         raise DecodeError(f"missing field(s) in message: {', '.join(sorted(missing))}")
     version = d["version"]
     if type(version) is not int or version != ENVELOPE_VERSION:

@@ -5,6 +5,8 @@ import enum
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stem import envelope as codec
 from stem.envelope import Envelope, SignatureBlock
@@ -98,6 +100,45 @@ def test_deep_nesting_is_refused() -> None:
     body = orjson.dumps({"id": "x", "task": "t", "version": 1, "args": [deep]})
     with pytest.raises(DecodeError, match="nests deeper"):
         codec.decode(body)
+
+
+@pytest.mark.parametrize("field", ["args", "kwargs", "headers"])
+def test_nesting_limit_is_exact_in_every_user_field(field: str) -> None:
+    def nested(levels: int) -> object:
+        value: object = "leaf"
+        for i in range(levels):
+            value = {"k": value} if i % 2 else [value]
+        return value
+
+    def body(levels: int) -> bytes:
+        value = nested(levels)
+        wrapped = {"x": value} if field != "args" else [value]
+        return orjson.dumps({"id": "x", "task": "t", "version": 1, field: wrapped})
+
+    # The field itself sits at depth 2 (under the message): MAX_DEPTH - 2 more levels fit.
+    codec.decode(body(codec.MAX_DEPTH - 2))
+    with pytest.raises(DecodeError, match="nests deeper"):
+        codec.decode(body(codec.MAX_DEPTH - 1))
+
+
+_JSON = st.recursive(
+    st.none() | st.integers() | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner),
+    max_leaves=30,
+)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+@given(value=_JSON, limit=st.integers(min_value=1, max_value=6))
+def test_depth_check_agrees_with_a_recursive_count(value: object, limit: int) -> None:
+    assert codec._depth_ok([value], limit) is (_depth([value]) <= limit)
 
 
 def test_oversized_message_is_refused_at_decode() -> None:
