@@ -8,7 +8,15 @@ from typing import Annotated, Any
 
 import typer
 
-from stem.cli.context import absent_sqlite_file, emit_json, fail, load_app, print_table, state
+from stem.cli.context import (
+    absent_sqlite_file,
+    emit_json,
+    fail,
+    load_app,
+    print_table,
+    require_sqlite_file,
+    state,
+)
 from stem.cli.exitcodes import ExitCode
 from stem.errors import BrokerConnectionError
 
@@ -86,10 +94,8 @@ def _store(ctx: typer.Context, *, create: bool = False) -> Any:
     from stem.beat import ScheduleStore
 
     stem_app = load_app(ctx)
-    if not create and (path := absent_sqlite_file(stem_app.broker_url)) is not None:
-        raise BrokerConnectionError(
-            f"no SQLite database at {path}: nothing was ever stored there (is the path right?)"
-        )
+    if not create:
+        require_sqlite_file(stem_app.broker_url, BrokerConnectionError)
     return ScheduleStore(stem_app.broker, stem_app.keyring)
 
 
@@ -99,7 +105,7 @@ def _find(ctx: typer.Context, name: str) -> Any:
 
     stem_app = load_app(ctx)
     if absent_sqlite_file(stem_app.broker_url) is None:  # else nothing is stored yet
-        entry = _store(ctx).get(name)
+        entry = _store(ctx).get(name)  # the app loaded above (load_app keeps it)
         if entry is not None:
             return entry
     for origin, specs in (

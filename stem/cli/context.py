@@ -82,15 +82,17 @@ def absent_sqlite_file(url: str) -> Path | None:
     return None
 
 
+def require_sqlite_file(url: str, error: type[Exception]) -> None:
+    """Raise ``error`` if ``url`` names a SQLite file that does not exist."""
+    if (path := absent_sqlite_file(url)) is not None:
+        raise error(
+            f"no SQLite database at {path}: nothing was ever stored there (is the path right?)"
+        )
+
+
 def _require_sqlite_files(app: Stem) -> None:
-    for url, error in (
-        (app.broker_url, BrokerConnectionError),
-        (app.backend_url, BackendConnectionError),
-    ):
-        if (path := absent_sqlite_file(url)) is not None:
-            raise error(
-                f"no SQLite database at {path}: nothing was ever stored there (is the path right?)"
-            )
+    require_sqlite_file(app.broker_url, BrokerConnectionError)
+    require_sqlite_file(app.backend_url, BackendConnectionError)
 
 
 def _load_app(ctx: typer.Context, *, need_spec: bool, gates: bool) -> Stem:
