@@ -137,9 +137,8 @@ class Admission:
                 exc,
                 extra={"event": "replay-check-failed"},
             )
-            self.settler.mark_down()
             for delivery, _ in signed:
-                self.settler.release(delivery, delay_s=self.settler.later())
+                self.settler.release_later(delivery, found_down=True)
             return [(d, env) for d, env in decoded if env.signature is None]
         rejected = set()
         for (delivery, env), err in zip(signed, verdicts, strict=True):
@@ -224,7 +223,7 @@ class Admission:
             if self.settler.ended(env, error):
                 self.settler.ack(delivery)
             else:
-                self.settler.release(delivery, delay_s=self.settler.later())
+                self.settler.release_later(delivery)
             return None
         if env.not_before_ms is not None:
             early_s = (env.not_before_ms - codec.now_ms()) / 1000

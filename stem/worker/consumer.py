@@ -539,8 +539,7 @@ class Worker:
                     exc,
                     extra={"event": "admission-failed", "task_id": env.id},
                 )
-                self.settler.mark_down()
-                self.settler.release(delivery, delay_s=self.settler.later())
+                self.settler.release_later(delivery, found_down=True)
                 continue
             except Exception as exc:  # waiting will not fix it (a bad key template, a bug)
                 log.exception(

@@ -356,6 +356,13 @@ class Settler:
     def release(self, delivery: Delivery, delay_s: float = 0.0) -> bool:
         return self._broker_call("nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s))
 
+    def release_later(self, delivery: Delivery, *, found_down: bool = False) -> bool:
+        """Give a delivery back for :meth:`later` because a store it needs is down.
+        ``found_down``: the caller's own call failed (else :meth:`store` already said so)."""
+        if found_down:
+            self.mark_down()
+        return self.release(delivery, delay_s=self.later())
+
     def nack(self, delivery: Delivery, *, delay_s: float, body: bytes | None) -> bool:
         return self._broker_call(
             "nack", lambda: self.app.broker.nack(delivery, delay_s=delay_s, body=body)
@@ -513,7 +520,7 @@ class Settler:
         if self.ended(env, error):
             self.ack(delivery, nonce_of=env, job=job)
         else:
-            self.release(delivery, delay_s=self.later())
+            self.release_later(delivery)
 
     def follow_up(self, env: Envelope, delivery: Delivery, value: Any) -> bool:
         """Publish what a task's success sets in motion (its chain's next step, its link,
@@ -529,8 +536,7 @@ class Settler:
                 exc,
                 extra={"event": "canvas-publish-failed", **self.fields(env)},
             )
-            self.mark_down()
-            self.release(delivery, delay_s=self.later())
+            self.release_later(delivery, found_down=True)
             return False
         except StemError as exc:
             # Trying again cannot help (a next step too large to publish, say): the task
@@ -542,7 +548,7 @@ class Settler:
                 extra={"event": "canvas-follow-up-refused", **self.fields(env)},
             )
             if not self._fail_waiters(env, ErrorInfo.from_exception(exc), errback=False):
-                self.release(delivery, delay_s=self.later())
+                self.release_later(delivery)
                 return False
         return True
 
@@ -558,7 +564,7 @@ class Settler:
         if outcome.status == "success":
             stores_result = not env.headers.get("ignore_result")
             if stores_result and not self.store(env, states.SUCCESS, result=outcome.value):
-                self.release(delivery, delay_s=self.later())  # result not written: run again
+                self.release_later(delivery)  # result not written: run again
                 return
             if not self.follow_up(env, delivery, outcome.value):
                 return
@@ -579,10 +585,10 @@ class Settler:
         env = job.envelope
         error = outcome.error or ErrorInfo("Error", "task failed")
         if not self.store(env, states.FAILURE, error=error):
-            self.release(job.delivery, delay_s=self.later())
+            self.release_later(job.delivery)
             return
         if not self._fail_waiters(env, error):
-            self.release(job.delivery, delay_s=self.later())
+            self.release_later(job.delivery)
             return
         self.counts["failed"] += 1
         log.info(
