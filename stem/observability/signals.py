@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stem.errors import HardTimeLimitExceeded, SoftTimeLimitExceeded
+
+if TYPE_CHECKING:
+    from stem.envelope import Envelope
 
 log = logging.getLogger("stem.signals")
 
@@ -100,8 +103,17 @@ worker_shutdown = Signal("worker_shutdown")
 pool_process_init = Signal("pool_process_init")
 pool_process_shutdown = Signal("pool_process_shutdown")
 heartbeat = Signal("heartbeat")
-# In a worker: a task running in one of its pool processes published a message (fields
-# task, task_id, queue, attempt, eta_ms). after_publish fires in that process itself.
+# In a worker: a task running in one of its pool processes published a message (the fields
+# of child_published_fields). after_publish fires in that process itself.
 child_published = Signal("child_published")
+CHILD_PUBLISHED_FIELDS = ("task", "task_id", "queue", "attempt", "eta_ms")
+
+
+def child_published_fields(envelope: Envelope) -> dict[str, Any]:
+    """What a pool process tells its worker of a message it published (child_published)."""
+    values = (envelope.task, envelope.id, envelope.queue, envelope.attempt, envelope.not_before_ms)
+    return dict(zip(CHILD_PUBLISHED_FIELDS, values, strict=True))
+
+
 # A control request this worker refused (reason: malformed, signature-missing, ...).
 control_rejected = Signal("control_rejected")

@@ -114,18 +114,7 @@ def main(argv: list[str]) -> int:
         # For the worker's task-sent events (the worker's own after_publish never sees
         # what tasks publish here). Not from a process the task forked.
         if os.getpid() == pid:
-            send(
-                {
-                    "type": "sent",
-                    "sent": {
-                        "task": envelope.task,
-                        "task_id": envelope.id,
-                        "queue": envelope.queue,
-                        "attempt": envelope.attempt,
-                        "eta_ms": envelope.not_before_ms,
-                    },
-                }
-            )
+            send({"type": "sent", "sent": signals.child_published_fields(envelope)})
 
     signals.after_publish.connect(published)
     signals.pool_process_init.send(pid=pid)

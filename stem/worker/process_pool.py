@@ -31,9 +31,6 @@ log = logging.getLogger("stem.worker.process")
 # How long a new pool process may take to say it is ready (it imports the app).
 START_TIMEOUT_S = 120.0
 
-# What a pool process tells of a message its task published (for the worker's events).
-_SENT_FIELDS = ("task", "task_id", "queue", "attempt", "eta_ms")
-
 
 @dataclass(eq=False)
 class _Child:
@@ -267,7 +264,7 @@ class ProcessPool:
                 fields = frame.get("sent")
                 if isinstance(fields, dict) and signals.child_published.has_receivers:
                     signals.child_published.send(
-                        **{k: fields.get(k) for k in _SENT_FIELDS if k in fields}
+                        **{k: fields.get(k) for k in signals.CHILD_PUBLISHED_FIELDS if k in fields}
                     )
             elif kind == "result":
                 with child.lock:
