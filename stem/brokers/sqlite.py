@@ -408,7 +408,7 @@ class SQLiteDatabase:
         self._version = version
         self._error = error
         self._connection_error = connection_error
-        self._lock = threading.Lock()
+        self._lock = _file_lock(path)
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
 
@@ -429,9 +429,10 @@ class SQLiteDatabase:
                 if begin:
                     conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise self._translate(exc) from exc
+                raise self.translate(exc) from exc
 
-    def _translate(self, exc: sqlite3.Error) -> StemError:
+    def translate(self, exc: sqlite3.Error) -> StemError:
+        """The Stem error for a SQLite error (connection errors for an unusable store)."""
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             return self._connection_error(
                 f"SQLite database {self.path} is locked by another connection "
@@ -492,6 +493,18 @@ class SQLiteDatabase:
 
 
 _ABANDONED: list[sqlite3.Connection] = []
+_FILE_LOCKS: dict[str, threading.RLock] = {}
+_FILE_LOCKS_LOCK = threading.Lock()
+
+
+def _file_lock(path: Path) -> threading.RLock:
+    """One lock per database file in this process, shared by its connections."""
+    key = os.path.realpath(path)
+    with _FILE_LOCKS_LOCK:
+        lock = _FILE_LOCKS.get(key)
+        if lock is None:
+            lock = _FILE_LOCKS[key] = threading.RLock()
+        return lock
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:

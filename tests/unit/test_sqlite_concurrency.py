@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stem.backends.sqlite import SQLiteBackend
 from stem.brokers.base import Message
 from stem.brokers.sqlite import POLL_MAX_S, POLL_MIN_S, SQLiteBroker, Wake
-from stem.errors import BackendConnectionError, BrokerConnectionError, BrokerError
+from stem.errors import BackendConnectionError, BackendError, BrokerConnectionError, BrokerError
 
 ROOT = Path(__file__).resolve().parents[2]
 TOTAL = 1500
@@ -262,3 +263,105 @@ def test_claims_written_by_swap_are_swept_too_and_queue_names_are_not_hoarded(
         assert "kept" in {s.queue for s in broker.stats()}
     finally:
         broker.close()
+
+
+def _hold_and_queue(backend: SQLiteBackend, rows: list[tuple[str, str]]) -> tuple[Any, list[Any]]:
+    """Hold the backend's connection, and start a thread storing each (task_id, state):
+    all of them wait their turn, queued for one commit. Returns (the held lock, results),
+    results filling with None or the exception each store raised."""
+    import threading
+
+    lock = backend._db._lock
+    lock.acquire()
+    results: list[Any] = []
+
+    def store(task_id: str, state: str) -> None:
+        try:
+            backend.store(task_id, state, f"body-{task_id}".encode(), None)
+            results.append(None)
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=store, args=row) for row in rows]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(backend._pending) < len(rows):
+        assert time.monotonic() < deadline, "the stores never queued"
+        time.sleep(0.005)
+    return (lock, threads), results
+
+
+def test_results_stored_at_once_share_one_commit(tmp_path: Path) -> None:
+    from stem.backends import sqlite as backend_mod
+
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'stem.db'}")
+    commits: list[int] = []
+    original = backend_mod.SQLiteBackend._commit_pending
+
+    def counting(self: SQLiteBackend, conn: sqlite3.Connection) -> None:
+        commits.append(len(self._pending))
+        original(self, conn)
+
+    try:
+        backend.ping()
+        backend_mod.SQLiteBackend._commit_pending = counting  # type: ignore[method-assign]
+        (lock, threads), results = _hold_and_queue(
+            backend, [(f"t{i}", "SUCCESS") for i in range(5)]
+        )
+        lock.release()
+        for t in threads:
+            t.join(10)
+        assert results == [None] * 5
+        assert commits == [5]  # one transaction; the four others found theirs written
+        reader = sqlite3.connect(tmp_path / "stem.db")
+        rows = dict(reader.execute("SELECT task_id, body FROM stem_results").fetchall())
+        reader.close()
+        assert rows == {f"t{i}": f"body-t{i}".encode() for i in range(5)}
+    finally:
+        backend_mod.SQLiteBackend._commit_pending = original  # type: ignore[method-assign]
+        backend.close()
+
+
+def test_a_failed_group_commit_fails_every_store_in_it_and_writes_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stem.backends import sqlite as backend_mod
+
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'stem.db'}")
+    try:
+        backend.store("before", "SUCCESS", b"kept", None)
+        (lock, threads), results = _hold_and_queue(
+            backend, [(f"t{i}", "SUCCESS") for i in range(3)]
+        )
+        broken = dict(backend_mod._Q, store="INSERT INTO no_such_table VALUES (?, ?, ?, ?)")
+        monkeypatch.setattr(backend_mod, "_Q", broken)
+        lock.release()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads), "a store waits forever"
+        assert len(results) == 3
+        assert all(isinstance(r, BackendError) and "no_such_table" in str(r) for r in results)
+        assert len({id(r) for r in results}) == 3  # each caller raises its own exception
+        monkeypatch.undo()
+        assert [backend.fetch(f"t{i}") for i in range(3)] == [None] * 3
+        backend.store("after", "SUCCESS", b"fine", None)  # the connection is still usable
+        assert backend.fetch("after") == b"fine" and backend.fetch("before") == b"kept"
+    finally:
+        backend.close()
+
+
+def test_connections_to_one_file_in_a_process_take_turns(tmp_path: Path) -> None:
+    """The broker and the result backend on one file (the default) share a lock: their
+    writes take turns here instead of meeting SQLite's busy handler, which sleeps for
+    milliseconds at a time. However the path is spelled."""
+    (tmp_path / "link").symlink_to(tmp_path)
+    broker = SQLiteBroker(f"sqlite:///{tmp_path / 'stem.db'}")
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'link' / 'stem.db'}")
+    other = SQLiteBackend(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        assert broker._db._lock is backend._db._lock
+        assert other._db._lock is not broker._db._lock
+    finally:
+        for closing in (broker, backend, other):
+            closing.close()
