@@ -210,11 +210,35 @@ class Admission:
             )
             self._dead(delivery, env, error, "unknown-task", env.task)
             return None
-        if self.is_revoked(env.id):
+        # A copy of a task that already ended is not run, nor recorded revoked or expired.
+        revoked = self.is_revoked(env.id)
+        expired = not revoked and env.is_expired()
+        ending = revoked or expired
+        if (ended := self.settler.canvas.already_done(env, ending=ending)) is not None:
+            log.info(
+                "task %s already ended (%s); this copy of it is not run",
+                env.id,
+                ended.state,
+                extra={
+                    "event": "task-already-done",
+                    "state": ended.state,
+                    **self.settler.fields(env),
+                },
+            )
+            # Its follow-ups may never have gone out (that publish failed, and this copy
+            # came back to try again): then publish them, from the stored result.
+            if (
+                ended.state != states.SUCCESS
+                or self.settler.canvas.followed(env)
+                or self.settler.follow_up(env, delivery, ended.result)
+            ):
+                self.settler.ack(delivery)
+            return None
+        if revoked:
             self._free_slot_of(env)
             self.settler.revoked(env, delivery)
             return None
-        if env.is_expired():
+        if expired:
             self._free_slot_of(env)
             self.settler.counts["expired"] += 1
             signals.task_expired.send(envelope=env)
@@ -237,26 +261,6 @@ class Admission:
                 )
                 self.settler.release(delivery, delay_s=early_s)
                 return None
-        if (ended := self.settler.canvas.already_done(env)) is not None:
-            log.info(
-                "task %s already ended (%s); this copy of it is not run",
-                env.id,
-                ended.state,
-                extra={
-                    "event": "task-already-done",
-                    "state": ended.state,
-                    **self.settler.fields(env),
-                },
-            )
-            # Its follow-ups may never have gone out (that publish failed, and this copy
-            # came back to try again): then publish them, from the stored result.
-            if (
-                ended.state != states.SUCCESS
-                or self.settler.canvas.followed(env)
-                or self.settler.follow_up(env, delivery, ended.result)
-            ):
-                self.settler.ack(delivery)
-            return None
         if not self.settler.limits.admit(task, env, delivery):
             return None
         if env.expires_ms is not None and "unique_key" in env.headers:

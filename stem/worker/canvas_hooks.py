@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from stem.app import Stem
 
 log = logging.getLogger("stem.canvas")
+# Records a copy recorded revoked or expired must not replace (DEAD is not over: a replay).
+_ENDED = states.DONE_STATES | {states.FAILURE}
 
 
 def _followed_key(task_id: str) -> str:
@@ -32,12 +34,20 @@ class CanvasHooks:
     def _ttl(self) -> float:
         return float(self.app.result_ttl_s or 7 * 86400)
 
-    def already_done(self, env: Envelope) -> ResultRecord | None:
+    def already_done(self, env: Envelope, *, ending: bool = False) -> ResultRecord | None:
         """The record of a canvas step that already ran to success, or was revoked or
         expired (a copy published twice, by a crash between publish and ack, runs once);
         None if it should run. A failed or dead step runs again: a redelivery, or a
         replay of its dead letter (a chain step's pre-failed record, written when an
-        earlier step failed, is no run either)."""
+        earlier step failed, is no run either).
+
+        ``ending``: the copy is about to be recorded revoked or expired, unrun. Then any
+        task, canvas step or not, that already ended (failures too) keeps its record, and
+        what waits on it is not failed again: a copy of a task that succeeded, redelivered
+        after its expiry because its ack was lost, must not turn SUCCESS into EXPIRED."""
+        if ending:
+            rec = self.app.result_store.read(env.id, signed=bool(env.headers.get("canvas")))
+            return rec if rec is not None and rec.state in _ENDED else None
         if not env.headers.get("canvas"):
             return None
         rec = self.app.result_store.read(env.id, signed=True)

@@ -346,6 +346,67 @@ def test_a_copy_of_a_finished_step_does_not_publish_its_next_step_again(app: Ste
     assert runs == [12]
 
 
+def _settled(app: Stem) -> None:
+    """Wait until the broker holds nothing ready or reserved."""
+    deadline = time.monotonic() + 10
+    while any(q.ready or q.reserved for q in app.broker.stats()):
+        assert time.monotonic() < deadline, app.broker.stats()
+        time.sleep(0.02)
+
+
+def _copies_of(app: Stem, task: str) -> tuple[list[Any], Any]:
+    """Capture the messages of ``task`` as a worker starts them (to send a copy later, as
+    a redelivery after a lost ack would); returns (the list, a disconnect function)."""
+    from stem.observability import signals
+
+    seen: list[Any] = []
+
+    def keep(envelope: Any, **_: Any) -> None:
+        if envelope.task == task:
+            seen.append(envelope)
+
+    signals.task_prerun.connect(keep)
+    return seen, lambda: signals.task_prerun.disconnect(keep)
+
+
+@pytest.mark.parametrize("how", ["expired", "revoked"])
+def test_a_late_copy_of_a_finished_task_leaves_its_result_alone(app: Stem, how: str) -> None:
+    """A task ran and succeeded but its ack was lost: its message comes back once its
+    lease lapses, by then expired (or the task revoked since). The copy is not run, and the
+    stored SUCCESS stays: it is not turned into EXPIRED or REVOKED."""
+    seen, stop = _copies_of(app, "add")
+    try:
+        with running_worker(app) as worker:
+            res = t(app, "add").enqueue(args=[3, 4], expires=0.5)
+            assert res.get(timeout=5) == 7
+            if how == "revoked":
+                control.revoke(app, [res.id])
+                worker.note_revoked([res.id])  # as the control request would tell it
+            else:
+                time.sleep(0.6)
+            app.publish([seen[0]])  # the copy
+            _settled(app)
+    finally:
+        stop()
+    assert len(seen) == 1  # not run again
+    assert (res.state, res.result) == (states.SUCCESS, 7)
+
+
+def test_a_late_copy_of_a_finished_chain_step_does_not_fail_the_chain(app: Stem) -> None:
+    seen, stop = _copies_of(app, "mul")
+    try:
+        with running_worker(app):
+            res = chain(t(app, "add").s(1, 2), t(app, "mul").s(10).set(expires=0.5)).delay()
+            assert res.get(timeout=5) == 30
+            time.sleep(0.6)
+            app.publish([seen[0]])  # the middle step again, past its expiry
+            _settled(app)
+    finally:
+        stop()
+    assert len(seen) == 1
+    assert (res.state, res.result) == (states.SUCCESS, 30)
+
+
 def test_a_chord_fired_but_not_published_fails_when_its_member_then_fails(app: Stem) -> None:
     """The member that fired the chord could not publish the callback (a broker blip),
     ran again and failed: the callback fails with it instead of waiting for good."""
