@@ -655,7 +655,8 @@ class Settler:
         except StemError as exc:
             self._fail(job, Outcome("failure", error=ErrorInfo.from_exception(exc)))
             return
-        self.store(env, states.RETRY, error=outcome.error, attempts=1)
+        if not env.headers.get("ignore_result"):  # else RETRY would stay once it succeeds
+            self.store(env, states.RETRY, error=outcome.error, attempts=1)
         self.counts["retried"] += 1
         signals.task_retry.send(envelope=env, delay_s=decision.delay_s, error=outcome.error)
         signals.task_postrun.send(envelope=env, state=states.RETRY, runtime_s=outcome.runtime_s)

@@ -253,6 +253,8 @@ def test_ignore_result_writes_nothing(app: Stem) -> None:
     @app.task(name="quiet", ignore_result=True, track_started=True, bind=True)
     def quiet(ctx: Any) -> int:
         ctx.update_progress(1, 2)
+        if ctx.attempt == 0:  # nor RETRY, which its success would not replace
+            raise ctx.retry(countdown=0)
         done.set()
         return 1
 
