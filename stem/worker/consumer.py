@@ -769,8 +769,15 @@ def drain(
 ) -> int:
     """Run ready tasks in this thread until the queues have nothing ready; return how many
     ran. For tests and scripts (``stem.testing``); delayed tasks stay in the broker."""
+    from stem.control import revoked_key
+
     settler = Settler(app, "embedded", max_deliveries=5)
-    admission = Admission(app, settler, max_deliveries=5)
+    admission = Admission(
+        app,
+        settler,
+        max_deliveries=5,
+        is_revoked=lambda task_id: app.broker.peek(revoked_key(task_id)) is not None,
+    )
     ran = 0
     while ran < max_tasks:
         deliveries = app.broker.reserve(list(queues), 1, lease_s, 0.0)

@@ -42,6 +42,22 @@ def test_drain_leaves_delayed_tasks_in_the_broker(
     assert {s.queue: s.delayed for s in stem_app.broker.stats()}["default"] == 1
 
 
+def test_drain_does_not_run_revoked_tasks(stem_app: Stem, stem_worker: EmbeddedWorker) -> None:
+    from stem import control
+
+    ran: list[str] = []
+
+    @stem_app.task(name="charge")
+    def charge(tag: str) -> None:
+        ran.append(tag)
+
+    revoked, kept = charge.delay("revoked"), charge.delay("kept")
+    control.revoke(stem_app, [revoked.id])
+    assert stem_worker.drain() == 1
+    assert ran == ["kept"]
+    assert (revoked.state, kept.state) == (states.REVOKED, states.SUCCESS)
+
+
 def test_failures_and_retries_are_visible_to_the_test(
     stem_app: Stem, stem_worker: EmbeddedWorker
 ) -> None:
