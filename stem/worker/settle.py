@@ -628,6 +628,19 @@ class Settler:
             )
             self._fail(job, Outcome("failure", error=error), reason="retries-exhausted")
             return
+        due_ms = now_ms() + int(decision.delay_s * 1000)
+        if env.expires_ms is not None and due_ms >= env.expires_ms:
+            # The retry keeps the task's expiry: it would only be recorded EXPIRED, "before
+            # a worker could start it". Fail now, saying why.
+            note = f"not retried: the retry, due in {decision.delay_s:g}s, is past the expiry"
+            err = outcome.error
+            error = (
+                ErrorInfo("TaskExpired", note)
+                if err is None
+                else ErrorInfo(err.type, f"{err.message} ({note})", err.traceback)
+            )
+            self._fail(job, Outcome("failure", error=error, runtime_s=outcome.runtime_s))
+            return
         keyring = self.app.keyring
         if keyring is not None and keyring.required and not keyring.can_sign:
             self._fail(
@@ -646,7 +659,7 @@ class Settler:
         retried = env.replace(
             attempt=env.attempt + 1,
             signature=None,
-            not_before_ms=now_ms() + int(decision.delay_s * 1000),
+            not_before_ms=due_ms,
             # A rate-limit slot was booked for this attempt; the retry books its own.
             headers={k: v for k, v in env.headers.items() if k != RATE_SLOT_HEADER},
         )

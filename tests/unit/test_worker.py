@@ -123,6 +123,25 @@ def test_explicit_retries_exhausted_say_so_once(app: Stem) -> None:
     assert str(caught.value).count("retries exhausted") == 1, str(caught.value)
 
 
+def test_a_retry_that_would_be_due_after_the_expiry_fails_at_once_saying_so(
+    app: Stem,
+) -> None:
+    runs: list[int] = []
+
+    @app.task(name="late_retry", bind=True, max_retries=3)
+    def late_retry(ctx: Any) -> None:
+        runs.append(ctx.attempt)
+        raise ctx.retry(countdown=30, exc=OSError("upstream down"))
+
+    with Running(app):
+        res = late_retry.enqueue(expires=10)
+        with pytest.raises(TaskError, match=r"upstream down \(not retried: .*past the expiry"):
+            res.get(timeout=5)
+    assert res.state == states.FAILURE
+    assert runs == [0]
+    assert app.broker.dlq_list() == []  # nothing to replay: it would be expired anyway
+
+
 def test_unknown_task_is_dead_lettered_not_run(app: Stem) -> None:
     with Running(app):
         res = app.send_task("nobody.home", [1])
