@@ -26,7 +26,7 @@ its dead letter, run (and a chain goes on from there).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -333,11 +333,12 @@ class Group:
     apply_async = delay
 
 
-def group(*members: Signature | Sequence[Signature]) -> Group:
-    """Run signatures in parallel; ``.delay()`` returns a GroupResult in member order."""
+def group(*members: Signature | Iterable[Signature]) -> Group:
+    """Run signatures in parallel; ``.delay()`` returns a GroupResult in member order.
+    Members come one by one, or in lists, tuples or generators."""
     flat: list[Any] = []
     for m in members:
-        flat.extend(m if isinstance(m, (list, tuple)) else [m])
+        flat.extend(m if isinstance(m, list | tuple | Iterator) else [m])
     for m in flat:
         if not isinstance(m, Signature):
             raise ConfigError(f"a group takes signatures, not {type(m).__name__}")
@@ -374,7 +375,7 @@ class Chord:
     apply_async = delay
 
 
-def chord(header: Group | Sequence[Signature], body: Signature) -> Chord:
+def chord(header: Group | Iterable[Signature], body: Signature) -> Chord:
     if not isinstance(body, Signature):
         raise ConfigError(f"a chord's callback is one signature, not {type(body).__name__}")
     grp = header if isinstance(header, Group) else group(*header)

@@ -75,13 +75,11 @@ def test_immutable_signature_ignores_the_previous_result(app: Stem) -> None:
 def test_group_results_come_back_in_member_order(app: Stem) -> None:
     add = t(app, "add")
     with running_worker(app, concurrency=4):
-        res = (
-            group(add.s(i, i) for i in range(10)).delay()
-            if False
-            else group([add.s(i, i) for i in range(10)]).delay()
-        )
+        res = group([add.s(i, i) for i in range(10)]).delay()
         assert res.get(timeout=10) == [i * 2 for i in range(10)]
         assert len(res) == 10 and res.ready() and res.completed_count() == 10
+        # Members in a generator, as chord() takes them too.
+        assert group(add.s(i, 1) for i in range(3)).delay().get(timeout=10) == [1, 2, 3]
 
 
 def test_chord_callback_runs_once_with_ordered_results(app: Stem) -> None:
