@@ -12,8 +12,9 @@ A schedule answers two questions:
 Cron and calendar schedules name local wall-clock times in their timezone. Around daylight
 saving changes each local time fires once: a time skipped by a spring-forward change fires
 shifted forward by the gap (02:30 in a one-hour gap fires at 03:30, new time), a time
-repeated by a fall-back change fires at its first occurrence; an every-hour expression (hour field ``*``)
-also fires in the repeated hour, so it keeps running hourly in real time.
+repeated by a fall-back change fires at its first occurrence; an every-hour expression
+(hour field ``*``) also fires in the repeated hour, so it keeps running hourly in real
+time.
 """
 
 from __future__ import annotations
