@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from stem.config.fields import Field, FieldProblem, coerce
 from stem.config.yamlsafe import Node
@@ -64,6 +65,10 @@ def url_problem(value: Any) -> str | None:
     if not sep or scheme.lower() not in URL_SCHEMES:
         known = ", ".join(f"{s}://" for s in URL_SCHEMES)
         return f"expected a URL starting with one of {known}"
+    try:
+        urlsplit(str(value))
+    except ValueError as exc:  # its message does not repeat the URL (which may hold secrets)
+        return f"not a valid URL: {exc}"
     return None
 
 

@@ -64,6 +64,7 @@ def yaml_issue(tmp_path: Path, text: str, name: str = "stem.yaml") -> ConfigIssu
         ("metrics:\n  enabled: 'yes'\n", "metrics.enabled", 2, "true or false"),
         ("broker:\n  url: ftp://x\n", "broker.url", 2, "URL starting with"),
         ("broker:\n  url: null\n", "broker.url", 2, "got null"),
+        ("broker:\n  url: 'redis://[::1:6379/0'\n", "broker.url", 2, "not a valid URL"),
         ("backend:\n  result_ttl_s: 0\n", "backend.result_ttl_s", 2, ">= 1"),
         ("logging:\n  level: loud\n", "logging.level", 2, "one of debug"),
         ("signing:\n  keys: ['k1:!!!']\n", "signing.keys", 2, "not valid base64"),
@@ -200,6 +201,9 @@ def test_cross_field_checks_name_both_places(tmp_path: Path) -> None:
         ("- a\n- b\n", 1, "top level must be a mapping"),
         ("a: 1\n---\nb: 2\n", 2, "single"),
         ("? [a, b]\n: 1\n", 1, "plain strings"),
+        ("routes: &r\n  x: *r\n", 2, "a loop"),
+        ("routes: &r\n  - [*r]\n", 1, "a loop"),
+        ("routes: " + "[" * 70 + "]" * 70 + "\n", 1, "nested deeper than 64 levels"),
     ],
 )
 def test_bad_yaml_is_located(tmp_path: Path, text: str, line: int, words: str) -> None:
