@@ -27,6 +27,7 @@ _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _MAP = "tag:yaml.org,2002:map"
 _SEQ = "tag:yaml.org,2002:seq"
 MAX_NODES = 20_000
+MAX_DEPTH = 64
 
 
 @dataclass(slots=True)
@@ -75,20 +76,30 @@ class _Builder:
     def __init__(self, loader: _Loader) -> None:
         self.loader = loader
         self.count = 0
+        self.open: set[int] = set()  # the collections being built, by id
 
     def build(self, node: yaml.Node, key_line: int | None = None) -> Node:
         self.count += 1
         if self.count > MAX_NODES:
             raise YAMLProblem(f"document too large (more than {MAX_NODES} nodes)", _line(node))
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, key_line)
-        if isinstance(node, yaml.SequenceNode):
+        if isinstance(node, yaml.ScalarNode):
+            return Node(self._scalar(node), _line(node), key_line)
+        if id(node) in self.open:
+            raise YAMLProblem(
+                "an alias refers to a collection that holds it (a loop)", key_line or _line(node)
+            )
+        if len(self.open) >= MAX_DEPTH:
+            raise YAMLProblem(f"nested deeper than {MAX_DEPTH} levels", _line(node))
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, key_line)
             if node.tag != _SEQ:
                 raise YAMLProblem(f"unsupported YAML tag {node.tag}", _line(node))
             items = [self.build(item) for item in node.value]
             return Node(items, _line(node), key_line)
-        assert isinstance(node, yaml.ScalarNode)
-        return Node(self._scalar(node), _line(node), key_line)
+        finally:
+            self.open.discard(id(node))
 
     def _mapping(self, node: yaml.MappingNode, key_line: int | None) -> Node:
         if node.tag != _MAP:
