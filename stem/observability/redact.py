@@ -65,7 +65,14 @@ def redact_error(text: str, url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """Replace the password in a URL (and secret-looking query values) with ``***``."""
+    """Replace the password in a URL (and secret-looking query values, and libpq's
+    ``password=...`` where a keyword string was written after the scheme) with ``***``."""
+    scheme, sep, rest = _redact_url_parts(url).partition("://")
+    head, mark, query = rest.partition("?")  # the query was done, pair by pair
+    return scheme + sep + _KEY_VALUE_SECRET.sub(_redact_value, head) + mark + query
+
+
+def _redact_url_parts(url: str) -> str:
     found = _userinfo(url)
     if found is not None and misplaced_password(url):
         scheme, userinfo, host = found

@@ -35,6 +35,12 @@ from stem.observability.redact import redact_mapping, redact_text, redact_url
         ("postgresql://h1:5432,h2:5432/db?x=a@b", "postgresql://h1:5432,h2:5432/db?x=a@b"),
         ("postgresql://[::1]:5432/db?x=a@b", "postgresql://[::1]:5432/db?x=a@b"),
         ("redis://u:p@ss@h/0", "redis://u:***@h/0"),
+        # A libpq keyword string written after the scheme (config show used to print it).
+        (
+            "postgresql://host=db password=s3cret dbname=x",
+            "postgresql://host=db password=*** dbname=x",
+        ),
+        ("postgresql://u:p@h/db?sslpassword=s3&a=1", "postgresql://u:***@h/db?sslpassword=***&a=1"),
     ],
 )
 def test_redact_url_hides_secrets_and_keeps_the_rest(url: str, shown: str) -> None:
