@@ -51,6 +51,13 @@ def _from_obj(ctx: typer.Context) -> dict[str, Any]:
     # Only flags typed on the command line (an environment variable behind --broker
     # reaches the settings through its own layer, and provenance names it).
     found["overrides"] = dict(getattr(obj, "overrides", None) or {})
+    # With --app, what the app's code sets (Stem(broker=...)) is a layer too: the worker
+    # sees it, so the check must.
+    spec = getattr(obj, "app_spec", None)
+    if spec:
+        from stem.loader import load_app
+
+        found["code_defaults"] = load_app(spec).code_settings()
     return found
 
 

@@ -277,6 +277,30 @@ def test_options_from_the_main_cli_context(etc: Path, tmp_path: Path) -> None:
     assert "pw-cli" not in result.output
 
 
+def test_check_and_show_see_what_the_apps_code_sets(
+    etc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker applies Stem(broker=...) from the app's code: with --app, so must the
+    check operators run before starting it (here: a production gate the code trips)."""
+    from stem.cli.main import app as main_cli
+
+    (tmp_path / "codeapp.py").write_text(
+        "from stem import Stem\napp = Stem('x', broker='redis://cache.internal:6379/0')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = {"STEM_PROFILE": "production", "STEM_SIGNING_KEYS": f"v1:{KEY32}"}
+    shown = CliRunner().invoke(
+        main_cli, ["--app", "codeapp:app", "config", "show", "--json", "--explain"], env=env
+    )
+    data = json.loads(shown.output)
+    assert data["settings"]["broker"]["url"] == "redis://cache.internal:6379/0"
+    assert data["provenance"]["broker.url"]["layer"] == "code"
+    checked = CliRunner().invoke(main_cli, ["--app", "codeapp:app", "config", "check"], env=env)
+    assert checked.exit_code == ExitCode.CONFIG, checked.output
+    assert "FAIL G003-tls-off" in checked.output
+
+
 def test_a_url_from_the_environment_is_attributed_to_its_variable(etc: Path) -> None:
     """STEM_BROKER_URL also feeds --broker; provenance must name the variable, not a flag
     nobody typed."""
