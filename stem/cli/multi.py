@@ -30,7 +30,9 @@ stem-multi's own options:
   --hostname NAME         the value of %h (default: this host's name)
 
 Templates expand %n (node name), %h (host name), %i (node index, from 1) and %% (a percent
-sign); other %-sequences stay as they are. They expand in pass-through values too.
+sign); other %-sequences stay as they are. They expand in pass-through values too. A
+node's index is its place on this command line, so --pidfile and --state-file may not use
+%i (a later `stop beta` would find alpha's file), and each node needs files of its own.
 
 Every other option goes to each node's ``stem`` command: the global ones (``--app``,
 ``--broker``, ``--config``, ...) before the subcommand, the rest (``-Q``, ``-c``, ...) after
@@ -44,10 +46,12 @@ Exit codes (stable):
   1  status: a node is dead but its pidfile remains (LSB)
   2  usage error
   3  status: a node is not running (LSB)
+  4  status: a node's pidfile or process cannot be looked at by this user (LSB "unknown")
   7  start/restart: a node did not start or did not become ready
   70 internal error
   75 stopwait/restart: a node still ran when the timeout expired
-  77 permission: cannot switch user, or cannot write a pidfile or log as that user
+  77 permission: cannot switch user, cannot write a pidfile or log as that user, or
+     (stop, kill, start) cannot read a node's pidfile or process, or signal it
   78 configuration: unknown user or group
 """
 
@@ -61,7 +65,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -340,11 +344,34 @@ def plan(parsed: Parsed) -> Plan:
                 stop_timeout_s=stop_s,
             )
         )
+    _check_own_files(own, nodes)
     identity = None
     if parsed.command in ("start", "restart"):
         identity = resolve_identity(own.get("user"), own.get("group"))
     ready = _float(own.get("ready_timeout", "60"), "--ready-timeout")
     return Plan(parsed.command, tuple(nodes), identity, workdir, role, ready, bool(timeout))
+
+
+def _check_own_files(own: Mapping[str, str], nodes: Sequence[Node]) -> None:
+    """A node is found by its pidfile (and reports through its state file): each needs its
+    own, named the same whatever else is on the command line."""
+    for option, attr in (("--pidfile", "pidfile"), ("--state-file", "state_file")):
+        template = own.get(option[2:].replace("-", "_"))
+        if template is not None and "%i" in template.replace("%%", ""):
+            raise UsageError(
+                f"{option} cannot use %i: a node's index is its place on this command line; use %n"
+            )
+        seen: dict[str, str] = {}
+        for node in nodes:
+            path = getattr(node, attr)
+            if path is None:
+                continue
+            key = os.path.realpath(path)
+            if key in seen:
+                raise UsageError(
+                    f"nodes {seen[key]} and {node.name} would share {option} {path}: put %n in it"
+                )
+            seen[key] = node.name
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -384,6 +411,8 @@ def cmd_start(p: Plan) -> MultiExit:
 def _start_one(p: Plan, node: Node, notify: str) -> int | None:
     """Start ``node`` unless it runs; its pid, or None if it was running already."""
     st = probe(node)
+    if st.state == "unknown":
+        raise LaunchError(st.detail, MultiExit.NOPERM)
     if st.state == "running":
         say(f"{node.name}: already running (pid {st.pid})")
         return None
@@ -416,7 +445,7 @@ def _await_ready(p: Plan, listener: ReadyListener, started: dict[int, Node]) -> 
         for pid, node in list(pending.items()):
             if not pid_alive(pid):
                 del pending[pid]
-                remove_pidfile(node, pid)  # it died before it could remove it itself
+                _forget(node, pid)  # it died before it could remove it itself
                 failed = True
                 warn(f"{node.name}: exited during startup; the end of {node.logfile}:")
                 warn(log_tail(node.logfile))
@@ -432,23 +461,27 @@ def _await_ready(p: Plan, listener: ReadyListener, started: dict[int, Node]) -> 
     return failed
 
 
-def _signal_all(p: Plan, signum: signal.Signals) -> tuple[dict[int, Node], bool]:
-    """Signal each running node: (pid -> node for each signalled, whether any node could
-    not be looked at because its pidfile directory stayed locked)."""
+def _signal_all(p: Plan, signum: signal.Signals) -> tuple[dict[int, Node], MultiExit]:
+    """Signal each running node: (pid -> node for each signalled, OK or the worst reason a
+    node could not be looked at or signalled: its pidfile directory stayed locked
+    (STOP_TIMEOUT), or this user may not (NOPERM))."""
     sent: dict[int, Node] = {}
-    locked = False
+    problem = MultiExit.OK
     for node in p.nodes:
         try:
             _signal_one(node, signum, sent)
         except LaunchError as exc:
             warn(f"{node.name}: not signalled: {exc}")
-            locked = True
-    return sent, locked
+            code = exc.code if exc.code == MultiExit.NOPERM else MultiExit.STOP_TIMEOUT
+            problem = _worse(problem, code)
+    return sent, problem
 
 
 def _signal_one(node: Node, signum: signal.Signals, sent: dict[int, Node]) -> None:
     with node_lock(node):  # not while a start of this node is between fork and exec
         st = probe(node)
+        if st.state == "unknown":
+            raise LaunchError(st.detail, MultiExit.NOPERM)
         if st.state == "running" and st.pid is not None and send_signal(st.pid, signum):
             say(f"{node.name}: sent {signum.name} (pid {st.pid})")
             sent[st.pid] = node
@@ -457,6 +490,14 @@ def _signal_one(node: Node, signum: signal.Signals, sent: dict[int, Node]) -> No
             say(f"{node.name}: not running (removed a stale pidfile: {st.detail})")
         else:
             say(f"{node.name}: not running")
+
+
+def _forget(node: Node, pid: int) -> None:
+    """Remove what a node that exited left of its pidfile, if this user may."""
+    try:
+        remove_pidfile(node, pid)
+    except LaunchError as exc:
+        warn(f"{node.name}: {exc}")
 
 
 def _wait_gone(sent: dict[int, Node], timeout_of: dict[int, float]) -> dict[int, Node]:
@@ -468,7 +509,7 @@ def _wait_gone(sent: dict[int, Node], timeout_of: dict[int, float]) -> dict[int,
         for pid, node in list(pending.items()):
             if not pid_alive(pid):
                 del pending[pid]
-                remove_pidfile(node, pid)
+                _forget(node, pid)
                 say(f"{node.name}: stopped")
             elif time.monotonic() - start > timeout_of[pid]:
                 del pending[pid]
@@ -501,17 +542,17 @@ def _stop_timeout_s(p: Plan, node: Node, pid: int) -> float:
 
 
 def cmd_stop(p: Plan, *, wait: bool) -> MultiExit:
-    sent, locked = _signal_all(p, signal.SIGTERM)
+    sent, problem = _signal_all(p, signal.SIGTERM)
     if not wait:
-        return MultiExit.STOP_TIMEOUT if locked else MultiExit.OK
+        return problem
     left = _wait_gone(sent, {pid: _stop_timeout_s(p, node, pid) for pid, node in sent.items()})
-    return MultiExit.STOP_TIMEOUT if left or locked else MultiExit.OK
+    return _worse(problem, MultiExit.STOP_TIMEOUT) if left else problem
 
 
 def cmd_kill(p: Plan) -> MultiExit:
-    sent, locked = _signal_all(p, signal.SIGKILL)
+    sent, problem = _signal_all(p, signal.SIGKILL)
     left = _wait_gone(sent, dict.fromkeys(sent, KILL_WAIT_S))
-    return MultiExit.STOP_TIMEOUT if left or locked else MultiExit.OK
+    return _worse(problem, MultiExit.STOP_TIMEOUT) if left else problem
 
 
 def cmd_status(p: Plan) -> MultiExit:
@@ -529,6 +570,10 @@ def cmd_status(p: Plan) -> MultiExit:
         elif st.state == "stale":
             say(f"{node.name}: dead, pidfile remains ({st.detail}): {node.pidfile}")
             result = MultiExit.STALE
+        elif st.state == "unknown":
+            say(f"{node.name}: status unknown: {st.detail}")
+            if result != MultiExit.STALE:
+                result = MultiExit.UNKNOWN
         else:
             say(f"{node.name}: stopped")
             if result == MultiExit.OK:

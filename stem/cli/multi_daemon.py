@@ -58,6 +58,7 @@ class MultiExit(IntEnum):
     STALE = 1  # status: a node is dead but its pidfile remains
     USAGE = 2  # bad command line
     NOT_RUNNING = 3  # status: a node is not running
+    UNKNOWN = 4  # status: a node's pidfile or process cannot be looked at by this user
     START_FAILED = 7  # start/restart: a node did not come up (LSB "program is not running")
     SOFTWARE = 70  # internal error
     STOP_TIMEOUT = 75  # stopwait/restart: a node still runs after the timeout
@@ -94,17 +95,21 @@ class Node:
 
 @dataclass(frozen=True)
 class PidState:
-    state: str  # "running", "stopped" or "stale"
+    state: str  # "running", "stopped", "stale" or "unknown" (this user cannot tell)
     pid: int | None = None
     detail: str = ""
 
 
 def read_pid(path: Path) -> int | None:
+    """The pid in ``path``: None if there is no such file, -1 if it holds no pid. Raises
+    OSError if it cannot be read (permission): that is no reason to call it stale."""
     try:
         text = path.read_text().strip()
     except FileNotFoundError:
         return None
-    except OSError:
+    except IsADirectoryError:
+        return -1
+    except UnicodeDecodeError:
         return -1
     return int(text) if text.isdigit() and int(text) > 0 else -1
 
@@ -130,7 +135,9 @@ def started_state_file(pid: int) -> Path | None:
 
 
 def _started_for(pid: int, pidfile: Path) -> bool | None:
-    """Whether ``pid`` was started by stem-multi for this pidfile (``None``: cannot tell).
+    """Whether ``pid`` was started by stem-multi for this pidfile, however the path was
+    spelled then and now (``None``: no /proc to tell by). Raises OSError when this user
+    may not read the process's environment.
 
     A pidfile lives in a directory the node's user can write, and ``stem-multi`` may run as
     root: without this check a forged pidfile could make root signal any process."""
@@ -138,20 +145,41 @@ def _started_for(pid: int, pidfile: Path) -> bool | None:
         environ = _environ(pid)
     except FileNotFoundError:
         return False if Path("/proc/self/environ").exists() else None
-    except OSError:
-        return None
-    return f"{PIDFILE_ENV}={pidfile}".encode() in environ
+    prefix = f"{PIDFILE_ENV}=".encode()
+    for entry in environ:
+        if entry.startswith(prefix):
+            started = Path(os.fsdecode(entry[len(prefix) :]))
+            if started == pidfile:
+                return True
+            try:
+                return os.path.samefile(started, pidfile)
+            except OSError:
+                return False
+    return False
 
 
 def probe(node: Node) -> PidState:
-    pid = read_pid(node.pidfile)
+    try:
+        pid = read_pid(node.pidfile)
+    except OSError as exc:
+        return PidState("unknown", None, f"cannot read {node.pidfile}: {exc.strerror}")
     if pid is None:
         return PidState("stopped")
     if pid < 0:
         return PidState("stale", None, f"{node.pidfile} does not hold a pid")
     if not pid_alive(pid):
         return PidState("stale", pid, f"pid {pid} is not running")
-    if _started_for(pid, node.pidfile) is False:
+    try:
+        ours = _started_for(pid, node.pidfile)
+    except OSError as exc:
+        # Never taken as the node's: a forged pidfile could name any process.
+        return PidState(
+            "unknown",
+            pid,
+            f"cannot tell whether pid {pid} is this node (its environment: {exc.strerror}; "
+            "run as root or as the nodes' user)",
+        )
+    if ours is False:
         return PidState("stale", pid, f"pid {pid} is another program")
     return PidState("running", pid)
 
@@ -173,6 +201,10 @@ def node_lock(node: Node) -> Iterator[None]:
     except FileNotFoundError:
         yield  # no pidfile can exist yet; start creates the directory first
         return
+    except PermissionError as exc:
+        raise LaunchError(
+            f"cannot open {node.pidfile.parent}: {exc.strerror}", MultiExit.NOPERM
+        ) from None
     deadline = time.monotonic() + LOCK_WAIT_S
     try:
         while True:
@@ -201,18 +233,30 @@ def _exit_code(exc: BaseException | None) -> MultiExit:
 
 
 def remove_pidfile(node: Node, pid: int | None) -> None:
-    """Remove the pidfile if it still holds ``pid`` (a new start may own it by now)."""
-    current = read_pid(node.pidfile)
-    if current is not None and (pid is None or current == pid or current < 0):
-        with contextlib.suppress(FileNotFoundError):
-            node.pidfile.unlink()
+    """Remove the pidfile if it still holds ``pid`` (a new start may own it by now).
+    :class:`LaunchError` (NOPERM) if this user may not."""
+    try:
+        current = read_pid(node.pidfile)
+        if current is not None and (pid is None or current == pid or current < 0):
+            with contextlib.suppress(FileNotFoundError):
+                node.pidfile.unlink()
+    except PermissionError as exc:
+        raise LaunchError(
+            f"cannot remove {node.pidfile}: {exc.strerror}", MultiExit.NOPERM
+        ) from None
 
 
 def send_signal(pid: int, signum: signal.Signals) -> bool:
+    """Signal ``pid``; False if it is gone. :class:`LaunchError` (NOPERM) if not allowed."""
     try:
         os.kill(pid, signum)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        raise LaunchError(
+            f"not allowed to signal pid {pid} (run as root or as the nodes' user)",
+            MultiExit.NOPERM,
+        ) from None
     return True
 
 

@@ -134,8 +134,8 @@ def test_nodes_templates_and_per_node_options() -> None:
             "-Q:beta=mail",
             "--config:beta",
             "/etc/stem/%n.yaml",
-            "--pidfile",
-            "/x/%n-%i.pid",
+            "--logfile",
+            "/x/%n-%i.log",
             "--hostname",
             "h1",
             "--stem",
@@ -174,8 +174,8 @@ def test_nodes_templates_and_per_node_options() -> None:
         "mail",
         "--raw",
     )
-    assert (str(alpha.pidfile), str(beta.pidfile)) == ("/x/alpha-1.pid", "/x/beta-2.pid")
-    assert str(alpha.logfile) == "/var/log/stem/alpha.log"
+    assert (str(alpha.logfile), str(beta.logfile)) == ("/x/alpha-1.log", "/x/beta-2.log")
+    assert str(alpha.pidfile) == "/run/stem/alpha.pid"
     assert alpha.stop_timeout_s == multi.DEFAULT_BUDGET_S + multi.STOP_MARGIN_S
 
 
@@ -239,6 +239,11 @@ def test_stopwait_finds_the_state_file_the_node_was_started_with(tmp_path: Path)
         (["start", "a", "a"], "named twice"),
         (["start", "0"], "between 1 and 1000"),
         (["start", "a", "--timeout", "soon"], "number of seconds"),
+        # A node's index is its place on this command line: `stop beta` would find alpha.
+        (["stop", "alpha", "beta", "--pidfile", "/r/node-%i.pid"], "--pidfile cannot use %i"),
+        (["start", "a", "--state-file", "/r/%i.json"], "--state-file cannot use %i"),
+        (["start", "2", "--pidfile", "/r/fleet.pid"], "nodes 1 and 2 would share --pidfile"),
+        (["start", "a", "b", "--state-file", "/r/s.json"], "would share --state-file"),
     ],
 )
 def test_usage_errors(argv: list[str], message: str) -> None:
@@ -420,6 +425,75 @@ def test_stale_and_forged_pidfiles(mt: Multi) -> None:
     assert "a: started" in out
     _ok(mt("stop", "a"))
     _wait(lambda: not (run / "a.pid").exists(), 30, "the node to remove its pidfile")
+
+
+def _sleeper(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "60"], env={**os.environ, **env})
+
+
+def test_a_node_is_known_by_its_pidfile_however_the_path_is_spelled(tmp_path: Path) -> None:
+    """/var/run is a link to /run on Debian: a node started with one spelling is found, and
+    stopped, with the other, not taken for another program (its pidfile then removed and a
+    twin started)."""
+    from stem.cli.multi_daemon import PIDFILE_ENV, probe
+
+    real = tmp_path / "run"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    node = multi.plan(multi.parse(["status", "a", "--pidfile", f"{real}/%n.pid"])).nodes[0]
+    ours = _sleeper({PIDFILE_ENV: str(tmp_path / "link" / "a.pid")})
+    other = _sleeper({PIDFILE_ENV: str(tmp_path / "elsewhere.pid")})
+    try:
+        node.pidfile.write_text(f"{ours.pid}\n")
+        assert probe(node).state == "running"
+        node.pidfile.write_text(f"{other.pid}\n")
+        assert (probe(node).state, probe(node).detail) == (
+            "stale",
+            f"pid {other.pid} is another program",
+        )
+    finally:
+        for proc in (ours, other):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_node_this_user_cannot_look_at_is_neither_signalled_nor_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whether a pid is the node's is read from /proc/PID/environ; a user who may not read
+    it (or the pidfile) cannot tell, and must not act as if it could: a forged pidfile
+    could name any process."""
+    from stem.cli import multi_daemon
+
+    victim = _sleeper({})
+    paths = ["--pidfile", f"{tmp_path}/%n.pid", "--logfile", f"{tmp_path}/%n.log"]
+    (tmp_path / "a.pid").write_text(f"{victim.pid}\n")
+
+    def unreadable(pid: int) -> list[bytes]:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(multi_daemon, "_environ", unreadable)
+    try:
+        assert multi.run(["status", "a", *paths]) == multi.MultiExit.UNKNOWN
+        assert multi.run(["stop", "a", *paths]) == multi.MultiExit.NOPERM
+        assert multi.run(["kill", "a", *paths]) == multi.MultiExit.NOPERM
+        assert multi.run(["start", "a", *paths, "--ready-timeout", "0"]) == (multi.MultiExit.NOPERM)
+        assert victim.poll() is None  # never signalled
+        assert (tmp_path / "a.pid").read_text() == f"{victim.pid}\n"  # nor its pidfile removed
+        out = capsys.readouterr()
+        assert "cannot tell whether pid" in out.out + out.err
+
+        def no_read(path: Path) -> int | None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(multi_daemon, "read_pid", no_read)
+        assert multi.run(["status", "a", *paths]) == multi.MultiExit.UNKNOWN
+        assert multi.run(["stop", "a", *paths]) == multi.MultiExit.NOPERM
+        assert "cannot read" in capsys.readouterr().out
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
 
 
 @pytest.mark.slow
