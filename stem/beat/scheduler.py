@@ -29,7 +29,7 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -325,9 +325,10 @@ class Beat:
         log.info("stop signal: beat stopping", extra={"event": "beat-stopping"})
         self._stop.set()
 
-    def run(self) -> None:
+    def run(self, on_ready: Callable[[], object] | None = None) -> None:
         """Sync the defined entries, then run passes until SIGTERM/SIGINT or :meth:`stop`.
-        Broker errors are logged and retried with backoff; beat keeps running."""
+        Broker errors are logged and retried with backoff; beat keeps running.
+        ``on_ready`` is called once, after the first pass that reached the broker."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -352,6 +353,9 @@ class Beat:
                 self._stop.wait(wait_s)
                 continue
             failures = 0
+            if on_ready is not None:
+                on_ready()
+                on_ready = None
             wait_s = self.tick_s
             if report.next_ms is not None:
                 wait_s = min(wait_s, (report.next_ms - now_ms()) / 1000)

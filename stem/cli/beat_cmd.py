@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Annotated, Any
 
 import typer
@@ -73,15 +74,25 @@ def beat(
     """Run the scheduler until SIGTERM/SIGINT. Several may run at once: each tick is
     enqueued exactly once."""
     from stem.beat import Beat
+    from stem.worker.service import Notifier
 
     stem_app = load_app(ctx, gates=True)
     settings = state(ctx).settings
     tick = tick_s if tick_s is not None else _settings_tick_s(settings) or 0.5
+    scheduler = Beat(
+        stem_app, tick_s=tick, beat_id=beat_id, specs=config_specs(settings), prune=prune
+    )
+    # For systemd (Type=notify) and stem-multi: ready once a pass reached the broker.
+    notifier = Notifier.from_environ()
     try:
-        Beat(
-            stem_app, tick_s=tick, beat_id=beat_id, specs=config_specs(settings), prune=prune
-        ).run()
+        scheduler.run(
+            on_ready=lambda: notifier.notify(
+                READY=1, MAINPID=os.getpid(), STATUS=f"beat {scheduler.beat_id} running"
+            )
+        )
+        notifier.notify(STOPPING=1)
     finally:
+        notifier.close()
         stem_app.close()
 
 

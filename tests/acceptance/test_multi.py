@@ -519,6 +519,14 @@ def test_a_node_that_cannot_start_is_reported_with_its_log(mt: Multi) -> None:
 
 
 @pytest.mark.slow
+def test_a_beat_node_is_started_once_it_says_it_is_ready(mt: Multi) -> None:
+    out = _ok(mt("start", "beat", "--role", "beat", "--ready-timeout", "60"))
+    assert "beat: started" in out and "running" in out  # its READY=1 STATUS, not a guess
+    assert _ok(mt("status", "beat")).startswith("beat: running")
+    _ok(mt("stopwait", "beat"))
+    assert "beat: stopped" in _ok(mt("status", "beat"), multi.MultiExit.NOT_RUNNING)
+
+
 def test_show_and_names(mt: Multi) -> None:
     shown = _ok(mt("show", "2", "-Q", "mail", "-c:2", "4", stem="stem"))
     lines = shown.splitlines()

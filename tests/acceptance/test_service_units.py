@@ -322,22 +322,39 @@ def test_sysv_worker_script_start_status_stop(cli: StemCLI, tmp_path: Path) -> N
     assert _sh("stem-worker", "frobnicate", env).returncode == 2
 
 
-FAKE_BEAT = """#!/bin/sh
-# stands in for `stem beat` (its options are the global ones, then "beat")
-echo "beat $$: $*"
-trap 'echo "beat $$ stopping"; exit 0' TERM
-while :; do sleep 0.1; done
+FAKE_BEAT = """
+# stands in for `stem beat` (its options are the global ones, then "beat"): says READY=1
+# once up, as beat does after its first pass
+import os, signal, socket, sys, time
+
+print(f"beat {os.getpid()}: {' '.join(sys.argv[1:])}", flush=True)
+def stop(*_):
+    print(f"beat {os.getpid()} stopping", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+address = os.environ["NOTIFY_SOCKET"]
+address = "\\0" + address[1:] if address.startswith("@") else address
+socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"READY=1\\nSTATUS=fake beat\\n", address)
+while True:
+    time.sleep(0.1)
+"""
+
+FAILING_BEAT = """
+import sys, time
+time.sleep(1)  # importing a big app
+print("refused: a gate failed", flush=True)
+sys.exit(78)
 """
 
 
 @pytest.mark.slow
 def test_sysv_beat_script(cli: StemCLI, tmp_path: Path) -> None:
-    fake = tmp_path / "fake-stem.sh"
+    fake = tmp_path / "fake-beat.py"
     fake.write_text(FAKE_BEAT)
-    env = _defaults(cli, tmp_path, STEM_BIN=f"/bin/sh {fake}")
+    env = _defaults(cli, tmp_path, STEM_BIN=f"{sys.executable} {fake}")
     started = _sh("stem-beat", "start", env)
     assert started.returncode == 0, started.stdout + started.stderr
-    assert "beat: started" in started.stdout
+    assert "beat: started" in started.stdout and "fake beat" in started.stdout
     assert _sh("stem-beat", "status", env).returncode == 0
     log = (tmp_path / "log" / "beat.log").read_text()
     assert "beat" in log
@@ -345,6 +362,14 @@ def test_sysv_beat_script(cli: StemCLI, tmp_path: Path) -> None:
     assert _sh("stem-beat", "stop", env).returncode == 0
     assert _sh("stem-beat", "status", env).returncode == 3
     assert "stopping" in (tmp_path / "log" / "beat.log").read_text()
+
+    # A beat that exits at startup (a gate refused it) fails the start, whenever it exits.
+    failing = tmp_path / "failing-beat.py"
+    failing.write_text(FAILING_BEAT)
+    env = _defaults(cli, tmp_path, STEM_BIN=f"{sys.executable} {failing}")
+    refused = _sh("stem-beat", "start", env)
+    assert refused.returncode == 7, refused.stdout + refused.stderr
+    assert "refused: a gate failed" in refused.stderr
 
 
 def test_sysv_script_without_stem_multi(cli: StemCLI, tmp_path: Path) -> None:
