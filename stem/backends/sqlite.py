@@ -74,11 +74,19 @@ class SQLiteBackend:
         mine = _Write((task_id, state, body, _expiry_ms(ttl_s)))
         with self._pending_lock:
             self._pending.append(mine)
-        with self._db.session(None) as conn:
-            # Whoever gets the connection first commits every record waiting by then;
-            # the others find theirs done (or failed) when their turn comes.
-            if not mine.done:
-                self._commit_pending(conn)
+        try:
+            with self._db.session(None) as conn:
+                # Whoever gets the connection first commits every record waiting by then;
+                # the others find theirs done (or failed) when their turn comes.
+                if not mine.done:
+                    self._commit_pending(conn)
+        except BaseException:
+            # The connection failed before this record's turn: it must not go in later,
+            # behind whatever the caller does about the error.
+            with self._pending_lock:
+                if mine in self._pending:
+                    self._pending.remove(mine)
+            raise
         if mine.error is not None:
             kind, message = mine.error
             raise kind(message)

@@ -365,3 +365,28 @@ def test_connections_to_one_file_in_a_process_take_turns(tmp_path: Path) -> None
     finally:
         for closing in (broker, backend, other):
             closing.close()
+
+
+def test_a_store_whose_connection_failed_is_not_written_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record whose store raised (the file could not be opened) must not be committed by
+    the next store: by then it may be stale (another worker ran the task to SUCCESS)."""
+    from stem.brokers.sqlite import SQLiteDatabase
+
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'stem.db'}")
+    try:
+        backend.ping()
+        real_connect = SQLiteDatabase._connect
+
+        def broken(self: SQLiteDatabase) -> sqlite3.Connection:
+            raise sqlite3.OperationalError("unable to open database file")
+
+        monkeypatch.setattr(SQLiteDatabase, "_connect", broken)
+        with pytest.raises(BackendConnectionError):
+            backend.store("t", "STARTED", b"stale", None)
+        monkeypatch.setattr(SQLiteDatabase, "_connect", real_connect)
+        backend.store("other", "SUCCESS", b"fine", None)
+        assert backend.fetch("t") is None
+    finally:
+        backend.close()
