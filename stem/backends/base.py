@@ -2,7 +2,8 @@
 
 A backend stores one opaque record (encoded JSON) per task id together with its state, so it
 can wake waiters when a task reaches a ready state (see :data:`stem.states.READY_STATES`)
-without polling where the store can notify. Records expire after their ``ttl_s``. Counters
+without polling where the store can notify. Records expire after their ``ttl_s`` (None or
+a non-positive ttl keeps them). Counters
 and unique-member sets back group and chord completion: ``add_member`` is idempotent, so a
 member redelivered after a worker kill is counted once.
 """

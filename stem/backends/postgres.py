@@ -25,7 +25,8 @@ _Q = queries.load("backend")
 
 
 def _ttl_ms(ttl_s: float | None) -> int | None:
-    return None if ttl_s is None else max(0, round(ttl_s * 1000))
+    """None (kept for good) for None or a non-positive ttl, as on every backend."""
+    return None if ttl_s is None or ttl_s <= 0 else max(1, round(ttl_s * 1000))
 
 
 class PostgresBackend:

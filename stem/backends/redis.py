@@ -39,7 +39,8 @@ _READY = frozenset(s.encode() for s in READY_STATES)
 
 
 def _ttl_ms(ttl_s: float | None) -> str:
-    return "" if ttl_s is None else str(max(1, round(ttl_s * 1000)))
+    """Milliseconds for the scripts; "" keeps the record (None or a non-positive ttl)."""
+    return "" if ttl_s is None or ttl_s <= 0 else str(max(1, round(ttl_s * 1000)))
 
 
 class RedisBackend:

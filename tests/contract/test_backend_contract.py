@@ -64,13 +64,15 @@ def test_large_record_round_trips(backend: ResultBackend, names: Names) -> None:
 
 def test_records_expire_after_their_ttl(backend: ResultBackend, names: Names) -> None:
     short, kept, forever = names.key("short"), names.key("kept"), names.key("forever")
+    zero = names.key("zero")
     backend.store(short, states.SUCCESS, b"short", SHORT_TTL_S)
     backend.store(kept, states.SUCCESS, b"kept", LONG_TTL_S)
     backend.store(forever, states.SUCCESS, b"forever", None)
+    backend.store(zero, states.SUCCESS, b"zero", 0)  # not positive: kept, as None
     assert backend.fetch(short) == b"short"
     time.sleep(SHORT_TTL_S + 0.25)
     assert backend.fetch(short) is None  # honoured on read, before any cleanup
-    assert backend.fetch_many([short, kept, forever]) == [None, b"kept", b"forever"]
+    assert backend.fetch_many([short, kept, forever, zero]) == [None, b"kept", b"forever", b"zero"]
     assert backend.wait(short, 0.0) is None
 
 
