@@ -40,6 +40,7 @@ _UNIQUE_GRACE_S = 5.0
 log = logging.getLogger("stem.app")
 
 DEFAULT_URL = "sqlite:///stem.db"
+DEFAULT_RESULT_TTL_S = 86400.0
 _UNSET: Any = object()
 
 
@@ -74,7 +75,7 @@ class Stem:
         *,
         routes: Mapping[str, str] | None = None,
         default_queue: str = "default",
-        result_ttl_s: float | None = 86400.0,
+        result_ttl_s: float | None = _UNSET,
         max_message_bytes: int = env_codec.DEFAULT_MAX_BYTES,
         publish_retries: int = 3,
         publish_retry_backoff_s: float = 0.2,
@@ -85,7 +86,12 @@ class Stem:
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.routes: dict[str, str] = dict(routes or {})
         self.default_queue = default_queue
-        self.result_ttl_s = result_ttl_s
+        #: Whether the code chose the result TTL: configuration that leaves it at its
+        #: built-in default does not replace it then (see stem.config.apply).
+        self.has_explicit_result_ttl = result_ttl_s is not _UNSET
+        self.result_ttl_s: float | None = (
+            DEFAULT_RESULT_TTL_S if result_ttl_s is _UNSET else result_ttl_s
+        )
         self.max_message_bytes = max_message_bytes
         self.publish_retries = publish_retries
         self.publish_retry_backoff_s = publish_retry_backoff_s
@@ -105,6 +111,11 @@ class Stem:
             self._code["backend.url"] = backend
         if routes:
             self._code["routes"] = dict(routes)
+        if self.has_explicit_result_ttl and (
+            result_ttl_s is None or (type(result_ttl_s) is int and result_ttl_s >= 1)
+        ):
+            # What the configuration can hold (whole seconds) shows as the code layer.
+            self._code["backend.result_ttl_s"] = result_ttl_s
         self.has_explicit_broker = broker is not None and not isinstance(broker, str)
         self.has_explicit_backend = backend is not None and not isinstance(backend, str)
         self._broker_arg = broker or DEFAULT_URL

@@ -435,3 +435,29 @@ def test_every_variable_the_cli_documents_is_accepted(tmp_path: Path) -> None:
             load(tmp_path, environ={name: "1"})
         except ConfigError as exc:  # "1" may be a bad value; it must not be a bad name
             assert "unknown setting" not in str(exc), name
+
+
+def test_a_result_ttl_set_in_code_holds_under_the_cli_until_a_layer_sets_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stem worker` applies the configuration layers to the app: a result_ttl_s the code
+    chose (3 s, a fraction, None for never) was replaced by the built-in day."""
+    from stem import Stem
+    from stem.config.apply import apply_layers
+
+    for name in list(os.environ):
+        if name.startswith("STEM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("STEM_CONFIG_DIR", str(tmp_path / "etc"))
+    for ttl in (3, 0.5, None):
+        app = Stem("x", broker="memory://", result_ttl_s=ttl)
+        settings = apply_layers(app)
+        assert app.result_ttl_s == ttl
+        if ttl != 0.5:  # what the configuration can hold shows as the code layer
+            assert settings.provenance("backend.result_ttl_s").layer == "code"
+    assert apply_layers(default := Stem("x", broker="memory://")) is not None
+    assert default.result_ttl_s == 86400
+    monkeypatch.setenv(env_name("backend.result_ttl_s"), "60")
+    app = Stem("x", broker="memory://", result_ttl_s=0.5)
+    apply_layers(app)
+    assert app.result_ttl_s == 60  # a layer that sets it wins over the code
