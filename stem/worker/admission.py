@@ -195,25 +195,13 @@ class Admission:
             detail = f"the message names queue {env.queue!r} but came from {delivery.queue!r}"
             self.settler.dead_letter(delivery, "misrouted", detail, env)
             return None
-        if delivery.delivery_count > self.max_deliveries:
-            error = ErrorInfo(
-                "PoisonMessage", f"delivered {delivery.delivery_count} times without finishing"
-            )
-            detail = f"delivered {delivery.delivery_count} times (limit {self.max_deliveries})"
-            self._dead(delivery, env, error, "max-deliveries-exceeded", detail)
-            return None
+        # A copy of a task that already ended is not run, nor recorded dead, revoked or
+        # expired (its ack was lost, and it came back to a worker without the task, say).
+        poisoned = delivery.delivery_count > self.max_deliveries
         task = self.app.tasks.get(env.task)
-        if task is None:
-            signals.task_unknown.send(envelope=env)
-            error = ErrorInfo(
-                "TaskNotRegistered", f"no task registered as {env.task!r} on this worker"
-            )
-            self._dead(delivery, env, error, "unknown-task", env.task)
-            return None
-        # A copy of a task that already ended is not run, nor recorded revoked or expired.
         revoked = self.is_revoked(env.id)
         expired = not revoked and env.is_expired()
-        ending = revoked or expired
+        ending = poisoned or task is None or revoked or expired
         if (ended := self.settler.canvas.already_done(env, ending=ending)) is not None:
             log.info(
                 "task %s already ended (%s); this copy of it is not run",
@@ -233,6 +221,20 @@ class Admission:
                 or self.settler.follow_up(env, delivery, ended.result)
             ):
                 self.settler.ack(delivery)
+            return None
+        if poisoned:
+            error = ErrorInfo(
+                "PoisonMessage", f"delivered {delivery.delivery_count} times without finishing"
+            )
+            detail = f"delivered {delivery.delivery_count} times (limit {self.max_deliveries})"
+            self._dead(delivery, env, error, "max-deliveries-exceeded", detail)
+            return None
+        if task is None:
+            signals.task_unknown.send(envelope=env)
+            error = ErrorInfo(
+                "TaskNotRegistered", f"no task registered as {env.task!r} on this worker"
+            )
+            self._dead(delivery, env, error, "unknown-task", env.task)
             return None
         if revoked:
             self._free_slot_of(env)

@@ -367,11 +367,12 @@ def _copies_of(app: Stem, task: str) -> tuple[list[Any], Any]:
     return seen, lambda: signals.task_prerun.disconnect(keep)
 
 
-@pytest.mark.parametrize("how", ["expired", "revoked"])
+@pytest.mark.parametrize("how", ["expired", "revoked", "unknown"])
 def test_a_late_copy_of_a_finished_task_leaves_its_result_alone(app: Stem, how: str) -> None:
     """A task ran and succeeded but its ack was lost: its message comes back once its
-    lease lapses, by then expired (or the task revoked since). The copy is not run, and the
-    stored SUCCESS stays: it is not turned into EXPIRED or REVOKED."""
+    lease lapses, by then expired (or the task revoked since, or to a worker of an older
+    release without the task). The copy is not run, and the stored SUCCESS stays: it is
+    not turned into EXPIRED, REVOKED or DEAD."""
     seen, stop = _copies_of(app, "add")
     try:
         with running_worker(app) as worker:
@@ -380,6 +381,8 @@ def test_a_late_copy_of_a_finished_task_leaves_its_result_alone(app: Stem, how: 
             if how == "revoked":
                 control.revoke(app, [res.id])
                 worker.note_revoked([res.id])  # as the control request would tell it
+            elif how == "unknown":
+                del app.tasks["add"]
             else:
                 time.sleep(0.6)
             app.publish([seen[0]])  # the copy
@@ -388,6 +391,7 @@ def test_a_late_copy_of_a_finished_task_leaves_its_result_alone(app: Stem, how: 
         stop()
     assert len(seen) == 1  # not run again
     assert (res.state, res.result) == (states.SUCCESS, 7)
+    assert app.broker.dlq_list() == []
 
 
 def test_a_late_copy_of_a_finished_chain_step_does_not_fail_the_chain(app: Stem) -> None:
