@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from stem.app import Stem
 
 log = logging.getLogger("stem.canvas")
+_WEEK_S = 7 * 86400.0
 # Records a copy recorded revoked or expired must not replace (DEAD is not over: a replay).
 _ENDED = states.DONE_STATES | {states.FAILURE}
 
@@ -32,7 +33,14 @@ class CanvasHooks:
         self.app = app
 
     def _ttl(self) -> float:
-        return float(self.app.result_ttl_s or 7 * 86400)
+        return float(self.app.result_ttl_s or _WEEK_S)
+
+    def _count_ttl(self) -> float:
+        """How long a chord's member count lasts after its latest member: at least a week,
+        and twice the result TTL. Tied to the result TTL, a member that finished more than
+        a TTL after the one before (retried, or behind a backlog) started the count again,
+        and the callback never ran nor failed."""
+        return max(_WEEK_S, 2 * float(self.app.result_ttl_s or 0))
 
     def already_done(self, env: Envelope, *, ending: bool = False) -> ResultRecord | None:
         """The record of a canvas step that already ran to success, or was revoked or
@@ -99,7 +107,7 @@ class CanvasHooks:
     def _chord_member_done(self, env: Envelope) -> Envelope | None:
         spec = env.headers["chord"]
         gid, size = env.group_id, int(spec["size"])
-        count = self.app.backend.add_member(f"chord:{gid}", str(spec["index"]), self._ttl())
+        count = self.app.backend.add_member(f"chord:{gid}", str(spec["index"]), self._count_ttl())
         if count < size:
             return None
         # Several members may see the set complete (or one may run twice): one fires.

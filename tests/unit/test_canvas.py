@@ -409,6 +409,25 @@ def test_a_late_copy_of_a_finished_chain_step_does_not_fail_the_chain(app: Stem)
     assert (res.state, res.result) == (states.SUCCESS, 30)
 
 
+def test_a_chord_whose_members_finish_a_result_ttl_apart_fails_instead_of_hanging(
+    app: Stem,
+) -> None:
+    """The member count used to expire with the results: a member finishing more than a
+    result TTL after the one before started the count again, and the callback never ran
+    nor failed (get() without a timeout blocked for good). Now the count outlives the
+    results, the chord fires, and finds the first member's result gone."""
+    from stem.worker.consumer import drain
+
+    app.configure(result_ttl_s=0.5)
+    add = t(app, "add")
+    res = chord([add.s(1, 2), add.s(3, 4).set(countdown=0.8)], t(app, "total").s()).delay()
+    assert drain(app) == 1
+    time.sleep(1.0)  # the first member's result expires meanwhile
+    drain(app)
+    with pytest.raises(TaskError, match="ChordError"):
+        res.get(timeout=5)
+
+
 def test_a_chord_fired_but_not_published_fails_when_its_member_then_fails(app: Stem) -> None:
     """The member that fired the chord could not publish the callback (a broker blip),
     ran again and failed: the callback fails with it instead of waiting for good."""
