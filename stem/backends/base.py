@@ -10,8 +10,16 @@ member redelivered after a worker kill is counted once.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
+
+log = logging.getLogger("stem.backends")
+
+#: How long a wait for a result rides out a store that does not answer (a restart, a
+#: failover) before it raises, however long the caller was willing to wait for the task.
+WAIT_OUTAGE_S = 60.0
 
 
 @runtime_checkable
@@ -42,3 +50,40 @@ class ResultBackend(Protocol):
         """Raise :class:`~stem.errors.BackendConnectionError` unless the store answers."""
 
     def close(self) -> None: ...
+
+
+class WaitRetry:
+    """How a backend's ``wait`` rides out a store that stops answering: tries again after
+    50 ms, doubling up to 1 s, says so once in the log, and gives up at the caller's
+    deadline or after :data:`WAIT_OUTAGE_S` without an answer (a wrong URL or a dead store
+    is then an error, not a silent wait of an hour for ``get()`` without a timeout)."""
+
+    def __init__(self, deadline: float, what: str) -> None:
+        self.deadline = deadline
+        self.what = what
+        self._backoff_s = 0.05
+        self._down_since: float | None = None
+
+    def answered(self) -> None:
+        self._backoff_s = 0.05
+        self._down_since = None
+
+    def pause(self, error: BaseException) -> bool:
+        """After a connection error: sleep before the next try (True), or False when the
+        caller should raise it."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning(
+                "result store did not answer while %s; trying again for up to %gs: %s",
+                self.what,
+                WAIT_OUTAGE_S,
+                error,
+                extra={"event": "result-wait-retrying"},
+            )
+        remaining = min(self.deadline, self._down_since + WAIT_OUTAGE_S) - now
+        if remaining <= 0:
+            return False
+        time.sleep(min(self._backoff_s, remaining))
+        self._backoff_s = min(self._backoff_s * 2, 1.0)
+        return True

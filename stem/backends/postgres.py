@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from stem.backends.base import WaitRetry
 from stem.errors import BackendConnectionError, BackendError
 from stem.pg import conninfo, queries
 from stem.pg.client import Conn, PgClient
@@ -76,20 +77,17 @@ class PostgresBackend:
     def wait(self, task_id: str, timeout_s: float) -> bytes | None:
         deadline = time.monotonic() + max(0.0, timeout_s)
         since = self._notifier.mark()
-        backoff_s = 0.05
+        retry = WaitRetry(deadline, f"waiting for the result of {task_id}")
         while True:
             try:
                 record = self._fetch(task_id)
-            except BackendConnectionError:
-                # The server restarting (or out of reach): try again until the deadline,
-                # as the Redis store does; then the caller's timeout decides.
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            except BackendConnectionError as exc:
+                # The server restarting (or out of reach): try again, for a while, as the
+                # Redis store does.
+                if not retry.pause(exc):
                     raise
-                time.sleep(min(backoff_s, remaining))
-                backoff_s = min(backoff_s * 2, 1.0)
                 continue
-            backoff_s = 0.05
+            retry.answered()
             if record is not None and record[0] in READY_STATES:
                 return record[1]
             remaining = deadline - time.monotonic()

@@ -26,6 +26,7 @@ from typing import Any
 
 import redis
 
+from stem.backends.base import WaitRetry
 from stem.errors import BackendConnectionError, BackendError
 from stem.observability.redact import redact_url
 from stem.redis_conn import RedisConn
@@ -98,7 +99,7 @@ class RedisBackend:
         state: bytes | None = None
         body: bytes | None = None
         checked = False
-        backoff_s = 0.05
+        retry = WaitRetry(deadline, f"waiting for the result of {task_id}")
         while True:
             try:
                 if not checked:  # a finished task costs one round trip, no subscription
@@ -107,7 +108,7 @@ class RedisBackend:
                 if state in _READY or time.monotonic() >= deadline:
                     return None if body is None else bytes(body)
                 state, body = self._wait_subscribed(key, deadline)
-                backoff_s = 0.05
+                retry.answered()
             except Exception as exc:
                 if self._closed:  # close() took the subscriber from under this thread
                     raise BackendError(
@@ -115,11 +116,9 @@ class RedisBackend:
                     ) from None
                 if not isinstance(exc, redis.RedisError | OSError):
                     raise
-                remaining_s = deadline - time.monotonic()
-                if not self._conn.is_connection_error(exc) or remaining_s <= 0:
+                # Redis restarting: try again, for a while.
+                if not self._conn.is_connection_error(exc) or not retry.pause(exc):
                     raise self._conn.fail(exc, "waiting for a result") from None
-                time.sleep(min(backoff_s, remaining_s))  # Redis restarting: try again
-                backoff_s = min(backoff_s * 2, 1.0)
 
     def _subscriber(self) -> Any:
         """This thread's subscriber connection, made on first use.

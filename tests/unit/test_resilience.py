@@ -108,3 +108,28 @@ def test_a_stalled_consumer_is_reported_and_stops_the_worker() -> None:
         broker.release.set()
         worker.request_stop(now=True)
         done.join(5)
+
+
+@pytest.mark.parametrize("scheme", ["redis", "postgresql"])
+def test_get_without_a_timeout_on_a_store_that_never_answers_is_an_error(
+    scheme: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """get() with no timeout waited silently for an hour on a wrong URL or a dead store.
+    It rides out an outage for WAIT_OUTAGE_S (shortened here), saying so, then raises."""
+    from stem.backends import base
+    from stem.errors import BackendConnectionError
+    from tests.fixtures.redis_server import free_port
+
+    monkeypatch.setattr(base, "WAIT_OUTAGE_S", 1.0)
+    url = f"{scheme}://127.0.0.1:{free_port()}/0"  # nothing listens there
+    app = Stem("gone", broker="memory://gone", backend=url)
+    try:
+        with caplog.at_level("WARNING", logger="stem.backends"):
+            with pytest.raises(BackendConnectionError):
+                app.AsyncResult("abc").get()
+        said = [r.getMessage() for r in caplog.records if r.name == "stem.backends"]
+        assert said and said[0].startswith(
+            "result store did not answer while waiting for the result of abc"
+        )
+    finally:
+        app.close()
