@@ -124,6 +124,8 @@ def _print_result(app: Any, task_id: str, wait: float | None, *, as_json: bool) 
         typer.echo(line)
     if rec.state in states.EXCEPTION_STATES:
         raise typer.Exit(int(ExitCode.TASK_FAILED))
+    if rec.state not in states.READY_STATES:  # STARTED, RETRY: `stem result ID && next` waits
+        raise typer.Exit(int(ExitCode.TIMEOUT))
 
 
 def _compact(value: Any) -> str:
@@ -143,7 +145,8 @@ def result(
 ) -> None:
     """Show a task's state and result. Exit 0 on success, 65 if it failed, 66 if there is
     no record of it (PENDING: queued or delayed and not started, or an unknown id; a result
-    store keeps no record of what was only enqueued), 75 if --wait ran out."""
+    store keeps no record of what was only enqueued), 75 if it has not finished (STARTED,
+    RETRY) or --wait ran out."""
     # Without --wait nothing can appear: a missing SQLite file is a mistyped path (with
     # --wait it may be a store that a worker starting now is about to create).
     _print_result(load_app(ctx, existing=not wait), task_id, wait, as_json=as_json)

@@ -185,6 +185,12 @@ def test_enqueue_result_queues_and_dlq_commands(cli: StemCLI) -> None:
     assert json.loads(shown.stdout)["result"] == 81
     dead = cli.run("result", ghost, "--wait", "30")
     assert dead.returncode == 65 and "DEAD" in dead.stdout
+    # A task still running is no success: `stem result ID && next_step` must not go on.
+    store = Stem("acc", broker=cli.url)
+    store.result_store.write_state("running-1", states.STARTED, task="acc.square")
+    store.close()
+    running = cli.run("result", "running-1")
+    assert running.returncode == 75 and "STARTED" in running.stdout
 
     letters = json.loads(cli.run("dlq", "list", "--json", check=True).stdout)
     assert [(d["reason"], d["detail"]) for d in letters] == [("unknown-task", "no.such.task")]
