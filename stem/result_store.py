@@ -13,6 +13,7 @@ from typing import Any
 from stem.backends.base import ResultBackend
 from stem.errors import DecodeError, SignatureError
 from stem.result import ErrorInfo, ResultRecord
+from stem.security.signing import is_sealed
 
 log = logging.getLogger("stem.results")
 
@@ -77,6 +78,11 @@ class ResultStore:
         try:
             if unseal is not None:
                 body = unseal(body)
+            elif is_sealed(body):
+                raise DecodeError(
+                    "the record is signed and this process has no signing keys to check it "
+                    "(set STEM_SIGNING_KEYS, or STEM_SIGNING_PUBLIC_KEYS for Ed25519)"
+                )
             record = ResultRecord.decode(body)
             if record.task_id != task_id:
                 # A valid record copied under another task's key must not pass as its result.

@@ -371,6 +371,20 @@ def test_record_sealers_for_hmac_require_signed_results() -> None:
     assert not hmac_ring(required=False).results_required
 
 
+def test_a_signed_record_read_without_keys_says_so() -> None:
+    """A client without keys read a signed SUCCESS as 'not valid JSON' (and exit 65)."""
+    from stem.backends.memory import MemoryBackend
+    from stem.result import ResultRecord
+    from stem.result_store import ResultStore
+
+    backend = MemoryBackend("memory://signed-records")
+    seal, _ = hmac_ring().record_sealers()
+    ResultStore(backend, seal=seal).write(ResultRecord("t1", "SUCCESS", result=5))
+    rec = ResultStore(backend).read("t1")
+    assert rec is not None and rec.state == "FAILURE" and rec.error is not None
+    assert "the record is signed and this process has no signing keys" in rec.error.message
+
+
 # -- configuration ---------------------------------------------------------------------------
 
 
