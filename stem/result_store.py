@@ -15,6 +15,16 @@ from stem.errors import DecodeError, SignatureError
 from stem.result import ErrorInfo, ResultRecord
 from stem.security.signing import is_sealed
 
+#: How the message of a record read as FAILURE because it could not be trusted begins.
+REJECTED = "result record rejected:"
+
+
+def rejected(record: ResultRecord) -> bool:
+    """Whether ``record`` stands for a stored record that could not be trusted or read
+    (not for anything the task did)."""
+    return record.error is not None and record.error.message.startswith(REJECTED)
+
+
 log = logging.getLogger("stem.results")
 
 Wrap = Callable[[bytes], bytes]
@@ -98,7 +108,7 @@ class ResultStore:
             return ResultRecord(
                 task_id=task_id,
                 state="FAILURE",
-                error=ErrorInfo(type(exc).__name__, f"result record rejected: {exc}"),
+                error=ErrorInfo(type(exc).__name__, f"{REJECTED} {exc}"),
             )
 
     def read(self, task_id: str, *, signed: bool = False) -> ResultRecord | None:

@@ -213,13 +213,24 @@ class Admission:
                     **self.settler.fields(env),
                 },
             )
+            if ending:
+                self._free_slot_of(env)
             # Its follow-ups may never have gone out (that publish failed, and this copy
-            # came back to try again): then publish them, from the stored result.
-            if (
-                ended.state != states.SUCCESS
-                or self.settler.canvas.followed(env)
-                or self.settler.follow_up(env, delivery, ended.result)
-            ):
+            # came back to try again): then publish them, from the stored result. On the
+            # ending path a task that ended otherwise has its waiters failed (again: their
+            # publish may be what failed), as the copy would have without the record.
+            if ended.state == states.SUCCESS:
+                done = self.settler.canvas.followed(env) or self.settler.follow_up(
+                    env, delivery, ended.result
+                )
+            elif ending:
+                error = ended.error or ErrorInfo("TaskFailed", f"the task ended {ended.state}")
+                done = self.settler.ended(env, error)
+                if not done:
+                    self.settler.release_later(delivery)
+            else:
+                done = True
+            if done:
                 self.settler.ack(delivery)
             return None
         if poisoned:

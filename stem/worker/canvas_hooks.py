@@ -14,6 +14,7 @@ from stem import states
 from stem.canvas import envelope_from_wire
 from stem.envelope import Envelope
 from stem.result import ErrorInfo, ResultRecord
+from stem.result_store import rejected
 
 if TYPE_CHECKING:
     from stem.app import Stem
@@ -49,13 +50,15 @@ class CanvasHooks:
         replay of its dead letter (a chain step's pre-failed record, written when an
         earlier step failed, is no run either).
 
-        ``ending``: the copy is about to be recorded revoked or expired, unrun. Then any
-        task, canvas step or not, that already ended (failures too) keeps its record, and
-        what waits on it is not failed again: a copy of a task that succeeded, redelivered
-        after its expiry because its ack was lost, must not turn SUCCESS into EXPIRED."""
+        ``ending``: the copy is about to be recorded dead, revoked or expired, unrun. Then
+        any task, canvas step or not, that already ended (failures too) keeps its record:
+        a copy of a task that succeeded, redelivered after its expiry because its ack was
+        lost, must not turn SUCCESS into EXPIRED. Read as signed (a worker may publish a
+        follow-up from it); a record that cannot be trusted counts as none."""
         if ending:
-            rec = self.app.result_store.read(env.id, signed=bool(env.headers.get("canvas")))
-            return rec if rec is not None and rec.state in _ENDED else None
+            rec = self.app.result_store.read(env.id, signed=True)
+            ok = rec is not None and rec.state in _ENDED and not rejected(rec)
+            return rec if ok else None
         if not env.headers.get("canvas"):
             return None
         rec = self.app.result_store.read(env.id, signed=True)

@@ -394,6 +394,53 @@ def test_a_late_copy_of_a_finished_task_leaves_its_result_alone(app: Stem, how: 
     assert app.broker.dlq_list() == []
 
 
+def test_an_expired_task_whose_errback_failed_to_publish_sends_it_when_it_comes_back(
+    app: Stem,
+) -> None:
+    """The copy given back because the errback's publish failed finds the EXPIRED record
+    its first delivery wrote: that is no reason to drop the errback."""
+    from stem.worker.consumer import drain
+
+    ran: list[Any] = []
+
+    @app.task(name="on_err")
+    def on_err(*args: Any) -> None:
+        ran.append(args)
+
+    res = t(app, "add").s(1, 2).link_error(on_err.s()).set(expires=0.1).delay()
+    time.sleep(0.2)
+    publish, failed = app.publish, []
+
+    def flaky(envs: Any, *args: Any, **kwargs: Any) -> Any:
+        envs = list(envs)
+        if not failed and any(e.task == "on_err" for e in envs):
+            failed.append(1)
+            raise BrokerError("connection reset")
+        return publish(envs, *args, **kwargs)
+
+    app.publish = flaky  # type: ignore[method-assign]
+    assert drain(app) == 0  # expired, errback not sent: the delivery is given back
+    assert res.state == states.EXPIRED and not ran
+    deadline = time.monotonic() + 10
+    while not ran:
+        assert time.monotonic() < deadline, "the errback was never sent"
+        drain(app)
+        time.sleep(0.1)
+    assert len(ran) == 1 and res.state == states.EXPIRED
+
+
+def test_a_copy_whose_record_cannot_be_trusted_is_recorded_as_usual(app: Stem) -> None:
+    """A stored record that does not decode (or verify) says nothing about the task: an
+    expired copy is recorded EXPIRED, not acked as if the task had ended."""
+    from stem.worker.consumer import drain
+
+    res = t(app, "add").enqueue(args=[1, 2], expires=0.1)
+    app.backend.store(res.id, states.SUCCESS, b"not a record", None)
+    time.sleep(0.2)
+    drain(app)
+    assert res.state == states.EXPIRED
+
+
 def test_a_late_copy_of_a_finished_chain_step_does_not_fail_the_chain(app: Stem) -> None:
     seen, stop = _copies_of(app, "mul")
     try:
