@@ -105,11 +105,14 @@ class RedisBackend:
                 if not checked:  # a finished task costs one round trip, no subscription
                     state, body = self._read(key)
                     checked = True
+                    retry.answered()
                 if state in _READY or time.monotonic() >= deadline:
                     return None if body is None else bytes(body)
                 state, body = self._wait_subscribed(key, deadline)
-                retry.answered()
             except Exception as exc:
+                # Once it answers again, read first: the result may have come meanwhile
+                # (and a success there starts the next outage's allowance afresh).
+                checked = False
                 if self._closed:  # close() took the subscriber from under this thread
                     raise BackendError(
                         f"{self!r} was closed while waiting for the result of {task_id}"

@@ -133,3 +133,32 @@ def test_get_without_a_timeout_on_a_store_that_never_answers_is_an_error(
         )
     finally:
         app.close()
+
+
+def test_a_long_wait_rides_out_each_outage_with_its_own_allowance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wait that rode out one Redis blip must not raise at the first error of the next
+    one, hours later (the allowance counted from the first outage)."""
+    import redis
+
+    from stem.backends import base
+    from stem.backends.redis import RedisBackend
+
+    monkeypatch.setattr(base, "WAIT_OUTAGE_S", 1.0)
+    backend = RedisBackend("redis://127.0.0.1:1/0")
+    waits: list[int] = []
+
+    def wait_subscribed(key: Any, deadline: float) -> Any:
+        waits.append(1)
+        if len(waits) == 1:
+            raise redis.ConnectionError("down")
+        if len(waits) == 2:
+            time.sleep(1.5)  # answering for longer than the allowance, then down again
+            raise redis.ConnectionError("down again")
+        return b"SUCCESS", b"done"
+
+    monkeypatch.setattr(backend, "_read", lambda key: (None, None))
+    monkeypatch.setattr(backend, "_wait_subscribed", wait_subscribed)
+    monkeypatch.setattr(backend._conn, "is_connection_error", lambda exc: True)
+    assert backend.wait("t", 30) == b"done"
