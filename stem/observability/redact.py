@@ -67,8 +67,11 @@ def redact_error(text: str, url: str) -> str:
 def redact_url(url: str) -> str:
     """Replace the password in a URL (and secret-looking query values, and libpq's
     ``password=...`` where a keyword string was written after the scheme) with ``***``."""
-    scheme, sep, rest = _redact_url_parts(url).partition("://")
+    redacted = _redact_url_parts(url)
+    scheme, sep, rest = redacted.partition("://")
     head, mark, query = rest.partition("?")  # the query was done, pair by pair
+    if "@" in head or "=" not in head:
+        return redacted  # a URL proper: user, host, port and path are no secrets
     return scheme + sep + _KEY_VALUE_SECRET.sub(_redact_value, head) + mark + query
 
 

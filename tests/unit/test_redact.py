@@ -41,6 +41,10 @@ from stem.observability.redact import redact_mapping, redact_text, redact_url
             "postgresql://host=db password=*** dbname=x",
         ),
         ("postgresql://u:p@h/db?sslpassword=s3&a=1", "postgresql://u:***@h/db?sslpassword=***&a=1"),
+        # Hosts and users that merely hold a secret-looking word stay as they are.
+        ("redis://token:pw@h:6379/0", "redis://token:***@h:6379/0"),
+        ("redis://default:pw@cache-token:6379/0", "redis://default:***@cache-token:6379/0"),
+        ("postgresql://app:pw@pg-secret:5432/db", "postgresql://app:***@pg-secret:5432/db"),
     ],
 )
 def test_redact_url_hides_secrets_and_keeps_the_rest(url: str, shown: str) -> None:
