@@ -77,19 +77,18 @@ def beat(
     from stem.worker.service import Notifier
 
     stem_app = load_app(ctx, gates=True)
-    settings = state(ctx).settings
-    tick = tick_s if tick_s is not None else _settings_tick_s(settings) or 0.5
-    scheduler = Beat(
-        stem_app, tick_s=tick, beat_id=beat_id, specs=config_specs(settings), prune=prune
-    )
-    # For systemd (Type=notify) and stem-multi: ready once a pass reached the broker.
     notifier = Notifier.from_environ()
     try:
-        scheduler.run(
-            on_ready=lambda: notifier.notify(
-                READY=1, MAINPID=os.getpid(), STATUS=f"beat {scheduler.beat_id} running"
-            )
+        settings = state(ctx).settings
+        tick = tick_s if tick_s is not None else _settings_tick_s(settings) or 0.5
+        scheduler = Beat(
+            stem_app, tick_s=tick, beat_id=beat_id, specs=config_specs(settings), prune=prune
         )
+        # For systemd (Type=notify) and stem-multi: ready once the app loaded and the gates
+        # passed (what fails a start for good); a broker that does not answer yet is
+        # ridden out in the loop, and the status says when a pass first reached it.
+        notifier.notify(READY=1, MAINPID=os.getpid(), STATUS=f"beat {scheduler.beat_id} starting")
+        scheduler.run(on_ready=lambda: notifier.notify(STATUS=f"beat {scheduler.beat_id} running"))
         notifier.notify(STOPPING=1)
     finally:
         notifier.close()
