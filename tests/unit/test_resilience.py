@@ -77,7 +77,13 @@ class HangingBroker(MemoryBroker):
         return super().reserve(queues, max_n, lease_s, wait_s)
 
 
-def test_a_stalled_consumer_is_reported_and_stops_the_worker() -> None:
+def test_a_stalled_consumer_is_reported_and_stops_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from stem.worker import consumer
+
+    # The stop waits out its whole tail for the consumer stuck in reserve (2 s in service).
+    monkeypatch.setattr(consumer, "STOP_TAIL_NOW_S", 0.5)
     broker = HangingBroker("memory://hanging")
     app = Stem("w", broker=broker, backend="memory://hanging")
     worker = Worker(

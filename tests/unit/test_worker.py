@@ -1365,20 +1365,25 @@ def test_heartbeats_go_on_while_autoscaling_takes_its_time(
     from stem.observability import signals
 
     beats: list[float] = []
+    scaling, scaled = threading.Event(), threading.Event()
 
     def count(**_: Any) -> None:
         beats.append(time.monotonic())
 
     def slow_autoscale(now: float) -> None:
-        time.sleep(3)
+        scaling.set()
+        scaled.wait(10)  # until the heartbeats were counted (the stop then need not wait)
 
     signals.heartbeat.connect(count)
     try:
         with Running(app, pool="thread", autoscale=(3, 1), heartbeat_s=0.1) as worker:
             monkeypatch.setattr(worker, "_autoscale", slow_autoscale)
-            time.sleep(1.2)  # the first slow autoscale pass starts meanwhile
+            assert scaling.wait(5), "no autoscale pass started"
             since = time.monotonic()
             time.sleep(1.5)
-        assert len([b for b in beats if b >= since]) >= 3, "heartbeats stopped while scaling"
+            counted = len([b for b in beats if b >= since])
+            scaled.set()
+        assert counted >= 3, "heartbeats stopped while scaling"
     finally:
+        scaled.set()
         signals.heartbeat.disconnect(count)
