@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 RESULT_CLEANUP_S = 60.0  # how often a worker deletes expired results
+AUTOSCALE_EVERY_S = 1.0  # how often autoscaling looks at the backlog and the idle time
 _RECENT_REVOKE_S = 120.0  # a revocation told by control outlives a scan for this long
 log = logging.getLogger("stem.worker")
 
@@ -709,7 +710,7 @@ class Worker:
         """Autoscaling, on a thread of its own: growing a process pool starts processes,
         seconds each where the app is slow to import, which would hold up heartbeats
         (and with them systemd's watchdog) or lease renewal."""
-        while not self._stopped.wait(1.0):
+        while not self._stopped.wait(AUTOSCALE_EVERY_S):
             if not self._stop_reserving.is_set():
                 self._guarded("autoscaling", self._autoscale, time.monotonic())
 

@@ -269,14 +269,21 @@ def test_unknown_command_is_refused_locally(app: Stem) -> None:
         control.broadcast(app, "format-disk")
 
 
-def test_autoscale_grows_under_backlog_and_shrinks_when_idle(app: Stem) -> None:
+def test_autoscale_grows_under_backlog_and_shrinks_when_idle(
+    app: Stem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stem.worker import consumer
+
+    # Every second in service: shrinking 6 -> 1 one slot a pass took 5 s of passes here.
+    monkeypatch.setattr(consumer, "AUTOSCALE_EVERY_S", 0.2)
+
     @app.task(name="work")
     def work() -> None:
         time.sleep(0.2)
 
     results = [work.delay() for _ in range(30)]
     sizes: list[int] = []
-    with running_worker(app, autoscale=(6, 1), autoscale_idle_s=0.5) as w:
+    with running_worker(app, autoscale=(6, 1), autoscale_idle_s=0.25) as w:
         assert w.pool.size == 1
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not all(r.ready() for r in results):
