@@ -171,6 +171,7 @@ def test_dlq_replay_resigns_genuine_letters_but_not_forged_ones(
     key = _keys(tmp_path, "hmac-sha256", "v1", "k") / "v1.hmac-sha256.key"
     env = {**_producer_env("hmac-sha256", [key], "v1"), "STEM_SIGNING_REPLAY_WINDOW_S": "2"}
     app = _app(cli, env)
+    sent = time.monotonic()
     genuine = app.send_task("acc.square", [5])
     [d] = app.broker.reserve(["default"], 1, 30.0)
     app.broker.dead_letter(d, "retries-exhausted", "upstream down")
@@ -178,7 +179,9 @@ def test_dlq_replay_resigns_genuine_letters_but_not_forged_ones(
     app.broker.publish([Message(forged.id, "default", encode(forged.replace(args=(7,))))])
     worker = cli.start_worker("-P", "thread", "-c", "1", env=env)
     assert [x["reason"] for x in _letters(cli, 2)] == ["retries-exhausted", "signature-invalid"]
-    time.sleep(2.5)  # the genuine letter's signature is now older than the window
+    # The genuine letter's signature is then older than the window (the worker's start
+    # and the listing above took some of that already).
+    time.sleep(max(0.0, sent + 2.5 - time.monotonic()))
     out = cli.run("dlq", "replay", "--all", "--json", env=env, check=True)
     assert json.loads(out.stdout) == {"replayed": 2}
     assert genuine.get(timeout=30) == 25
