@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stem.control")
 
+# How long the control thread waits in the broker for a request before it looks at the
+# stop flag again (a stopping worker waits for it, up to this long, before the goodbye).
+REQUEST_WAIT_S = 0.5
+
 
 class ControlServer:
     def __init__(self, worker: Worker) -> None:
@@ -53,7 +57,7 @@ class ControlServer:
         broker = self.worker.app.broker
         while not self.worker.stopped:
             try:
-                deliveries = broker.reserve([self.queue], 10, 30.0, 0.5)
+                deliveries = broker.reserve([self.queue], 10, 30.0, REQUEST_WAIT_S)
             except BrokerError as exc:
                 log.warning(
                     "control queue unavailable: %s", exc, extra={"event": "control-reserve-failed"}
