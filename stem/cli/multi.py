@@ -464,7 +464,7 @@ def _await_ready(p: Plan, listener: ReadyListener, started: dict[int, Node]) -> 
 def _signal_all(p: Plan, signum: signal.Signals) -> tuple[dict[int, Node], MultiExit]:
     """Signal each running node: (pid -> node for each signalled, OK or the worst reason a
     node could not be looked at or signalled: its pidfile directory stayed locked
-    (STOP_TIMEOUT), or this user may not (NOPERM))."""
+    (STOP_TIMEOUT), this user may not (NOPERM), its pidfile is unusable (CONFIG))."""
     sent: dict[int, Node] = {}
     problem = MultiExit.OK
     for node in p.nodes:
@@ -472,7 +472,8 @@ def _signal_all(p: Plan, signum: signal.Signals) -> tuple[dict[int, Node], Multi
             _signal_one(node, signum, sent)
         except LaunchError as exc:
             warn(f"{node.name}: not signalled: {exc}")
-            code = exc.code if exc.code == MultiExit.NOPERM else MultiExit.STOP_TIMEOUT
+            # A directory that stayed locked: the node may still run (as a stop timeout).
+            code = MultiExit.STOP_TIMEOUT if exc.code == MultiExit.START_FAILED else exc.code
             problem = _worse(problem, code)
     return sent, problem
 
@@ -563,7 +564,7 @@ def cmd_status(p: Plan) -> MultiExit:
         st = probe(node)
         if st.state == "running":
             line = f"{node.name}: running (pid {st.pid})"
-            if node.state_file is not None and node.state_file.exists():
+            if node.state_file is not None and _readable(node.state_file):
                 verdict = check(node.state_file, node=node.name)
                 line += ", healthy" if verdict.healthy else f", {'; '.join(verdict.reasons)}"
             say(line)
@@ -589,6 +590,13 @@ _SEVERITY = [
     MultiExit.NOPERM,
     MultiExit.SOFTWARE,
 ]
+
+
+def _readable(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a directory this user may not look into
+        return False
 
 
 def _worse(a: MultiExit, b: MultiExit) -> MultiExit:

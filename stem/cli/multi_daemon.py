@@ -240,9 +240,9 @@ def remove_pidfile(node: Node, pid: int | None) -> None:
         if current is not None and (pid is None or current == pid or current < 0):
             with contextlib.suppress(FileNotFoundError):
                 node.pidfile.unlink()
-    except PermissionError as exc:
+    except OSError as exc:  # not allowed, a directory in its place, ...
         raise LaunchError(
-            f"cannot remove {node.pidfile}: {exc.strerror}", MultiExit.NOPERM
+            f"cannot remove {node.pidfile}: {exc.strerror}", _exit_code(exc)
         ) from None
 
 

@@ -496,6 +496,16 @@ def test_a_node_this_user_cannot_look_at_is_neither_signalled_nor_started(
         victim.wait()
 
 
+def test_a_directory_in_place_of_a_pidfile_is_reported_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.pid").mkdir()
+    paths = ["--pidfile", f"{tmp_path}/%n.pid", "--logfile", f"{tmp_path}/%n.log"]
+    assert multi.run(["status", "a", *paths]) == multi.MultiExit.STALE
+    assert multi.run(["stop", "a", *paths]) == multi.MultiExit.CONFIG
+    assert f"cannot remove {tmp_path}/a.pid" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_stopwait_timeout_is_reported(mt: Multi) -> None:
     _ok(mt("start", "a", *FAST, "--shutdown-budget", "60"))
