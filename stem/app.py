@@ -112,10 +112,16 @@ class Stem:
         if routes:
             self._code["routes"] = dict(routes)
         if self.has_explicit_result_ttl and (
-            result_ttl_s is None or (type(result_ttl_s) is int and result_ttl_s >= 1)
+            result_ttl_s is None
+            or (
+                isinstance(result_ttl_s, int | float)
+                and not isinstance(result_ttl_s, bool)
+                and float(result_ttl_s).is_integer()
+                and result_ttl_s >= 1
+            )
         ):
             # What the configuration can hold (whole seconds) shows as the code layer.
-            self._code["backend.result_ttl_s"] = result_ttl_s
+            self._code["backend.result_ttl_s"] = None if result_ttl_s is None else int(result_ttl_s)
         self.has_explicit_broker = broker is not None and not isinstance(broker, str)
         self.has_explicit_backend = backend is not None and not isinstance(backend, str)
         self._broker_arg = broker or DEFAULT_URL

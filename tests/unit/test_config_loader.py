@@ -449,7 +449,7 @@ def test_a_result_ttl_set_in_code_holds_under_the_cli_until_a_layer_sets_one(
         if name.startswith("STEM_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("STEM_CONFIG_DIR", str(tmp_path / "etc"))
-    for ttl in (3, 0.5, None):
+    for ttl in (3, 3600.0, 0.5, None):
         app = Stem("x", broker="memory://", result_ttl_s=ttl)
         settings = apply_layers(app)
         assert app.result_ttl_s == ttl
