@@ -159,6 +159,7 @@ def test_waits_look_often_at_first_then_less_often(
         slept.append(timeout_s)
         time.sleep(timeout_s)
 
+    client.ping()  # the connection opened first: opening it is no part of the wait
     monkeypatch.setattr(Wake, "wait", record)
     try:
         if isinstance(client, SQLiteBroker):
@@ -167,7 +168,8 @@ def test_waits_look_often_at_first_then_less_often(
             assert client.wait("no-such-task", 0.3) is None
     finally:
         client.close()
-    assert slept[0] == POLL_MIN_S
+    # Soon at first (the first look's own time counts: a busy machine may take a few ms).
+    assert POLL_MIN_S <= slept[0] <= POLL_MAX_S / 4
     assert slept == sorted(slept[:-1]) + slept[-1:]  # growing (the last is what was left)
     assert max(slept) == POLL_MAX_S
 
