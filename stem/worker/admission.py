@@ -220,9 +220,14 @@ class Admission:
             # ending path a task that ended otherwise has its waiters failed (again: their
             # publish may be what failed), as the copy would have without the record.
             if ended.state == states.SUCCESS:
-                done = self.settler.canvas.followed(env) or self.settler.follow_up(
-                    env, delivery, ended.result
-                )
+                canvas = self.settler.canvas
+                if CANVAS_HEADERS.isdisjoint(env.headers) or canvas.followed(env):
+                    done = True  # nothing follows it, or that went out
+                else:
+                    # On the ending path the record was read as any is: the value passed
+                    # on is read again as signed (None: not published from it, logged).
+                    source = canvas.trusted(env) if ending else ended
+                    done = source is None or self.settler.follow_up(env, delivery, source.result)
             elif ending:
                 error = ended.error or ErrorInfo("TaskFailed", f"the task ended {ended.state}")
                 done = self.settler.ended(env, error)

@@ -53,16 +53,31 @@ class CanvasHooks:
         ``ending``: the copy is about to be recorded dead, revoked or expired, unrun. Then
         any task, canvas step or not, that already ended (failures too) keeps its record:
         a copy of a task that succeeded, redelivered after its expiry because its ack was
-        lost, must not turn SUCCESS into EXPIRED. Read as signed (a worker may publish a
-        follow-up from it); a record that cannot be trusted counts as none."""
+        lost, must not turn SUCCESS into EXPIRED. Read as any record is (an Ed25519
+        worker's are unsigned); a record that cannot be read counts as none. Before a
+        follow-up is published from it, :meth:`trusted` reads it as signed."""
         if ending:
-            rec = self.app.result_store.read(env.id, signed=True)
+            rec = self.app.result_store.read(env.id)
             ok = rec is not None and rec.state in _ENDED and not rejected(rec)
             return rec if ok else None
         if not env.headers.get("canvas"):
             return None
         rec = self.app.result_store.read(env.id, signed=True)
         return rec if rec is not None and rec.state in states.DONE_STATES else None
+
+    def trusted(self, env: Envelope) -> ResultRecord | None:
+        """The task's SUCCESS record as a worker may act on it (signed, where signing is
+        required), or None (logged) if it is not such a record."""
+        rec = self.app.result_store.read(env.id, signed=True)
+        if rec is None or rec.state != states.SUCCESS or rejected(rec):
+            log.warning(
+                "the stored result of %s cannot be used for its follow-ups (%s)",
+                env.id,
+                rec.error.message if rec is not None and rec.error else "no success",
+                extra={"event": "canvas-result-untrusted", "task_id": env.id},
+            )
+            return None
+        return rec
 
     def after_success(self, env: Envelope, value: Any) -> None:
         hdrs = env.headers

@@ -1046,3 +1046,47 @@ def test_a_signature_sent_at_once_takes_what_enqueue_takes(app: Stem) -> None:
     [delivery] = app.broker.reserve(["default"], 1, 30.0, 1.0)
     env = codec.decode(delivery.body)
     assert (env.args, env.priority, env.headers.get("origin")) == ((3, 4), 7, "test")
+
+
+def test_a_late_copy_keeps_the_unsigned_success_of_a_verify_only_worker() -> None:
+    """Ed25519 workers that hold only public keys write unsigned records: the check for
+    an ended task must read them as any read does, or an expired copy (its ack was lost)
+    turns their SUCCESS into EXPIRED."""
+    import uuid
+
+    from stem.security.signing import Keyring
+    from stem.worker.consumer import drain
+
+    signer = Keyring.build("ed25519", {"v1": b"e" * 32})
+    public = signer.verifiers["v1"]._key.public_bytes_raw()  # type: ignore[attr-defined]
+    verify_only = Keyring.build("ed25519", {}, public_keys={"v1": public})
+    url = f"memory://verify-only-{uuid.uuid4().hex}"
+    producer = Stem("p", broker=url, backend=url, keyring=signer)
+    worker = Stem("w", broker=url, backend=url, keyring=verify_only)
+    runs: list[int] = []
+    for app in (producer, worker):
+
+        @app.task(name="add")
+        def add(x: int, y: int) -> int:
+            runs.append(x)
+            return x + y
+
+    real_ack, dropped = worker.broker.ack, []
+
+    def ack(deliveries: Any, claims: Any = ()) -> int:
+        if not dropped:  # the worker dies before its ack goes out
+            dropped.append(deliveries)
+            return 0
+        return real_ack(deliveries, claims)
+
+    worker.broker.ack = ack  # type: ignore[method-assign]
+    try:
+        res = producer.tasks["add"].enqueue(args=[3, 4], expires=0.5)
+        assert drain(worker, lease_s=0.2) == 1
+        assert res.state == states.SUCCESS
+        time.sleep(0.6)  # the lease lapsed and the task expired: its message comes back
+        drain(worker, lease_s=0.2)
+        assert (res.state, res.result, runs) == (states.SUCCESS, 7, [3])
+    finally:
+        producer.close()
+        worker.close()
