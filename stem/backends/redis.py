@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +105,13 @@ class RedisBackend:
                 if not checked:  # a finished task costs one round trip, no subscription
                     state, body = self._read(key)
                     checked = True
-                    retry.answered()
                 if state in _READY or time.monotonic() >= deadline:
                     return None if body is None else bytes(body)
-                state, body = self._wait_subscribed(key, deadline)
+                state, body = self._wait_subscribed(key, deadline, retry.answered)
             except Exception as exc:
-                # Once it answers again, read first: the result may have come meanwhile
-                # (and a success there starts the next outage's allowance afresh).
+                # Once it answers again, read first: the result may have come meanwhile.
+                # Only a working subscription starts the next outage's allowance afresh
+                # (reads alone may work while subscribing fails, at maxclients say).
                 checked = False
                 if self._closed:  # close() took the subscriber from under this thread
                     raise BackendError(
@@ -151,7 +151,11 @@ class RedisBackend:
             if owned:  # never two threads closing one PubSub (it is not thread-safe)
                 ps.close()
 
-    def _wait_subscribed(self, key: str, deadline: float) -> tuple[bytes | None, bytes | None]:
+    def _wait_subscribed(
+        self, key: str, deadline: float, answered: Callable[[], None]
+    ) -> tuple[bytes | None, bytes | None]:
+        """Subscribe and wait for the record to be ready (or the deadline); ``answered`` is
+        called whenever the subscription is confirmed or a read in it succeeds."""
         ps = self._subscriber()
         channel = key.encode()
         try:
@@ -168,8 +172,10 @@ class RedisBackend:
                 msg = ps.get_message(timeout=min(remaining_s, self._conn.max_block_s))
                 if msg is not None and msg["type"] == "subscribe" and msg["channel"] == channel:
                     break
+            answered()
             while True:
                 state, body = self._read(key)
+                answered()
                 remaining_s = deadline - time.monotonic()
                 if state in _READY or remaining_s <= 0:
                     return state, body

@@ -150,17 +150,19 @@ def test_a_long_wait_rides_out_each_outage_with_its_own_allowance(
 
     from stem.backends import base
     from stem.backends.redis import RedisBackend
+    from stem.errors import BackendConnectionError
 
     monkeypatch.setattr(base, "WAIT_OUTAGE_S", 1.0)
     backend = RedisBackend("redis://127.0.0.1:1/0")
     waits: list[int] = []
 
-    def wait_subscribed(key: Any, deadline: float) -> Any:
+    def wait_subscribed(key: Any, deadline: float, answered: Any) -> Any:
         waits.append(1)
         if len(waits) == 1:
             raise redis.ConnectionError("down")
         if len(waits) == 2:
-            time.sleep(1.5)  # answering for longer than the allowance, then down again
+            answered()  # subscribed: answering for longer than the allowance, then down
+            time.sleep(1.5)
             raise redis.ConnectionError("down again")
         return b"SUCCESS", b"done"
 
@@ -168,3 +170,13 @@ def test_a_long_wait_rides_out_each_outage_with_its_own_allowance(
     monkeypatch.setattr(backend, "_wait_subscribed", wait_subscribed)
     monkeypatch.setattr(backend._conn, "is_connection_error", lambda exc: True)
     assert backend.wait("t", 30) == b"done"
+
+    # Reads work but subscribing never does (Redis at maxclients): that is an outage too.
+    def never_subscribed(key: Any, deadline: float, answered: Any) -> Any:
+        raise redis.ConnectionError("max number of clients reached")
+
+    monkeypatch.setattr(backend, "_wait_subscribed", never_subscribed)
+    started = time.monotonic()
+    with pytest.raises(BackendConnectionError):
+        backend.wait("t", 30)
+    assert time.monotonic() - started < 10  # raised once the allowance ran out, not at 30 s
