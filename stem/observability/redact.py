@@ -70,9 +70,13 @@ def redact_url(url: str) -> str:
     redacted = _redact_url_parts(url)
     scheme, sep, rest = redacted.partition("://")
     head, mark, query = rest.partition("?")  # the query was done, pair by pair
-    if "@" in head or "=" not in head:
+    if not _KEYWORD_START.match(head):
         return redacted  # a URL proper: user, host, port and path are no secrets
     return scheme + sep + _KEY_VALUE_SECRET.sub(_redact_value, head) + mark + query
+
+
+# A libpq keyword string written after the scheme ("host=h password=x") starts keyword=.
+_KEYWORD_START = re.compile(r"\s*[A-Za-z_]+\s*=")
 
 
 def _redact_url_parts(url: str) -> str:

@@ -41,6 +41,11 @@ from stem.observability.redact import redact_mapping, redact_text, redact_url
             "postgresql://host=db password=*** dbname=x",
         ),
         ("postgresql://u:p@h/db?sslpassword=s3&a=1", "postgresql://u:***@h/db?sslpassword=***&a=1"),
+        (
+            "postgresql://host=db password=p@ss dbname=x",
+            "postgresql://host=db password=*** dbname=x",
+        ),
+        ("postgresql://user=u password=a@b host=db", "postgresql://user=u password=*** host=db"),
         # Hosts and users that merely hold a secret-looking word stay as they are.
         ("redis://token:pw@h:6379/0", "redis://token:***@h:6379/0"),
         ("redis://default:pw@cache-token:6379/0", "redis://default:***@cache-token:6379/0"),
