@@ -84,9 +84,11 @@ def beat(
         scheduler = Beat(
             stem_app, tick_s=tick, beat_id=beat_id, specs=config_specs(settings), prune=prune
         )
-        # For systemd (Type=notify) and stem-multi: ready once the app loaded and the gates
-        # passed (what fails a start for good); a broker that does not answer yet is
-        # ridden out in the loop, and the status says when a pass first reached it.
+        # For systemd (Type=notify) and stem-multi: ready once the app loaded, the gates
+        # passed and the schedules parsed (what fails a start for good); a broker that does
+        # not answer yet is ridden out in the loop, and the status says when a pass first
+        # reached it.
+        scheduler.defined_entries()
         notifier.notify(READY=1, MAINPID=os.getpid(), STATUS=f"beat {scheduler.beat_id} starting")
         scheduler.run(on_ready=lambda: notifier.notify(STATUS=f"beat {scheduler.beat_id} running"))
         notifier.notify(STOPPING=1)

@@ -201,9 +201,9 @@ def node_lock(node: Node) -> Iterator[None]:
     except FileNotFoundError:
         yield  # no pidfile can exist yet; start creates the directory first
         return
-    except PermissionError as exc:
+    except OSError as exc:  # not allowed, a file where the directory should be, ...
         raise LaunchError(
-            f"cannot open {node.pidfile.parent}: {exc.strerror}", MultiExit.NOPERM
+            f"cannot open {node.pidfile.parent}: {exc.strerror}", _exit_code(exc)
         ) from None
     deadline = time.monotonic() + LOCK_WAIT_S
     try:

@@ -504,6 +504,10 @@ def test_a_directory_in_place_of_a_pidfile_is_reported_not_a_traceback(
     assert multi.run(["status", "a", *paths]) == multi.MultiExit.STALE
     assert multi.run(["stop", "a", *paths]) == multi.MultiExit.CONFIG
     assert f"cannot remove {tmp_path}/a.pid" in capsys.readouterr().err
+    (tmp_path / "f").write_text("a file where the pidfile directory should be")
+    paths = ["--pidfile", f"{tmp_path}/f/%n.pid", "--logfile", f"{tmp_path}/%n.log"]
+    assert multi.run(["stop", "a", *paths]) == multi.MultiExit.CONFIG
+    assert f"cannot open {tmp_path}/f" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -535,6 +539,16 @@ def test_a_beat_node_is_started_once_it_says_it_is_ready(mt: Multi) -> None:
     assert _ok(mt("status", "beat")).startswith("beat: running")
     _ok(mt("stopwait", "beat"))
     assert "beat: stopped" in _ok(mt("status", "beat"), multi.MultiExit.NOT_RUNNING)
+
+
+def test_a_beat_whose_schedules_do_not_parse_is_not_reported_started(
+    mt: Multi, tmp_path: Path
+) -> None:
+    config = tmp_path / "beat.yaml"
+    config.write_text("beat:\n  schedules:\n    'bad name!':\n      task: t\n      every: 5\n")
+    proc = mt("start", "beat", "--role", "beat", env={"STEM_CONFIG": str(config)})
+    assert proc.returncode == multi.MultiExit.START_FAILED, proc.stdout + proc.stderr
+    assert "exited during startup" in proc.stderr and "bad name!" in proc.stderr
 
 
 def test_show_and_names(mt: Multi) -> None:
