@@ -288,20 +288,27 @@ def test_a_chain_step_replayed_after_its_retries_runs_and_the_chain_goes_on(app:
     assert calls == [3, 3]
 
 
-def test_a_chain_goes_on_when_publishing_its_next_step_failed_once(app: Stem) -> None:
-    """The step's SUCCESS is stored, its next step's publish fails, the delivery comes
-    back: that copy must publish the next step (not skip it as done, stalling the chain)."""
-    add = t(app, "add")
+def _fail_one_publish(app: Stem, matches: Any) -> list[int]:
+    """Make the first publish holding an envelope that ``matches`` fail like a dropped
+    connection (later ones go through); returns a list that gets a 1 when it did."""
     publish, failed = app.publish, []
 
     def publish_failing_once(envs: Any, *args: Any, **kwargs: Any) -> Any:
         envs = list(envs)
-        if not failed and any(e.task == "add" and e.args[:1] == (13,) for e in envs):
+        if not failed and any(matches(e) for e in envs):
             failed.append(1)
             raise BrokerError("connection reset")
         return publish(envs, *args, **kwargs)
 
     app.publish = publish_failing_once  # type: ignore[method-assign]
+    return failed
+
+
+def test_a_chain_goes_on_when_publishing_its_next_step_failed_once(app: Stem) -> None:
+    """The step's SUCCESS is stored, its next step's publish fails, the delivery comes
+    back: that copy must publish the next step (not skip it as done, stalling the chain)."""
+    add = t(app, "add")
+    failed = _fail_one_publish(app, lambda e: e.task == "add" and e.args[:1] == (13,))
     res = chain(add.s(1, 2), add.s(10), add.s(100)).delay()  # 3 -> 13 -> 113
     with running_worker(app):
         assert res.get(timeout=15) == 113
@@ -409,16 +416,7 @@ def test_an_expired_task_whose_errback_failed_to_publish_sends_it_when_it_comes_
 
     res = t(app, "add").s(1, 2).link_error(on_err.s()).set(expires=0.1).delay()
     time.sleep(0.2)
-    publish, failed = app.publish, []
-
-    def flaky(envs: Any, *args: Any, **kwargs: Any) -> Any:
-        envs = list(envs)
-        if not failed and any(e.task == "on_err" for e in envs):
-            failed.append(1)
-            raise BrokerError("connection reset")
-        return publish(envs, *args, **kwargs)
-
-    app.publish = flaky  # type: ignore[method-assign]
+    _fail_one_publish(app, lambda e: e.task == "on_err")
     assert drain(app) == 0  # expired, errback not sent: the delivery is given back
     assert res.state == states.EXPIRED and not ran
     deadline = time.monotonic() + 10
@@ -489,16 +487,7 @@ def test_a_chord_fired_but_not_published_fails_when_its_member_then_fails(app: S
             raise RuntimeError("dependency down on the second run")
         return x
 
-    publish, failed = app.publish, []
-
-    def publish_failing_once(envs: Any, *args: Any, **kwargs: Any) -> Any:
-        envs = list(envs)
-        if not failed and any(e.task == "total" for e in envs):
-            failed.append(1)
-            raise BrokerError("connection reset")
-        return publish(envs, *args, **kwargs)
-
-    app.publish = publish_failing_once  # type: ignore[method-assign]
+    _fail_one_publish(app, lambda e: e.task == "total")
     res = chord([add.s(1, 1), second_run_fails.s(5)], total.s()).delay()
     with running_worker(app):
         with pytest.raises(TaskError, match="dependency down on the second run"):
