@@ -20,7 +20,7 @@ from stem.canvas import CANVAS_HEADERS, check_headers
 from stem.envelope import Envelope
 from stem.errors import BrokerError, DecodeError, SignatureError
 from stem.observability import signals
-from stem.result import ErrorInfo
+from stem.result import ErrorInfo, ResultRecord
 from stem.worker.job import Job
 
 if TYPE_CHECKING:
@@ -181,6 +181,47 @@ class Admission:
             log.exception("recording task %s as DEAD failed", env.id)
             self.settler.dead_letter(delivery, "admission-failed", detail, env)
 
+    def _copy_of_ended(
+        self, delivery: Delivery, env: Envelope, ended: ResultRecord, *, ending: bool
+    ) -> None:
+        """Settle a copy of a task whose record says it ended: it is not run, and the
+        record stays. ``ending``: the copy would have been recorded dead, revoked or
+        expired."""
+        log.info(
+            "task %s already ended (%s); this copy of it is not run",
+            env.id,
+            ended.state,
+            extra={
+                "event": "task-already-done",
+                "state": ended.state,
+                **self.settler.fields(env),
+            },
+        )
+        if ending:
+            self._free_slot_of(env)
+        # Its follow-ups may never have gone out (that publish failed, and this copy
+        # came back to try again): then publish them, from the stored result. On the
+        # ending path a task that ended otherwise has its waiters failed (again: their
+        # publish may be what failed), as the copy would have without the record.
+        if ended.state == states.SUCCESS:
+            canvas = self.settler.canvas
+            if CANVAS_HEADERS.isdisjoint(env.headers) or canvas.followed(env):
+                done = True  # nothing follows it, or that went out
+            else:
+                # On the ending path the record was read as any is: the value passed
+                # on is read again as signed (None: not published from it, logged).
+                source = canvas.trusted(env) if ending else ended
+                done = source is None or self.settler.follow_up(env, delivery, source.result)
+        elif ending:
+            error = ended.error or ErrorInfo("TaskFailed", f"the task ended {ended.state}")
+            done = self.settler.ended(env, error)
+            if not done:
+                self.settler.release_later(delivery)
+        else:
+            done = True
+        if done:
+            self.settler.ack(delivery)
+
     def admit(
         self, delivery: Delivery, set_limits: Callable[[Job], None], env: Envelope | None = None
     ) -> Job | None:
@@ -203,40 +244,7 @@ class Admission:
         expired = not revoked and env.is_expired()
         ending = poisoned or task is None or revoked or expired
         if (ended := self.settler.canvas.already_done(env, ending=ending)) is not None:
-            log.info(
-                "task %s already ended (%s); this copy of it is not run",
-                env.id,
-                ended.state,
-                extra={
-                    "event": "task-already-done",
-                    "state": ended.state,
-                    **self.settler.fields(env),
-                },
-            )
-            if ending:
-                self._free_slot_of(env)
-            # Its follow-ups may never have gone out (that publish failed, and this copy
-            # came back to try again): then publish them, from the stored result. On the
-            # ending path a task that ended otherwise has its waiters failed (again: their
-            # publish may be what failed), as the copy would have without the record.
-            if ended.state == states.SUCCESS:
-                canvas = self.settler.canvas
-                if CANVAS_HEADERS.isdisjoint(env.headers) or canvas.followed(env):
-                    done = True  # nothing follows it, or that went out
-                else:
-                    # On the ending path the record was read as any is: the value passed
-                    # on is read again as signed (None: not published from it, logged).
-                    source = canvas.trusted(env) if ending else ended
-                    done = source is None or self.settler.follow_up(env, delivery, source.result)
-            elif ending:
-                error = ended.error or ErrorInfo("TaskFailed", f"the task ended {ended.state}")
-                done = self.settler.ended(env, error)
-                if not done:
-                    self.settler.release_later(delivery)
-            else:
-                done = True
-            if done:
-                self.settler.ack(delivery)
+            self._copy_of_ended(delivery, env, ended, ending=ending)
             return None
         if poisoned:
             error = ErrorInfo(
