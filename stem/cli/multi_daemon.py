@@ -107,9 +107,7 @@ def read_pid(path: Path) -> int | None:
         text = path.read_text().strip()
     except FileNotFoundError:
         return None
-    except IsADirectoryError:
-        return -1
-    except UnicodeDecodeError:
+    except (IsADirectoryError, UnicodeDecodeError):
         return -1
     return int(text) if text.isdigit() and int(text) > 0 else -1
 
@@ -234,7 +232,7 @@ def _exit_code(exc: BaseException | None) -> MultiExit:
 
 def remove_pidfile(node: Node, pid: int | None) -> None:
     """Remove the pidfile if it still holds ``pid`` (a new start may own it by now).
-    :class:`LaunchError` (NOPERM) if this user may not."""
+    :class:`LaunchError` if it cannot (NOPERM when this user may not)."""
     try:
         current = read_pid(node.pidfile)
         if current is not None and (pid is None or current == pid or current < 0):

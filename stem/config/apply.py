@@ -38,7 +38,8 @@ def apply_layers(
     if gates:
         enforce_gates(settings)
     ring = settings.signing.to_keyring()
-    keys: dict[str, Any] = (
+    # Options set only when the configuration has something to say about them.
+    extra: dict[str, Any] = (
         {"keyring": ring} if ring is not None or not app.has_explicit_keyring else {}
     )
     broker_from_code = settings.provenance("broker.url").layer in ("default",)
@@ -47,13 +48,13 @@ def apply_layers(
     # stays unless a layer sets one.
     ttl_from_code = settings.provenance("backend.result_ttl_s").layer == "default"
     if not (ttl_from_code and app.has_explicit_result_ttl):
-        keys["result_ttl_s"] = settings.backend.result_ttl_s
+        extra["result_ttl_s"] = settings.backend.result_ttl_s
     app.configure(
         broker=None if broker_from_code and app.has_explicit_broker else settings.broker.url,
         backend=None if backend_from_code and app.has_explicit_backend else settings.backend.url,
         routes=dict(settings.routes),
         tls=settings.tls.to_tls_settings(),
         publish_retries=settings.broker.publish_retries,
-        **keys,
+        **extra,
     )
     return settings
