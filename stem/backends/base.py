@@ -22,6 +22,12 @@ log = logging.getLogger("stem.backends")
 WAIT_OUTAGE_S = 60.0
 
 
+def ttl_ms(ttl_s: float | None) -> int | None:
+    """A record's ttl in whole milliseconds (at least 1), or None: kept for good (None or
+    a non-positive ttl, on every backend)."""
+    return None if ttl_s is None or ttl_s <= 0 else max(1, round(ttl_s * 1000))
+
+
 @runtime_checkable
 class ResultBackend(Protocol):
     url: str

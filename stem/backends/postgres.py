@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from stem.backends.base import WaitRetry
+from stem.backends.base import WaitRetry, ttl_ms
 from stem.errors import BackendConnectionError, BackendError
 from stem.pg import conninfo, queries
 from stem.pg.client import Conn, PgClient
@@ -23,11 +23,6 @@ from stem.states import READY_STATES
 
 CHANNEL = "stem_results"
 _Q = queries.load("backend")
-
-
-def _ttl_ms(ttl_s: float | None) -> int | None:
-    """None (kept for good) for None or a non-positive ttl, as on every backend."""
-    return None if ttl_s is None or ttl_s <= 0 else max(1, round(ttl_s * 1000))
 
 
 class PostgresBackend:
@@ -46,7 +41,7 @@ class PostgresBackend:
             "task_id": task_id,
             "state": state,
             "body": bytes(body),
-            "ttl_ms": _ttl_ms(ttl_s),
+            "ttl_ms": ttl_ms(ttl_s),
             "ready": state in READY_STATES,
             "channel": CHANNEL,
         }
@@ -97,7 +92,7 @@ class PostgresBackend:
             since = self._notifier.mark()
 
     def add_member(self, key: str, member: str, ttl_s: float | None) -> int:
-        params = {"key": key, "member": member, "ttl_ms": _ttl_ms(ttl_s)}
+        params = {"key": key, "member": member, "ttl_ms": ttl_ms(ttl_s)}
 
         def add(c: Conn) -> int:
             with c.transaction():

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from stem.backends.base import WaitRetry
+from stem.backends.base import WaitRetry, ttl_ms
 from stem.errors import BackendConnectionError, BackendError
 from stem.observability.redact import redact_url
 from stem.redis_conn import RedisConn
@@ -40,8 +40,9 @@ _READY = frozenset(s.encode() for s in READY_STATES)
 
 
 def _ttl_ms(ttl_s: float | None) -> str:
-    """Milliseconds for the scripts; "" keeps the record (None or a non-positive ttl)."""
-    return "" if ttl_s is None or ttl_s <= 0 else str(max(1, round(ttl_s * 1000)))
+    """:func:`~stem.backends.base.ttl_ms` as the scripts take it ("" keeps the record)."""
+    ms = ttl_ms(ttl_s)
+    return "" if ms is None else str(ms)
 
 
 class RedisBackend:
