@@ -620,12 +620,7 @@ class Settler:
             env.attempt, countdown_s=outcome.retry_countdown_s, max_retries=limit
         )
         if not decision.retry:
-            err = outcome.error
-            error = (
-                ErrorInfo("MaxRetriesExceeded", decision.reason)
-                if err is None
-                else ErrorInfo(err.type, f"{err.message} ({decision.reason})", err.traceback)
-            )
+            error = _noted(outcome.error, "MaxRetriesExceeded", decision.reason)
             self._fail(job, Outcome("failure", error=error), reason="retries-exhausted")
             return
         due_ms = now_ms() + int(decision.delay_s * 1000)
@@ -633,12 +628,7 @@ class Settler:
             # The retry keeps the task's expiry: it would only be recorded EXPIRED, "before
             # a worker could start it". Fail now, saying why.
             note = f"not retried: the retry, due in {decision.delay_s:g}s, is past the expiry"
-            err = outcome.error
-            error = (
-                ErrorInfo("TaskExpired", note)
-                if err is None
-                else ErrorInfo(err.type, f"{err.message} ({note})", err.traceback)
-            )
+            error = _noted(outcome.error, "TaskExpired", note)
             self._fail(job, Outcome("failure", error=error, runtime_s=outcome.runtime_s))
             return
         keyring = self.app.keyring
@@ -683,3 +673,10 @@ class Settler:
         )
         self.put_back(job.delivery, env, delay_s=decision.delay_s, body=body)
         self.finished(job, final=False)
+
+
+def _noted(error: ErrorInfo | None, kind: str, note: str) -> ErrorInfo:
+    """The task's error with why it was not retried added (or an error of ``kind``)."""
+    if error is None:
+        return ErrorInfo(kind, note)
+    return ErrorInfo(error.type, f"{error.message} ({note})", error.traceback)
