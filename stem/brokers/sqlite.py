@@ -25,10 +25,11 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from stem.brokers.base import (
@@ -408,7 +409,7 @@ class SQLiteDatabase:
         self._version = version
         self._error = error
         self._connection_error = connection_error
-        self._lock = _file_lock(path)
+        self._lock = _FILE_LOCKS.get(path)
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
 
@@ -493,18 +494,29 @@ class SQLiteDatabase:
 
 
 _ABANDONED: list[sqlite3.Connection] = []
-_FILE_LOCKS: dict[str, threading.RLock] = {}
-_FILE_LOCKS_LOCK = threading.Lock()
+_T = TypeVar("_T")
 
 
-def _file_lock(path: Path) -> threading.RLock:
-    """One lock per database file in this process, shared by its connections."""
-    key = os.path.realpath(path)
-    with _FILE_LOCKS_LOCK:
-        lock = _FILE_LOCKS.get(key)
-        if lock is None:
-            lock = _FILE_LOCKS[key] = threading.RLock()
-        return lock
+class _PerFile(Generic[_T]):
+    """One object per database file and topic in this process. A file is known by its
+    real path, so two spellings of it (a symlink, ``..``) share the object."""
+
+    def __init__(self, factory: Callable[[], _T]) -> None:
+        self._factory = factory
+        self._objects: dict[tuple[str, str], _T] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path, topic: str = "") -> _T:
+        key = (os.path.realpath(path), topic)
+        with self._lock:
+            obj = self._objects.get(key)
+            if obj is None:
+                obj = self._objects[key] = self._factory()
+            return obj
+
+
+# One lock per database file in this process, shared by its connections.
+_FILE_LOCKS: _PerFile[threading.RLock] = _PerFile(threading.RLock)
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:
@@ -532,21 +544,13 @@ def poll_interval(waited_s: float) -> float:
 class Wake:
     """Wakes waiters in this process when another thread changes the same file."""
 
-    _registry: dict[tuple[str, str], Wake] = {}
-    _registry_lock = threading.Lock()
-
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self.generation = 0
 
     @classmethod
     def for_path(cls, path: Path, topic: str) -> Wake:
-        with cls._registry_lock:
-            key = (str(path), topic)
-            wake = cls._registry.get(key)
-            if wake is None:
-                wake = cls._registry[key] = cls()
-            return wake
+        return _WAKES.get(path, topic)
 
     def notify(self) -> None:
         with self._cond:
@@ -559,5 +563,7 @@ class Wake:
             if self.generation == seen:
                 self._cond.wait(timeout_s)
 
+
+_WAKES: _PerFile[Wake] = _PerFile(Wake)
 
 _Q = load_queries("stem.brokers", "sqlite.sql")

@@ -9,6 +9,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,35 @@ def test_connections_to_one_file_in_a_process_take_turns(tmp_path: Path) -> None
     finally:
         for closing in (broker, backend, other):
             closing.close()
+
+
+def test_a_publish_wakes_a_waiting_reserve_however_the_path_is_spelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiters in this process are woken by a publish to the same file through another
+    spelling of its path, not only by polling (made a minute long here)."""
+    import stem.brokers.sqlite as sqlite_broker
+
+    monkeypatch.setattr(sqlite_broker, "POLL_MIN_S", 60.0)
+    monkeypatch.setattr(sqlite_broker, "POLL_MAX_S", 60.0)
+    (tmp_path / "link").symlink_to(tmp_path)
+    consumer = SQLiteBroker(f"sqlite:///{tmp_path / 'link' / 'stem.db'}")
+    producer = SQLiteBroker(f"sqlite:///{tmp_path / 'stem.db'}")
+    got: list[Any] = []
+    try:
+        consumer.ping()
+        waiting = threading.Thread(
+            target=lambda: got.extend(consumer.reserve(["work"], 1, 60.0, wait_s=60.0))
+        )
+        waiting.start()
+        time.sleep(0.2)  # let the reserve find the queue empty and start waiting
+        producer.publish([Message("m1", "work", b"{}")])
+        waiting.join(timeout=10)  # a hang bound: polling alone would take a minute
+        assert not waiting.is_alive()
+        assert [d.message_id for d in got] == ["m1"]
+    finally:
+        consumer.close()
+        producer.close()
 
 
 def test_a_store_whose_connection_failed_is_not_written_later(
