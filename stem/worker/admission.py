@@ -202,7 +202,8 @@ class Admission:
         # Its follow-ups may never have gone out (that publish failed, and this copy
         # came back to try again): then publish them, from the stored result. On the
         # ending path a task that ended otherwise has its waiters failed (again: their
-        # publish may be what failed), as the copy would have without the record.
+        # publish may be what failed), as the copy would have without the record, unless
+        # that went out (its errback is sent once).
         if ended.state == states.SUCCESS:
             canvas = self.settler.canvas
             if CANVAS_HEADERS.isdisjoint(env.headers) or canvas.followed(env):
@@ -212,6 +213,9 @@ class Admission:
                 # on is read again as signed (None: not published from it, logged).
                 source = canvas.trusted(env) if ending else ended
                 done = source is None or self.settler.follow_up(env, delivery, source.result)
+        elif ending and self.settler.canvas.followed(env, failure=True):
+            self.settler.release_unique(env)  # its errback went out: not a second one
+            done = True
         elif ending:
             error = ended.error or ErrorInfo("TaskFailed", f"the task ended {ended.state}")
             done = self.settler.ended(env, error)

@@ -25,8 +25,8 @@ _WEEK_S = 7 * 86400.0
 _ENDED = states.DONE_STATES | {states.FAILURE}
 
 
-def _followed_key(task_id: str) -> str:
-    return f"canvas:followed:{task_id}"
+def _followed_key(task_id: str, *, failure: bool = False) -> str:
+    return f"canvas:{'failure-' if failure else ''}followed:{task_id}"
 
 
 class CanvasHooks:
@@ -118,9 +118,10 @@ class CanvasHooks:
             # redelivery) publishes them only if they never went (see followed()).
             self.app.broker.claim(_followed_key(env.id), "1", self._ttl())
 
-    def followed(self, env: Envelope) -> bool:
-        """Whether this task's follow-ups (next step, link, chord callback) were published."""
-        return self.app.broker.peek(_followed_key(env.id)) is not None
+    def followed(self, env: Envelope, *, failure: bool = False) -> bool:
+        """Whether this task's follow-ups (next step, link, chord callback) were published;
+        with ``failure``, those of its failure (waiters failed, errback sent)."""
+        return self.app.broker.peek(_followed_key(env.id, failure=failure)) is not None
 
     def _chord_member_done(self, env: Envelope) -> Envelope | None:
         spec = env.headers["chord"]
@@ -196,6 +197,9 @@ class CanvasHooks:
                     )
                 ]
             )
+            # A copy of this task that comes back unrun (its ack lost) sends no second
+            # errback (see followed()). A run that fails again, a replay, sends its own.
+            self.app.broker.claim(_followed_key(env.id, failure=True), "1", self._ttl())
 
     def _fail_ids(self, ids: list[str], task: str, error: ErrorInfo) -> None:
         for task_id in ids:

@@ -427,6 +427,39 @@ def test_an_expired_task_whose_errback_failed_to_publish_sends_it_when_it_comes_
     assert len(ran) == 1 and res.state == states.EXPIRED
 
 
+def test_a_late_copy_of_an_expired_task_does_not_send_its_errback_again(app: Stem) -> None:
+    """The task expired, its errback went out, and its ack was lost: the copy that comes
+    back finds the EXPIRED record and the errback already sent, and sends none. (An
+    errback that stored a result would not run twice anyway, its copy finding its
+    SUCCESS; this one records none.)"""
+    from stem.worker.consumer import drain
+
+    ran: list[Any] = []
+
+    @app.task(name="on_err", ignore_result=True)
+    def on_err(*args: Any) -> None:
+        ran.append(args)
+
+    sent: list[Any] = []
+    publish = app.publish
+
+    def keep(envs: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.extend(e for e in envs if e.task == "add")
+        return publish(envs, *args, **kwargs)
+
+    app.publish = keep  # type: ignore[method-assign]
+    res = t(app, "add").s(1, 2).link_error(on_err.s()).set(expires=0.1).delay()
+    time.sleep(0.2)
+    drain(app)
+    drain(app)  # the errback
+    assert res.state == states.EXPIRED and len(ran) == 1
+    app.publish([sent[0]])  # the copy, as its lease lapsed with the ack lost
+    drain(app)
+    drain(app)
+    assert res.state == states.EXPIRED and len(ran) == 1
+    assert app.broker.dlq_list() == []
+
+
 def test_a_copy_whose_record_cannot_be_trusted_is_recorded_as_usual(app: Stem) -> None:
     """A stored record that does not decode (or verify) says nothing about the task: an
     expired copy is recorded EXPIRED, not acked as if the task had ended."""
