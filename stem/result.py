@@ -97,6 +97,13 @@ class ResultRecord:
         return TaskError(err.type, err.message, err.traceback, task_id=self.task_id)
 
 
+@dataclass(frozen=True, slots=True)
+class RejectedRecord(ResultRecord):
+    """What a stored record that could not be read or trusted is read as: a FAILURE
+    saying why. A class of its own, so nothing a task raises, nor anything stored, can
+    pass for one (``ResultRecord.decode`` never makes it)."""
+
+
 class AsyncResult:
     """A handle on one task's result, usable from any process that can reach the backend."""
 

@@ -12,17 +12,14 @@ from typing import Any
 
 from stem.backends.base import ResultBackend
 from stem.errors import DecodeError, SignatureError
-from stem.result import ErrorInfo, ResultRecord
+from stem.result import ErrorInfo, RejectedRecord, ResultRecord
 from stem.security.signing import is_sealed
-
-#: How the message of a record read as FAILURE because it could not be trusted begins.
-REJECTED = "result record rejected:"
 
 
 def rejected(record: ResultRecord) -> bool:
     """Whether ``record`` stands for a stored record that could not be trusted or read
     (not for anything the task did)."""
-    return record.error is not None and record.error.message.startswith(REJECTED)
+    return isinstance(record, RejectedRecord)
 
 
 log = logging.getLogger("stem.results")
@@ -105,10 +102,10 @@ class ResultStore:
                 exc,
                 extra={"event": "result-rejected", "task_id": task_id},
             )
-            return ResultRecord(
+            return RejectedRecord(
                 task_id=task_id,
                 state="FAILURE",
-                error=ErrorInfo(type(exc).__name__, f"{REJECTED} {exc}"),
+                error=ErrorInfo(type(exc).__name__, f"result record rejected: {exc}"),
             )
 
     def read(self, task_id: str, *, signed: bool = False) -> ResultRecord | None:

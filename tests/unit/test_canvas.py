@@ -460,6 +460,31 @@ def test_a_late_copy_of_an_expired_task_does_not_send_its_errback_again(app: Ste
     assert app.broker.dlq_list() == []
 
 
+def test_a_late_copy_keeps_a_failure_whatever_its_message_says(app: Stem) -> None:
+    """A record stands for one that could not be trusted by what it is, not by what its
+    message says: a task failing with a message like a rejection's keeps its FAILURE
+    when a copy of it comes back past its expiry."""
+    from stem.worker.consumer import drain
+
+    @app.task(name="odd", max_retries=0)
+    def odd() -> None:
+        raise RuntimeError("result record rejected: says the task")
+
+    sent, stop = _copies_of(app, "odd")
+    try:
+        res = odd.enqueue(expires=0.5)
+        drain(app)
+        assert res.state == states.FAILURE
+        time.sleep(0.6)
+        app.publish([sent[0]])  # the copy, as its lease lapsed with the ack lost
+        drain(app)
+    finally:
+        stop()
+    assert len(sent) == 1  # not run again
+    assert res.state == states.FAILURE
+    assert "says the task" in str(res.result)
+
+
 def test_a_copy_whose_record_cannot_be_trusted_is_recorded_as_usual(app: Stem) -> None:
     """A stored record that does not decode (or verify) says nothing about the task: an
     expired copy is recorded EXPIRED, not acked as if the task had ended."""
