@@ -31,8 +31,10 @@ class ErrorInfo:
     def from_exception(cls, exc: BaseException, tb: str | None = None) -> ErrorInfo:
         """Never raises: an exception whose ``str()`` fails is recorded as unprintable (a
         failure while recording a failure would leave the task unsettled), and a huge
-        message is cut to ``MAX_MESSAGE`` characters. Passwords in URLs are redacted from
-        the message and traceback, as from log lines: results are read by more people."""
+        message is cut to ``MAX_MESSAGE`` characters, and characters UTF-8 cannot hold (the
+        lone surrogates of an undecodable file name) are escaped. Passwords in URLs are
+        redacted from the message and traceback, as from log lines: results are read by
+        more people."""
         from stem.observability.redact import redact_text
 
         try:
@@ -42,8 +44,19 @@ class ErrorInfo:
         if len(message) > MAX_MESSAGE:
             message = f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters)"
         return cls(
-            type(exc).__name__, redact_text(message), None if tb is None else redact_text(tb)
+            _utf8(type(exc).__name__),
+            redact_text(_utf8(message)),
+            None if tb is None else redact_text(_utf8(tb)),
         )
+
+
+def _utf8(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) written as escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 @dataclass(frozen=True, slots=True)

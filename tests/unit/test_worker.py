@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
 import time
@@ -380,6 +381,29 @@ def test_an_exception_that_cannot_be_printed_is_still_recorded(app: Stem, pool: 
         with pytest.raises(TaskError, match="<unprintable Unprintable object>"):
             unprintable.delay().get(timeout=5)
         assert after.delay().get(timeout=5) == "ran"
+
+
+@pytest.mark.parametrize("pool", ["thread", "solo", "async"])
+def test_an_exception_whose_message_is_not_utf8_is_recorded_once(app: Stem, pool: str) -> None:
+    """A message holding a lone surrogate (a file name os.listdir could not decode) is
+    recorded with the character escaped. It could not be encoded: the task was run again
+    until dead-lettered (for the process pool, see the crashing app's crash.undecodable:
+    the pool process died of it, recording WorkerLost)."""
+    runs: list[int] = []
+
+    @app.task(name="undecodable", max_retries=0)
+    def undecodable() -> None:
+        runs.append(1)
+        name = os.fsdecode(b"caf\xe9.csv")
+        raise ValueError(f"cannot import {name}")
+
+    with Running(app, pool=pool, concurrency=1):
+        res = undecodable.delay()
+        with pytest.raises(TaskError, match=r"ValueError: cannot import caf\\udce9\.csv"):
+            res.get(timeout=10)
+        assert res.state == states.FAILURE
+    assert runs == [1]
+    assert app.broker.dlq_list() == []
 
 
 def test_async_pool_limits_reach_plain_functions_and_blocking_coroutines(app: Stem) -> None:
@@ -774,6 +798,10 @@ def _crash_once():
 def retried():
     return _crash_once()
 
+@app.task(name="crash.undecodable", max_retries=0)
+def undecodable():
+    raise ValueError("cannot import " + os.fsdecode(b"caf\\xe9.csv"))
+
 @app.task(name="crash.plain")
 def plain():
     os._exit(3)
@@ -811,6 +839,8 @@ def test_a_lost_pool_process_fails_the_task_or_retries_it_if_asked(
     try:
         with running_worker(app, pool="process", concurrency=1):
             assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
+            with pytest.raises(TaskError, match=r"ValueError: cannot import caf\\udce9\.csv"):
+                app.tasks["crash.undecodable"].delay().get(timeout=30)
             with pytest.raises(TaskError, match="WorkerLost"):
                 app.tasks["crash.plain"].delay().get(timeout=30)
             with pytest.raises(TaskError, match="over the 48 MiB a result may have"):
