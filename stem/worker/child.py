@@ -64,10 +64,28 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise SoftTimeLimitExceeded("task exceeded its soft time limit")
 
 
+_POOL_PID = 0  # this pool process (set in main)
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """SIGINT and SIGTERM do not stop a pool process: its worker stops it, letting its
+    task finish or not. A handler, not SIG_IGN: an ignored signal stays ignored through
+    fork and exec, and programs a task starts (``Popen.terminate()``) would not stop.
+    A process the task forked takes the signal as it would by default."""
+    if os.getpid() == _POOL_PID:
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def main(argv: list[str]) -> int:
+    global _POOL_PID
     in_fd, out_fd, parent_pid = int(argv[0]), int(argv[1]), int(argv[2])
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _POOL_PID = os.getpid()
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
     signal.signal(signal.SIGALRM, _on_alarm)
     _die_with_parent(parent_pid)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()

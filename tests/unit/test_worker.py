@@ -802,6 +802,25 @@ def retried():
 def undecodable():
     raise ValueError("cannot import " + os.fsdecode(b"caf\\xe9.csv"))
 
+@app.task(name="crash.stops_children")
+def stops_children():
+    import multiprocessing, subprocess, time
+    program = subprocess.Popen(["sleep", "30"])
+    time.sleep(0.2)
+    program.terminate()
+    forked = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    forked.start()
+    time.sleep(0.2)
+    forked.terminate()
+    forked.join(10)
+    if forked.is_alive():
+        forked.kill()
+    try:
+        return [program.wait(10), forked.exitcode]
+    except subprocess.TimeoutExpired:
+        program.kill()
+        return ["still running", forked.exitcode]
+
 @app.task(name="crash.plain")
 def plain():
     os._exit(3)
@@ -841,6 +860,8 @@ def test_a_lost_pool_process_fails_the_task_or_retries_it_if_asked(
             assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
             with pytest.raises(TaskError, match=r"ValueError: cannot import caf\\udce9\.csv"):
                 app.tasks["crash.undecodable"].delay().get(timeout=30)
+            # What a task starts or forks stops on SIGTERM (ignored by the pool process).
+            assert app.tasks["crash.stops_children"].delay().get(timeout=30) == [-15, -15]
             with pytest.raises(TaskError, match="WorkerLost"):
                 app.tasks["crash.plain"].delay().get(timeout=30)
             with pytest.raises(TaskError, match="over the 48 MiB a result may have"):
