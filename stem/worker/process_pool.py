@@ -286,14 +286,16 @@ class ProcessPool:
             job, child.job = child.job, None
         if job is not None:
             if job.hard_fired:
-                exc: BaseException = HardTimeLimitExceeded(
+                # Fails the task, as on every pool: never retried, autoretry_for or not.
+                hard = HardTimeLimitExceeded(
                     f"task {job.task.name!r} exceeded its hard time limit of {job.hard_limit_s}s"
                     " and its process was killed"
                 )
+                self._done(job, failure(hard))
             else:
-                exc = WorkerLost(f"pool process {child.proc.pid} exited with code {code}")
-            # Raised in this process, not in the task: autoretry_for still decides.
-            self._done(job, failure(exc, autoretry=autoretries(job.task, exc)))
+                lost = WorkerLost(f"pool process {child.proc.pid} exited with code {code}")
+                # Raised in this process, not in the task: autoretry_for still decides.
+                self._done(job, failure(lost, autoretry=autoretries(job.task, lost)))
         if not self._stopping and not child.retiring:
             log.warning(
                 "pool process %s exited (%s); starting a replacement",

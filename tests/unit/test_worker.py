@@ -821,6 +821,13 @@ def stops_children():
         program.kill()
         return ["still running", forked.exitcode]
 
+@app.task(name="crash.hard_limit", time_limit=0.5, autoretry_for=(Exception,), max_retries=2)
+def hard_limit():
+    with open(marker + ".hard", "a") as runs:
+        runs.write("ran\\n")
+    import time
+    time.sleep(30)
+
 @app.task(name="crash.plain")
 def plain():
     os._exit(3)
@@ -860,6 +867,10 @@ def test_a_lost_pool_process_fails_the_task_or_retries_it_if_asked(
             assert app.tasks["crash.retried"].delay().get(timeout=30) == "survived"
             with pytest.raises(TaskError, match=r"ValueError: cannot import caf\\udce9\.csv"):
                 app.tasks["crash.undecodable"].delay().get(timeout=30)
+            # A hard limit fails the task, as on the other pools: not retried.
+            with pytest.raises(TaskError, match="HardTimeLimitExceeded"):
+                app.tasks["crash.hard_limit"].delay().get(timeout=30)
+            assert (tmp_path / "crashed.hard").read_text().count("ran") == 1
             # What a task starts or forks stops on SIGTERM (ignored by the pool process).
             assert app.tasks["crash.stops_children"].delay().get(timeout=30) == [-15, -15]
             with pytest.raises(TaskError, match="WorkerLost"):
