@@ -22,6 +22,7 @@ from stem.envelope import queue_problem
 
 # Slots one worker process may run (threads, or pool processes); more is a typo.
 MAX_POOL_SIZE = 4096
+MIN_LEASE_S = 0.2  # leases are renewed every third of one: shorter ones lapse under load
 
 URL_SCHEMES = ("memory", "sqlite", "redis", "rediss", "postgresql", "postgres")
 DEFAULT_BROKER_URL = "sqlite:///stem.db"
@@ -87,8 +88,15 @@ def _autoscale(value: Any) -> str | None:
         hi, lo = int(high), int(low)
     except ValueError:
         return f"expected 'MAX,MIN' (two integers), got {value!r}"
-    if not sep or hi < 1 or not 0 <= lo <= hi:
-        return f"expected 'MAX,MIN' with MAX >= 1 and 0 <= MIN <= MAX, got {value!r}"
+    if not sep:
+        return f"expected 'MAX,MIN' (two integers), got {value!r}"
+    return autoscale_problem(hi, lo)
+
+
+def autoscale_problem(hi: int, lo: int) -> str | None:
+    """What is wrong with an autoscale range of ``hi`` and ``lo`` slots, if anything."""
+    if not 1 <= lo <= hi <= MAX_POOL_SIZE:
+        return f"MAX,MIN needs 1 <= MIN <= MAX <= {MAX_POOL_SIZE}, got {hi},{lo}"
     return None
 
 
@@ -222,7 +230,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "queues": Field("list", ("default",), check=_queues),
         "pool": Field("choice", "process", choices=("process", "thread", "async", "solo")),
         "concurrency": Field("int", None, min=1, max=MAX_POOL_SIZE),  # default: the CPUs
-        "lease_s": Field("float", 30.0, above=0),
+        "lease_s": Field("float", 30.0, above=MIN_LEASE_S),
         "max_deliveries": Field("int", 5, min=1),
         "prefetch": Field("int", 0, min=0, max=64),
         "shutdown_budget_s": Field("float", 30.0, min=0),

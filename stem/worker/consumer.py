@@ -24,7 +24,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from stem.brokers.base import Delivery
-from stem.config.schema import MAX_POOL_SIZE
+from stem.config.schema import MAX_POOL_SIZE, MIN_LEASE_S, autoscale_problem
 from stem.envelope import now_ms as _now_ms
 from stem.errors import BackendError, BrokerError, StemError
 from stem.observability import signals
@@ -75,8 +75,8 @@ class WorkerConfig:
             raise StemError(f"unknown pool {self.pool!r}; use one of {', '.join(POOLS)}")
         if not 1 <= self.concurrency <= MAX_POOL_SIZE:
             raise StemError(f"concurrency must be 1..{MAX_POOL_SIZE}, got {self.concurrency}")
-        if self.lease_s <= 0.2:
-            raise StemError("lease_s must be more than 0.2 seconds")
+        if self.lease_s <= MIN_LEASE_S:
+            raise StemError(f"lease_s must be more than {MIN_LEASE_S:g} seconds")
         if not self.queues:
             raise StemError("a worker needs at least one queue")
         if not 0 <= self.prefetch <= 64:
@@ -86,11 +86,8 @@ class WorkerConfig:
                 raise StemError(
                     "--autoscale needs a pool that can grow (the solo pool has one slot)"
                 )
-            hi, lo = self.autoscale
-            if not 1 <= lo <= hi <= MAX_POOL_SIZE:
-                raise StemError(
-                    f"--autoscale MAX,MIN needs 1 <= MIN <= MAX <= {MAX_POOL_SIZE}, got {hi},{lo}"
-                )
+            if problem := autoscale_problem(*self.autoscale):
+                raise StemError(f"--autoscale {problem}")
 
 
 class Worker:
