@@ -137,7 +137,7 @@ class SQLiteBroker:
     def _reserve_once(self, names: list[str], max_n: int, lease_s: float) -> list[Delivery]:
         with self._db.session("BEGIN IMMEDIATE") as conn:
             now = now_ms()
-            rows: list[tuple[int, str, str, bytes, int, int, int]] = []
+            rows: list[tuple[int, bytes, str, bytes, int, int, int]] = []
             for q in names:
                 rows.extend(conn.execute(_Q["candidates"], (q, now, max_n)))
             if not rows:
@@ -148,7 +148,9 @@ class SQLiteBroker:
             token = secrets.token_hex(8)
             expires = now + int(lease_s * 1000)
             conn.executemany(_Q["lease"], [(token, expires, r[0]) for r in rows])
-        return [Delivery(f"{r[0]}:{token}", r[1], r[2], r[3], r[4] + 1, expires) for r in rows]
+        return [
+            Delivery(f"{r[0]}:{token}", _text(r[1]), r[2], r[3], r[4] + 1, expires) for r in rows
+        ]
 
     def ack(self, deliveries: Sequence[Delivery], claims: Sequence[Claim] = ()) -> int:
         keys = [k for k in map(_receipt, deliveries) if k is not None]
@@ -200,7 +202,7 @@ class SQLiteBroker:
             message_id, queue, priority, body, count = row
             conn.execute(
                 _Q["insert_dead_letter"],
-                (message_id, queue, priority, body, reason, detail, now_ms(), count),
+                (_text(message_id), queue, priority, body, reason, detail, now_ms(), count),
             )
         return True
 
@@ -357,8 +359,16 @@ def _id_list(ids: Sequence[str] | None) -> str | None:
     return None if ids is None else json.dumps([r for r in map(row_id, ids) if r is not None])
 
 
-def _dead(row: tuple[int, str, str, bytes, str, str, int, int]) -> DeadLetter:
-    return DeadLetter(str(row[0]), *row[1:])
+def _dead(row: tuple[int, bytes, bytes, bytes, bytes, bytes, int, int]) -> DeadLetter:
+    number, message_id, queue, body, reason, detail, dead_ms, count = row
+    message_id_, queue_, reason_, detail_ = map(_text, (message_id, queue, reason, detail))
+    return DeadLetter(str(number), message_id_, queue_, body, reason_, detail_, dead_ms, count)
+
+
+def _text(value: bytes | str) -> str:
+    """A text column read as bytes (``CAST(... AS BLOB)``): what is not UTF-8 (written by
+    something else than Stem) is replaced, not a reason to fail the whole read."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 # -- helpers shared with stem.backends.sqlite ----------------------------------------------

@@ -66,9 +66,10 @@ INSERT OR IGNORE INTO stem_queues (name) VALUES (?);
 SELECT name FROM stem_queues;
 
 -- name: candidates
--- CAST: a row written by something else than Stem (a text priority, say) must reach the
--- worker, which dead-letters what it cannot decode, instead of failing every reserve.
-SELECT id, message_id, queue, body, CAST(delivery_count AS INTEGER),
+-- CAST: a row written by something else than Stem (a text priority, text that is not
+-- UTF-8, say) must reach the worker, which dead-letters what it cannot decode, instead of
+-- failing every reserve. Text is read as bytes (sqlite3 would fail to decode it).
+SELECT id, CAST(message_id AS BLOB), queue, CAST(body AS BLOB), CAST(delivery_count AS INTEGER),
        CAST(priority AS INTEGER), CAST(visible_ms AS INTEGER)
 FROM stem_messages
 WHERE queue = ? AND visible_ms <= ?
@@ -99,7 +100,7 @@ WHERE id = :id AND lease_token = :token;
 
 -- name: take_for_dead_letter
 DELETE FROM stem_messages WHERE id = ? AND lease_token = ?
-RETURNING message_id, queue, priority, body, delivery_count;
+RETURNING CAST(message_id AS BLOB), queue, priority, CAST(body AS BLOB), delivery_count;
 
 -- name: insert_dead_letter
 INSERT INTO stem_dead_letters
@@ -107,7 +108,8 @@ INSERT INTO stem_dead_letters
 VALUES (?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: dlq_list
-SELECT id, message_id, queue, CAST(body AS BLOB), reason, detail,
+SELECT id, CAST(message_id AS BLOB), CAST(queue AS BLOB), CAST(body AS BLOB),
+       CAST(reason AS BLOB), CAST(detail AS BLOB),
        CAST(dead_ms AS INTEGER), CAST(delivery_count AS INTEGER)
 FROM stem_dead_letters
 WHERE :queue IS NULL OR queue = :queue
@@ -115,7 +117,8 @@ ORDER BY id
 LIMIT :limit;
 
 -- name: dlq_get
-SELECT id, message_id, queue, CAST(body AS BLOB), reason, detail,
+SELECT id, CAST(message_id AS BLOB), CAST(queue AS BLOB), CAST(body AS BLOB),
+       CAST(reason AS BLOB), CAST(detail AS BLOB),
        CAST(dead_ms AS INTEGER), CAST(delivery_count AS INTEGER)
 FROM stem_dead_letters WHERE id = ?;
 

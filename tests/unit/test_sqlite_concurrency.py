@@ -235,6 +235,43 @@ def test_a_row_with_mistyped_columns_does_not_stop_other_queues(tmp_path: Path) 
         broker.close()
 
 
+def test_rows_whose_text_is_not_utf8_are_delivered_and_dead_lettered(tmp_path: Path) -> None:
+    """A row (or a dead letter) written by something else than Stem whose message id or
+    body is not UTF-8 text made every reserve of its queue fail (and dlq list): the
+    queue stood still, nothing reached the worker to be dead-lettered."""
+    db = tmp_path / "stem.db"
+    broker = SQLiteBroker(f"sqlite:///{db}")
+    try:
+        broker.publish([Message("good", "a", b"{}")])
+        raw = sqlite3.connect(db)
+        raw.execute(
+            "INSERT INTO stem_messages (message_id, queue, priority, visible_ms, body) "
+            "VALUES (CAST(x'fffe' AS TEXT), 'a', 0, 0, x'7b7d'), "
+            "('bad-body', 'a', 0, 0, CAST(x'7bff7d' AS TEXT))"
+        )
+        raw.execute(
+            "INSERT INTO stem_dead_letters (message_id, queue, priority, body, reason, "
+            "detail, dead_ms, delivery_count) VALUES (CAST(x'ff' AS TEXT), 'b', 0, x'7b7d', "
+            "CAST(x'ff72' AS TEXT), CAST(x'ff64' AS TEXT), 0, 1)"
+        )
+        raw.commit()
+        raw.close()
+        got = broker.reserve(["a"], 10, 30.0)
+        assert sorted(d.message_id for d in got) == ["bad-body", "good", "\ufffd\ufffd"]
+        assert {d.message_id: d.body for d in got}["bad-body"] == b"{\xff}"
+        for d in got:
+            if d.message_id != "good":
+                assert broker.dead_letter(d, "malformed", "not a Stem message")
+        letters = {d.message_id: d for d in broker.dlq_list()}
+        assert sorted(letters) == ["bad-body", "\ufffd", "\ufffd\ufffd"]
+        assert letters["\ufffd"].reason == "\ufffdr" and letters["\ufffd"].detail == "\ufffdd"
+        assert letters["bad-body"].body == b"{\xff}" and letters["bad-body"].reason == "malformed"
+        assert broker.dlq_get(letters["\ufffd"].id) is not None
+        assert broker.dlq_replay(queue="a") == 2
+    finally:
+        broker.close()
+
+
 def test_claims_written_by_swap_are_swept_too_and_queue_names_are_not_hoarded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
