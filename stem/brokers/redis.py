@@ -59,7 +59,17 @@ def _ms(seconds: float) -> int:
 
 
 def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """Text read from Redis; what is not UTF-8 (written by something else than Stem) is
+    replaced, not a reason to fail the read it came in."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any) -> int:
+    """A number field of a record written by hand may hold anything: 0 then."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _xrange(c: redis.Redis, *, key: str, start: str, count: int) -> Any:
@@ -254,15 +264,16 @@ class RedisBroker:
         return bool(res)
 
     def _letter(self, entry_id: Any, raw: dict[bytes, bytes]) -> DeadLetter:
+        """A dead letter from its stream entry; one written by hand may lack fields."""
         return DeadLetter(
             id=_str(entry_id),
-            message_id=_str(raw[b"m"]),
-            queue=_str(raw[b"q"]),
-            body=bytes(raw[b"b"]),
-            reason=_str(raw[b"r"]),
-            detail=_str(raw[b"d"]),
-            dead_ms=int(raw[b"t"]),
-            delivery_count=int(raw[b"n"]),
+            message_id=_str(raw.get(b"m", b"")),
+            queue=_str(raw.get(b"q", b"")),
+            body=bytes(raw.get(b"b", b"")),
+            reason=_str(raw.get(b"r", b"")),
+            detail=_str(raw.get(b"d", b"")),
+            dead_ms=_int(raw.get(b"t")),
+            delivery_count=_int(raw.get(b"n")),
         )
 
     def _iter_dead(self, queue: str | None, batch: int = 500) -> Iterator[DeadLetter]:

@@ -450,19 +450,25 @@ if cmd == 'replay' or cmd == 'dlq_purge' then
     return n
 end
 
+-- A count read from a key of another type (written outside Stem) is 0: reserve passes
+-- over such keys, and they must not fail the depths of every queue.
+local function count(...)
+    return tonumber(redis.pcall(...)) or 0
+end
+
 if cmd == 'stats' then
     local now = now_ms()
     local out = {}
     for _, q in ipairs(queue_args(3)) do
         local total = 0
         for p = 0, 9 do
-            total = total + redis.call('XLEN', qkey(q, p))
+            total = total + count('XLEN', qkey(q, p))
         end
         -- A lapsed lease not yet reclaimed counts as ready, like a due delay not yet promoted.
-        local reserved = redis.call('ZCOUNT', qkey(q, 'lease'), '(' .. now, '+inf')
-        local due = redis.call('ZCOUNT', qkey(q, 'delayed'), '-inf', now)
-        local delayed = redis.call('ZCARD', qkey(q, 'delayed')) - due
-        local dead = tonumber(redis.call('HGET', P .. 'dead:count', q) or 0)
+        local reserved = count('ZCOUNT', qkey(q, 'lease'), '(' .. now, '+inf')
+        local due = count('ZCOUNT', qkey(q, 'delayed'), '-inf', now)
+        local delayed = count('ZCARD', qkey(q, 'delayed')) - due
+        local dead = count('HGET', P .. 'dead:count', q)
         out[#out + 1] = {total - reserved + due, delayed, reserved, dead}
     end
     return out

@@ -339,8 +339,40 @@ def test_a_stream_written_straight_into_redis_does_not_stop_the_queue(
     got = broker.reserve(["q"], 5, LONG_S)
     assert [d.message_id for d in got] == ["stray", "valid"]  # priority 7 first
     assert broker.ack(got) == 2
+    # the depths of every queue failed with WRONGTYPE (stem queues, dlq replay, gauges)
+    [stats] = broker.stats(["q"])
+    assert (stats.ready, stats.delayed, stats.reserved) == (0, 0, 0)
     broker.publish([msg("q", "later", priority=7)])
     assert [d.message_id for d in broker.reserve(["q"], 5, LONG_S)] == ["later"]
+
+
+def test_records_whose_text_is_not_utf8_do_not_stop_the_queue_or_the_cli(
+    broker: RedisBroker, redis_url: str
+) -> None:
+    """A message id that is not UTF-8 failed every reserve after leasing the batch (its
+    good messages came back with it, and nothing was dead-lettered); a dead letter or a
+    queue name written by hand broke dlq list and the depths with a traceback."""
+    broker.publish([msg("q", "before")])
+    raw = redis.Redis.from_url(redis_url)
+    prefix = broker._prefix
+    try:
+        raw.xadd(f"{prefix}q:q:0", {"m": b"\xff\xfe", "b": b"{}", "n": b"0"})
+        raw.xadd(f"{prefix}dead", {"q": "q", "m": "x", "b": "y", "r": "why", "d": "d", "t": "soon"})
+        raw.xadd(f"{prefix}dead", {"q": b"q", "m": b"\xff", "r": b"\xffr"})
+        raw.sadd(f"{prefix}queues", b"q\xff")
+    finally:
+        raw.close()
+    got = broker.reserve(["q"], 5, LONG_S)
+    assert sorted(d.message_id for d in got) == ["before", "\ufffd\ufffd"]
+    assert broker.ack(got) == 2
+    letters = broker.dlq_list("q")
+    assert [(d.message_id, d.reason, d.dead_ms) for d in letters] == [
+        ("x", "why", 0),
+        ("\ufffd", "\ufffdr", 0),
+    ]
+    assert letters[1].body == b"" and letters[1].detail == ""
+    assert broker.dlq_get(letters[0].id) == letters[0]
+    assert "q\ufffd" in {s.queue for s in broker.stats()}
 
 
 def test_a_stream_key_of_another_type_costs_only_its_own_messages(
