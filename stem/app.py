@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import math
 import os
 import threading
 import time
@@ -44,17 +43,22 @@ DEFAULT_RESULT_TTL_S = 86400.0
 _UNSET: Any = object()
 
 
+_MAX_DELAY_S = 100 * 365 * 86400.0  # a countdown or expiry beyond this is a typo
+
+
 def _to_ms(value: datetime | float | timedelta | None, *, relative_to_ms: int) -> int | None:
     if value is None:
         return None
-    if isinstance(value, int | float) and not math.isfinite(value):
-        raise ConfigError(f"countdown/expires must be a finite number of seconds, got {value}")
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ConfigError("eta/expires datetimes must be timezone-aware")
         return int(value.timestamp() * 1000)
     if isinstance(value, timedelta):
         value = value.total_seconds()
+    if not abs(value) <= _MAX_DELAY_S:  # NaN too
+        raise ConfigError(
+            f"countdown/expires must be a finite number of seconds (at most 100 years), got {value}"
+        )
     return relative_to_ms + int(float(value) * 1000)
 
 

@@ -6,6 +6,7 @@ exception classes are never re-imported from a record.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from stem import states
 from stem.envelope import dumps, loads, now_ms
-from stem.errors import DecodeError, ResultTimeout, TaskError
+from stem.errors import ConfigError, DecodeError, ResultTimeout, TaskError
 
 MAX_MESSAGE = 64 * 1024  # characters of an error message kept in a result record
 
@@ -170,6 +171,10 @@ class AsyncResult:
         return self.state in states.EXCEPTION_STATES
 
     def wait_record(self, timeout: float | None = None) -> ResultRecord:
+        if timeout is not None and math.isnan(timeout):
+            raise ConfigError("a result timeout must be a number of seconds, got nan")
+        if timeout == math.inf:
+            timeout = None
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.05
         while True:

@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -253,6 +254,9 @@ def test_the_producer_refuses_what_no_worker_would_take(app: Stem) -> None:
         ({"queue": "nul\x00"}, "control characters"),
         ({"countdown": float("nan")}, "finite number of seconds"),
         ({"expires": float("inf")}, "finite number of seconds"),
+        # past 64-bit milliseconds: failed with an encode error naming no argument
+        ({"countdown": 1e300}, "finite number of seconds (at most 100 years), got 1e+300"),
+        ({"expires": timedelta(days=999_999_999)}, "at most 100 years"),
         ({"queue": "q" * 256}, "queue name must be a non-empty string of at most 255"),
         ({"task_id": "x" * 256}, "task id must be a non-empty string of at most 255"),
         ({"task_id": ""}, "task id must be a non-empty string"),
@@ -263,6 +267,20 @@ def test_the_producer_refuses_what_no_worker_would_take(app: Stem) -> None:
         with pytest.raises(ConfigError, match="task name must be a non-empty string"):
             app.send_task(name)
     assert app.broker.stats() == [] or all(s.ready == 0 for s in app.broker.stats())
+
+
+def test_a_result_timeout_of_nan_is_refused_and_infinity_waits(app: Stem) -> None:
+    """get(timeout=nan) waited for good: no time is past a deadline of nan."""
+
+    @app.task(name="quick")
+    def quick() -> int:
+        return 1
+
+    res = quick.delay()
+    with pytest.raises(ConfigError, match="a result timeout must be a number of seconds"):
+        res.get(timeout=float("nan"))
+    with Running(app):
+        assert res.get(timeout=float("inf")) == 1
 
 
 def test_ignore_result_writes_nothing(app: Stem) -> None:
