@@ -115,9 +115,10 @@ def _redact_url_parts(url: str) -> str:
 # {'client_secret': 'x'}, api_key: x): a key, quoted or not, holding one of these words
 # not followed by a letter (so not "tokenizer" or "max_tokens"), then its value, bare or
 # quoted, on the same line. A match starts only where a word starts and takes the whole
-# word at once (possessive): linear on any input.
+# word at once (possessive): linear on any input. A word after a path separator is a
+# file name ("/etc/passwd: file is not a database"), not a key.
 _KEY_VALUE_SECRET = re.compile(
-    r"""(?<![a-z0-9_])(["']?)"""
+    r"""(?<![a-z0-9_/\\])(["']?)"""
     r"""(?=[a-z0-9_]*?(?:pass(?:word|wd)|secret|token|api_?key)(?![a-z]))([a-z0-9_]++)"""
     r"""\1[ \t]*[=:][ \t]*"""
     r"""('(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|['"]?[^\s'",;}]+)""",

@@ -170,6 +170,9 @@ def test_a_long_word_in_a_log_line_does_not_stall_redaction() -> None:
         "secrets: 3 loaded",
         "password=\nnext line",
         "KeyError: 'password'",
+        # a file name, then the message about it
+        "SQLite database /etc/passwd: file is not a database",
+        "cannot read C:\\stem\\token: permission denied",
     ],
 )
 def test_words_that_only_look_like_secrets_are_left_alone(text: str) -> None:
