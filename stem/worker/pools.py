@@ -363,13 +363,17 @@ class AsyncPool:
 
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(_shutdown)
-            self._thread.join(5)
+            # A coroutine that blocks the loop (time.sleep in an async def) holds it: when
+            # stopping at once (the budget is spent, the tasks are handed back) wait only
+            # briefly for it; its thread ends with the process.
+            self._thread.join(_KILL_JOIN_S if kill else 5)
         if not self._loop.is_running():
             self._loop.close()
         self._runners.shutdown(wait=False)
         self._settlers.shutdown(wait=not kill)
 
 
+_KILL_JOIN_S = 0.5  # how long a stop at once waits for the async pool's event loop
 _SETTLERS = 4  # threads settling the async pool's outcomes (blocking result and ack calls)
 
 

@@ -484,3 +484,24 @@ def test_a_shrink_skips_stale_idle_entries(app: Stem) -> None:
     pool._idle.put(live)
     pool.resize(1)
     assert closed == [live] and live.retiring
+
+
+def test_an_async_pool_stopped_at_once_does_not_wait_for_a_blocked_loop(app: Stem) -> None:
+    """A coroutine blocking the event loop (time.sleep in an async def) held a stop at
+    once for 5 s, past the shutdown budget, which had already handed its task back."""
+    from stem.worker.pools import AsyncPool
+
+    inside, blocked_until_end = threading.Event(), []
+
+    @app.task(name="blocks_loop")
+    async def blocks_loop() -> None:
+        inside.set()
+        time.sleep(3)  # blocks the loop, as such code does
+        blocked_until_end.append("loop blocked to the end")
+
+    pool = AsyncPool(1, lambda job, outcome: None)
+    pool.start()
+    pool.submit(_job(app, "blocks_loop"))
+    assert inside.wait(5)
+    pool.stop(kill=True)
+    assert blocked_until_end == []  # stop returned while the loop was still blocked
