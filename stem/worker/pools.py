@@ -9,6 +9,7 @@ Time limits are signalled by the worker's watchdog through ``on_soft_limit`` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import queue
@@ -271,15 +272,19 @@ class AsyncPool:
         self._done = done
         self._progress = progress
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="stem-async", daemon=True
-        )
+        self._thread = threading.Thread(target=self._serve, name="stem-async", daemon=True)
         self._tasks: dict[Job, asyncio.Task[Any]] = {}
         self._runners = _DaemonThreads(size, "stem-async-sync")
         self._settlers = ThreadPoolExecutor(_SETTLERS, thread_name_prefix="stem-async-settle")
 
     def start(self) -> None:
         self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()  # here: a stop at once may not wait for the loop to end
 
     def submit(self, job: Job) -> None:
         self._loop.call_soon_threadsafe(self._start, job)
@@ -361,14 +366,15 @@ class AsyncPool:
                 task.cancel()
             self._loop.stop()
 
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(_shutdown)
+        if self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: stopped already
+                self._loop.call_soon_threadsafe(_shutdown)
             # A coroutine that blocks the loop (time.sleep in an async def) holds it: when
             # stopping at once (the budget is spent, the tasks are handed back) wait only
             # briefly for it; its thread ends with the process.
             self._thread.join(_KILL_JOIN_S if kill else 5)
-        if not self._loop.is_running():
-            self._loop.close()
+        elif not self._loop.is_closed():
+            self._loop.close()  # never started
         self._runners.shutdown(wait=False)
         self._settlers.shutdown(wait=not kill)
 
