@@ -229,3 +229,38 @@ def test_bad_tls_configuration_is_refused(tmp_path: Path, redis_test_certs: Test
         parse_url("rediss://h?ssl_cert_reqs=maybe")
     with pytest.raises(ConfigError, match="without a certificate"):
         parse_url("rediss://h", TLSSettings(key_file=str(redis_test_certs.client_key)))
+
+
+def test_tls_files_that_hold_no_certificate_are_named_at_configuration(
+    tmp_path: Path, redis_test_certs: TestCerts
+) -> None:
+    """A CA file that is not a certificate, or a key that is not the certificate's, failed
+    every connect as "cannot reach Redis" (exit 69) with an OpenSSL code for a reason."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    c = redis_test_certs
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"CA file '.*notes\.txt' holds no certificate"):
+        parse_url(f"rediss://h?ssl_ca_certs={not_pem}")
+    with pytest.raises(ConfigError, match=r"certificate file '.*' and key file '.*' do not hold"):
+        parse_url("rediss://h", TLSSettings(cert_file=str(c.client_cert), key_file=str(c.ca)))
+    with pytest.raises(ConfigError, match="do not hold a PEM certificate"):
+        parse_url("rediss://h", TLSSettings(cert_file=str(c.client_key)))
+    with pytest.raises(ConfigError, match="do not hold a PEM certificate"):  # not its key
+        parse_url(
+            "rediss://h",
+            TLSSettings(cert_file=str(c.client_cert), key_file=str(c.wrong_client_key)),
+        )
+    encrypted = tmp_path / "encrypted.key"
+    key = ec.generate_private_key(ec.SECP256R1())
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pw"),
+        )
+    )
+    with pytest.raises(ConfigError, match="the private key is encrypted"):
+        parse_url("rediss://h", TLSSettings(cert_file=str(c.client_cert), key_file=str(encrypted)))
