@@ -10,7 +10,9 @@ Each instance keeps one connection behind a lock: SQLite serialises writers anyw
 one connection shares its prepared-statement cache between the worker's threads. Waiting
 reserves wake at once for publishes made in this process and poll for the others: often
 at first (a message is often on its way: the next of a caller waiting on each result), less
-often the longer the wait (:func:`poll_interval`).
+often the longer the wait (:func:`poll_interval`), which for a worker reserving again and
+again runs across its calls: after ``POLL_IDLE_AFTER_S`` with nothing, it looks every
+``POLL_IDLE_S`` (so a message from another process may wait that long).
 
 The helpers at the bottom (URL parsing, the guarded connection, named queries, wake-ups)
 are shared with :mod:`stem.backends.sqlite`, which may use the same file.
@@ -59,6 +61,10 @@ SCHEMA_VERSION = 1
 # within these bounds (so a write is seen after at most ~25 % more than it took to come).
 POLL_MIN_S = 0.001
 POLL_MAX_S = 0.02
+# Past this long without a message, reserves look this often (an idle worker's polls
+# cost a few per cent of a core at POLL_MAX_S).
+POLL_IDLE_AFTER_S = 2.0
+POLL_IDLE_S = 0.1
 BUSY_TIMEOUT_S = 10.0
 _CLAIM_SWEEP_S = 30.0
 _KNOWN_MAX = 10_000  # queue names an instance remembers having recorded
@@ -80,6 +86,9 @@ class SQLiteBroker:
             BrokerConnectionError,
         )
         self._wake = Wake.for_path(self.path, "broker")
+        # Since when reserves of these queues found nothing: a worker reserves again and
+        # again, and its polls slow down over the idle time, not within each call.
+        self._idle_since: dict[tuple[str, ...], float] = {}
         self._next_claim_sweep = 0.0
         self._known: set[str] = set()  # queues this instance already recorded in stem_queues
 
@@ -112,6 +121,7 @@ class SQLiteBroker:
         if max_n <= 0 or not queues:
             return []
         names = list(dict.fromkeys(queues))
+        key = tuple(names)
         started = time.monotonic()
         deadline = started + max(0.0, wait_s)
         look = True
@@ -120,12 +130,16 @@ class SQLiteBroker:
             if look:
                 got = self._reserve_once(names, max_n, lease_s)
                 if got:
+                    self._idle_since.pop(key, None)
                     return got
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
                 return []
-            self._wake.wait(seen, min(poll_interval(now - started), remaining))
+            if len(self._idle_since) > _KNOWN_MAX:  # one-off queues (control replies)
+                self._idle_since.clear()
+            idle = now - self._idle_since.setdefault(key, started)
+            self._wake.wait(seen, min(poll_interval(idle), remaining))
             # A read is enough to learn whether taking the write lock is worth it.
             look = self._wake.generation != seen or self._any_visible(names)
 
@@ -548,6 +562,8 @@ def _use_wal(conn: sqlite3.Connection) -> None:
 def poll_interval(waited_s: float) -> float:
     """How long a wait that began ``waited_s`` ago sleeps before looking again for what
     another process wrote (SQLite cannot notify across processes)."""
+    if waited_s >= POLL_IDLE_AFTER_S:
+        return POLL_IDLE_S
     return min(POLL_MAX_S, max(POLL_MIN_S, waited_s / 4))
 
 

@@ -175,6 +175,41 @@ def test_waits_look_often_at_first_then_less_often(
     assert max(slept) == POLL_MAX_S
 
 
+def test_an_idle_worker_polls_less_and_less_across_its_reserves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker reserves again and again: each call started over at the shortest sleep,
+    so an idle worker looked 60-70 times a second per queue set. Now the idle time runs
+    across calls (and past POLL_IDLE_AFTER_S the sleeps are POLL_IDLE_S), until a message
+    comes."""
+    import stem.brokers.sqlite as sqlite_broker
+
+    monkeypatch.setattr(sqlite_broker, "POLL_IDLE_AFTER_S", 0.4)
+    monkeypatch.setattr(sqlite_broker, "POLL_IDLE_S", 0.05)
+    broker = SQLiteBroker(f"sqlite:///{tmp_path / 'stem.db'}")
+    slept: list[float] = []
+
+    def record(self: Wake, seen: int, timeout_s: float) -> None:
+        slept.append(timeout_s)
+        time.sleep(timeout_s)
+
+    broker.ping()
+    monkeypatch.setattr(Wake, "wait", record)
+    try:
+        assert broker.reserve(["q"], 1, 30.0, wait_s=0.2) == []
+        slept.clear()
+        assert broker.reserve(["q"], 1, 30.0, wait_s=0.6) == []
+        assert slept[0] >= POLL_MAX_S  # not back to the shortest sleep
+        assert 0.05 in slept  # idle past POLL_IDLE_AFTER_S
+        broker.publish([Message("m", "q", b"x")])
+        assert [d.message_id for d in broker.reserve(["q"], 1, 30.0, wait_s=1.0)] == ["m"]
+        slept.clear()
+        assert broker.reserve(["q"], 1, 30.0, wait_s=0.1) == []
+        assert slept[0] <= POLL_MAX_S / 4  # a message came: soon again
+    finally:
+        broker.close()
+
+
 def test_broker_and_backend_share_one_file(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'stem.db'}"
     broker, backend = SQLiteBroker(url), SQLiteBackend(url)
