@@ -68,16 +68,17 @@ SELECT name FROM stem_queues;
 -- name: candidates
 -- CAST: a row written by something else than Stem (a text priority, text that is not
 -- UTF-8, say) must reach the worker, which dead-letters what it cannot decode, instead of
--- failing every reserve. Text is read as bytes (sqlite3 would fail to decode it).
+-- failing every reserve. Text is read as bytes (sqlite3 would fail to decode it); a
+-- visible_ms that is not a number is due (as text it sorted after every number: never).
 SELECT id, CAST(message_id AS BLOB), queue, CAST(body AS BLOB), CAST(delivery_count AS INTEGER),
        CAST(priority AS INTEGER), CAST(visible_ms AS INTEGER)
 FROM stem_messages
-WHERE queue = ? AND visible_ms <= ?
+WHERE queue = ? AND CAST(visible_ms AS INTEGER) <= ?
 ORDER BY priority DESC, visible_ms, id
 LIMIT ?;
 
 -- name: any_visible
-SELECT 1 FROM stem_messages WHERE queue = ? AND visible_ms <= ? LIMIT 1;
+SELECT 1 FROM stem_messages WHERE queue = ? AND CAST(visible_ms AS INTEGER) <= ? LIMIT 1;
 
 -- name: lease
 UPDATE stem_messages
@@ -138,15 +139,15 @@ WHERE (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
 
 -- name: stats_all
 SELECT queue,
-       sum(visible_ms <= :now),
-       sum(visible_ms > :now AND lease_token IS NULL),
-       sum(visible_ms > :now AND lease_token IS NOT NULL)
+       sum(CAST(visible_ms AS INTEGER) <= :now),
+       sum(CAST(visible_ms AS INTEGER) > :now AND lease_token IS NULL),
+       sum(CAST(visible_ms AS INTEGER) > :now AND lease_token IS NOT NULL)
 FROM stem_messages GROUP BY queue;
 
 -- name: stats_one
-SELECT sum(visible_ms <= :now),
-       sum(visible_ms > :now AND lease_token IS NULL),
-       sum(visible_ms > :now AND lease_token IS NOT NULL)
+SELECT sum(CAST(visible_ms AS INTEGER) <= :now),
+       sum(CAST(visible_ms AS INTEGER) > :now AND lease_token IS NULL),
+       sum(CAST(visible_ms AS INTEGER) > :now AND lease_token IS NOT NULL)
 FROM stem_messages WHERE queue = :queue;
 
 -- name: dead_all
@@ -157,7 +158,7 @@ SELECT count(*) FROM stem_dead_letters WHERE queue = ?;
 
 -- name: purge
 DELETE FROM stem_messages
-WHERE queue = ? AND (lease_token IS NULL OR visible_ms <= ?);
+WHERE queue = ? AND (lease_token IS NULL OR CAST(visible_ms AS INTEGER) <= ?);
 
 -- name: drop
 DELETE FROM stem_messages WHERE queue = ?;

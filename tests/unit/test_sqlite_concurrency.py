@@ -273,7 +273,8 @@ def test_a_row_with_mistyped_columns_does_not_stop_other_queues(tmp_path: Path) 
 def test_rows_whose_text_is_not_utf8_are_delivered_and_dead_lettered(tmp_path: Path) -> None:
     """A row (or a dead letter) written by something else than Stem whose message id or
     body is not UTF-8 text made every reserve of its queue fail (and dlq list): the
-    queue stood still, nothing reached the worker to be dead-lettered."""
+    queue stood still, nothing reached the worker to be dead-lettered. One whose time is
+    not a number was never due."""
     db = tmp_path / "stem.db"
     broker = SQLiteBroker(f"sqlite:///{db}")
     try:
@@ -282,7 +283,8 @@ def test_rows_whose_text_is_not_utf8_are_delivered_and_dead_lettered(tmp_path: P
         raw.execute(
             "INSERT INTO stem_messages (message_id, queue, priority, visible_ms, body) "
             "VALUES (CAST(x'fffe' AS TEXT), 'a', 0, 0, x'7b7d'), "
-            "('bad-body', 'a', 0, 0, CAST(x'7bff7d' AS TEXT))"
+            "('bad-body', 'a', 0, 0, CAST(x'7bff7d' AS TEXT)), "
+            "('text-time', 'a', 0, 'soon', x'7b7d')"  # was 'delayed' for good
         )
         raw.execute(
             "INSERT INTO stem_dead_letters (message_id, queue, priority, body, reason, "
@@ -291,11 +293,13 @@ def test_rows_whose_text_is_not_utf8_are_delivered_and_dead_lettered(tmp_path: P
         )
         raw.commit()
         raw.close()
+        assert [(s.ready, s.delayed) for s in broker.stats(["a"])] == [(4, 0)]
         got = broker.reserve(["a"], 10, 30.0)
-        assert sorted(d.message_id for d in got) == ["bad-body", "good", "\ufffd\ufffd"]
+        ids = sorted(d.message_id for d in got)
+        assert ids == ["bad-body", "good", "text-time", "\ufffd\ufffd"]
         assert {d.message_id: d.body for d in got}["bad-body"] == b"{\xff}"
         for d in got:
-            if d.message_id != "good":
+            if d.message_id not in ("good", "text-time"):
                 assert broker.dead_letter(d, "malformed", "not a Stem message")
         letters = {d.message_id: d for d in broker.dlq_list()}
         assert sorted(letters) == ["bad-body", "\ufffd", "\ufffd\ufffd"]
