@@ -525,12 +525,24 @@ class Stem:
             return False
         return rec is not None and rec.state in states.DONE_STATES
 
-    def seal(self, env: Envelope, *, headroom: int = 0) -> bytes:
+    def seal(self, env: Envelope, *, headroom: int = 0, unsigned_ok: bool = False) -> bytes:
         """Sign (when a keyring can sign) and encode an envelope for the broker, leaving
-        ``headroom`` bytes under the size limit (new messages leave room for a retry)."""
+        ``headroom`` bytes under the size limit (new messages leave room for a retry).
+
+        A verify-only keyring (Ed25519 public keys) that requires signatures raises
+        :class:`ConfigError`: what it would send unsigned, workers refuse, and the sender
+        would never know. ``unsigned_ok``: send it unsigned all the same (a verify-only
+        worker's control reply, which the caller refuses and says why)."""
         keyring = self.keyring
         if keyring is not None and keyring.can_sign:
             return keyring.seal_envelope(env, max_bytes=self.max_message_bytes, headroom=headroom)
+        if keyring is not None and keyring.required and not unsigned_ok:
+            raise ConfigError(
+                f"cannot send {env.task!r}: this process's signing keys are public keys only "
+                "(verify-only), and signatures are required, so workers would refuse it "
+                "unsigned: give the sender STEM_SIGNING_KEYS and STEM_SIGNING_ACTIVE_KEY "
+                "(signing.keys, signing.active_key)"
+            )
         return env_codec.encode(env, max_bytes=self.max_message_bytes, headroom=headroom)
 
     def publish(self, envelopes: Iterable[Envelope]) -> None:

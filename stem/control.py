@@ -148,6 +148,7 @@ def broadcast(
     ]
     app.publish_messages([Message(id=e.id, queue=e.queue, body=app.seal(e)) for e in envs])
     replies: list[Reply] = []
+    unsigned = 0  # replies refused for want of a signature
     deadline = time.monotonic() + timeout_s
     try:
         while len(replies) < len(nodes):
@@ -158,8 +159,11 @@ def broadcast(
                 app.broker.ack([d])
                 try:
                     env = open_envelope(app, d.body, reply_queue)
-                except (DecodeError, SignatureError):
-                    continue  # a forged or garbled reply is ignored, never shown
+                except SignatureError as exc:
+                    unsigned += exc.reason == "signature-missing"
+                    continue  # a forged reply is ignored, never shown
+                except DecodeError:
+                    continue
                 kw = env.kwargs
                 if env.task == REPLY_TASK and kw.get("request_id") == request_id:
                     replies.append(
@@ -171,9 +175,14 @@ def broadcast(
         app.broker.drop(reply_queue)
     if report_silent:
         answered = {r.worker for r in replies}
+        why = f"no reply within {timeout_s:g}s"
+        if unsigned:
+            # Which node sent it cannot be trusted: the reply is unsigned.
+            why += (
+                f" ({unsigned} unsigned reply(ies) refused: a worker with public keys only "
+                "(verify-only) cannot sign its replies, and may have carried out the command)"
+            )
         replies += [
-            Reply(node, False, f"no reply within {timeout_s:g}s", answered=False)
-            for node in nodes
-            if node not in answered
+            Reply(node, False, why, answered=False) for node in nodes if node not in answered
         ]
     return sorted(replies, key=lambda r: r.worker)

@@ -142,7 +142,10 @@ class ControlServer:
                     "request_id": kw.get("request_id"),
                 },
             )
-            app.publish_messages([Message(id=reply.id, queue=reply_to, body=app.seal(reply))])
+            # A verify-only worker cannot sign its reply: sent unsigned, the caller refuses
+            # it and can say why, rather than report no reply to a command that ran.
+            body = app.seal(reply, unsigned_ok=True)
+            app.publish_messages([Message(id=reply.id, queue=reply_to, body=body)])
 
     def dispatch(self, command: str, args: dict[str, Any]) -> Any:
         w = self.worker

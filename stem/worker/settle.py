@@ -436,17 +436,37 @@ class Settler:
     def _fail_waiters(self, env: Envelope, error: ErrorInfo, *, errback: bool = True) -> bool:
         """The canvas follow-up of a task that ended for good without a result (or whose
         follow-up cannot be published: ``errback`` false); False (logged) if it could not
-        be published now."""
+        be done now. An errback that can never be published (too large, no key to sign
+        it with) is logged and dropped: what waits on the task was failed before it."""
+        done = self._follow(
+            "failure follow-up", env, lambda: self.canvas.after_failure(env, error, errback=errback)
+        )
+        return done is not False
+
+    def _follow(self, what: str, env: Envelope, step: Callable[[], None]) -> bool | StemError:
+        """Run a canvas follow-up ``step``: True once done; False (logged) when the broker
+        or result store failed, to be tried again; the error (logged) when trying again
+        cannot help."""
         try:
-            self.canvas.after_failure(env, error, errback=errback)
-        except StemError as exc:
+            step()
+        except (BrokerError, BackendError) as exc:
             log.warning(
-                "failure follow-up of task %s not done (%s); it will be tried again",
+                "%s of task %s not done (%s); it will be tried again",
+                what,
                 env.id,
                 exc,
                 extra={"event": "canvas-publish-failed", **self.fields(env)},
             )
             return False
+        except StemError as exc:
+            log.error(
+                "%s of task %s cannot be published: %s",
+                what,
+                env.id,
+                exc,
+                extra={"event": "canvas-follow-up-refused", **self.fields(env)},
+            )
+            return exc
         return True
 
     def dead_letter(
@@ -527,29 +547,17 @@ class Settler:
         its chord's callback). False if the delivery was given back to try again (a copy
         that comes back finds the task's SUCCESS and, the follow-ups not having gone out,
         publishes them then)."""
-        try:
-            self.canvas.after_success(env, value)
-        except (BrokerError, BackendError) as exc:
-            log.warning(
-                "follow-up of task %s not published (%s); it will be tried again",
-                env.id,
-                exc,
-                extra={"event": "canvas-publish-failed", **self.fields(env)},
-            )
+        done = self._follow("follow-up", env, lambda: self.canvas.after_success(env, value))
+        if done is False:
             self.release_later(delivery, found_down=True)
             return False
-        except StemError as exc:
-            # Trying again cannot help (a next step too large to publish, say): the task
-            # stays a success, and what waits on it fails with the reason.
-            log.error(
-                "follow-up of task %s cannot be published: %s",
-                env.id,
-                exc,
-                extra={"event": "canvas-follow-up-refused", **self.fields(env)},
-            )
-            if not self._fail_waiters(env, ErrorInfo.from_exception(exc), errback=False):
-                self.release_later(delivery)
-                return False
+        # Trying again cannot help (a next step too large to publish, or no key to sign
+        # it with): the task stays a success; what waits on it fails, saying why.
+        if isinstance(done, StemError) and not self._fail_waiters(
+            env, ErrorInfo.from_exception(done), errback=False
+        ):
+            self.release_later(delivery)
+            return False
         return True
 
     def settle(self, job: Job, outcome: Outcome) -> None:

@@ -17,6 +17,7 @@ from stem.envelope import encode
 from stem.errors import BackendConnectionError, BrokerError, ConfigError
 from stem.limits import ConcurrencyCap, RateLimiter, parse_rate, unique_key
 from stem.testing import memory_app, running_worker
+from tests.fixtures.keyrings import verify_only_pair
 
 
 @pytest.fixture
@@ -1099,17 +1100,9 @@ def test_a_late_copy_keeps_the_unsigned_success_of_a_verify_only_worker() -> Non
     """Ed25519 workers that hold only public keys write unsigned records: the check for
     an ended task must read them as any read does, or an expired copy (its ack was lost)
     turns their SUCCESS into EXPIRED."""
-    import uuid
-
-    from stem.security.signing import Keyring
     from stem.worker.consumer import drain
 
-    signer = Keyring.build("ed25519", {"v1": b"e" * 32})
-    public = signer.verifiers["v1"]._key.public_bytes_raw()  # type: ignore[attr-defined]
-    verify_only = Keyring.build("ed25519", {}, public_keys={"v1": public})
-    url = f"memory://verify-only-{uuid.uuid4().hex}"
-    producer = Stem("p", broker=url, backend=url, keyring=signer)
-    worker = Stem("w", broker=url, backend=url, keyring=verify_only)
+    producer, worker = verify_only_pair("verify-only")
     runs: list[int] = []
     for app in (producer, worker):
 
@@ -1134,6 +1127,61 @@ def test_a_late_copy_keeps_the_unsigned_success_of_a_verify_only_worker() -> Non
         time.sleep(0.6)  # the lease lapsed and the task expired: its message comes back
         drain(worker, lease_s=0.2)
         assert (res.state, res.result, runs) == (states.SUCCESS, 7, [3])
+    finally:
+        producer.close()
+        worker.close()
+
+
+def test_a_verify_only_keyring_refuses_to_send_what_workers_would_refuse() -> None:
+    """A producer given public keys only sent its tasks unsigned and said nothing: every
+    worker that requires signatures dead-lettered them (signature-missing)."""
+    producer, verify_only = verify_only_pair("vo-send")
+    try:
+
+        @verify_only.task(name="add")
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        with pytest.raises(ConfigError, match=r"cannot send 'add'.*public keys only"):
+            add.delay(1, 2)
+        with pytest.raises(ConfigError, match="verify-only"):
+            control.broadcast(verify_only, "ping", destination=["w1@host"])
+        assert all(s.ready == 0 for s in verify_only.broker.stats())
+    finally:
+        producer.close()
+        verify_only.close()
+
+
+def test_a_verify_only_worker_fails_what_follows_a_task_instead_of_sending_it_unsigned() -> None:
+    """A chain continued by a worker holding public keys only: its next step went out
+    unsigned, to be dead-lettered by the next worker (the chain never ended). Now the
+    step fails, saying why; an errback that cannot be signed is logged, and the failed
+    task is settled (it was given back again and again, to try once more)."""
+    from stem.worker.consumer import drain
+
+    producer, worker = verify_only_pair("vo-canvas")
+    try:
+        for app in (producer, worker):
+
+            @app.task(name="add")
+            def add(x: int, y: int) -> int:
+                return x + y
+
+            @app.task(name="boom", max_retries=0)
+            def boom() -> None:
+                raise RuntimeError("broke")
+
+            @app.task(name="on_err")
+            def on_err(*args: Any) -> None: ...
+
+        res = chain(producer.tasks["add"].s(1, 2), producer.tasks["add"].s(10)).delay()
+        failed = producer.tasks["boom"].s().link_error(producer.tasks["on_err"].s()).delay()
+        drain(worker, lease_s=0.5)
+        with pytest.raises(TaskError, match="public keys only"):
+            res.get(timeout=5)
+        assert failed.state == states.FAILURE
+        assert all(s.ready == s.reserved == s.delayed == 0 for s in worker.broker.stats())
+        assert worker.broker.dlq_list() == []
     finally:
         producer.close()
         worker.close()

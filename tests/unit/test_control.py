@@ -408,3 +408,26 @@ def test_the_solo_pool_says_it_cannot_grow(app: Stem) -> None:
         assert worker.pool.size == 1
     with pytest.raises(StemError, match="autoscale needs a pool that can grow"):
         WorkerConfig(pool="solo", autoscale=(4, 1))
+
+
+def test_a_verify_only_worker_acts_and_its_refused_reply_is_reported() -> None:
+    """Its reply cannot be signed: the caller refuses it, and said only "no reply" to a
+    command the worker had carried out (shutdown included), so it would be sent again."""
+    from tests.fixtures.keyrings import verify_only_pair
+
+    producer, worker = verify_only_pair("vo-control")
+    try:
+        with running_worker(worker, node_name="vo@host") as w:
+            [reply] = control.broadcast(
+                producer,
+                "pause",
+                {"queue": "default"},
+                destination=["vo@host"],
+                timeout_s=3.0,
+                report_silent=True,
+            )
+            assert not reply.ok and "1 unsigned reply(ies) refused" in str(reply.result)
+            assert "default" in w.paused  # it did act
+    finally:
+        producer.close()
+        worker.close()
