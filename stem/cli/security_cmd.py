@@ -6,7 +6,6 @@ Register with ``app.add_typer(security_cmd.keys_app, name="keys")`` and
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +14,7 @@ import typer
 
 from stem.cli.exitcodes import ExitCode
 from stem.security import devcerts, keys
-from stem.security.signing import ENV_NAMES, Keyring
+from stem.security.signing import ENV_NAMES
 
 keys_app = typer.Typer(help="Generate and inspect message signing keys.", no_args_is_help=True)
 certs_app = typer.Typer(help="Development TLS certificates.", no_args_is_help=True)
@@ -69,11 +68,17 @@ def generate(
 
 
 @keys_app.command("info")
-def info() -> None:
-    """Show the keyring the STEM_SIGNING_* environment builds (key ids only, no secrets)."""
-    keyring = Keyring.from_env(os.environ)
+def info(ctx: typer.Context) -> None:
+    """Show the keyring a worker or producer here would use (key ids only, no secrets):
+    from the app's code, the configuration files (signing.*) and STEM_SIGNING_*."""
+    from stem.cli.context import load_app
+
+    keyring = load_app(ctx).keyring
     if keyring is None:
-        typer.echo("signing: off (no STEM_SIGNING_KEYS or STEM_SIGNING_PUBLIC_KEYS)")
+        typer.echo(
+            "signing: off (no keys in the app, the configuration's signing section, "
+            "STEM_SIGNING_KEYS or STEM_SIGNING_PUBLIC_KEYS)"
+        )
         return
     typer.echo(f"algorithm:        {keyring.algorithm}")
     typer.echo(f"key ids:          {', '.join(keyring.key_ids)}")

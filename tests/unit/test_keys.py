@@ -195,6 +195,29 @@ def test_cli_info_shows_key_ids_not_secrets(monkeypatch: pytest.MonkeyPatch) -> 
     assert "signing: off" in runner.invoke(keys_app, ["info"]).stdout
 
 
+def test_cli_info_shows_the_keys_the_configuration_names(tmp_path: Path) -> None:
+    """The packaged layout names its keys in YAML (signing.keys_file): info said
+    "signing: off" there, while the worker signed and verified with them."""
+    from stem.cli.main import app as stem_cli
+
+    key_dir = tmp_path / "keys"
+    assert (
+        runner.invoke(keys_app, ["generate", "--kid", "v2", "--out", str(key_dir)]).exit_code == 0
+    )
+    keys_file = tmp_path / "signing.keys"
+    keys_file.write_text(f"{key_dir}\n")
+    keys_file.chmod(0o600)
+    config = tmp_path / "stem.yaml"
+    config.write_text(
+        f"broker:\n  url: sqlite:///{tmp_path / 'stem.db'}\n"
+        f"signing:\n  keys_file: {keys_file}\n  active_key: v2\n"
+    )
+    result = runner.invoke(stem_cli, ["--config", str(config), "keys", "info"], env={})
+    assert result.exit_code == 0, result.output
+    assert "key ids:          v2" in result.stdout
+    assert "active key:       v2" in result.stdout
+
+
 # -- development certificates ----------------------------------------------------------------
 
 
