@@ -161,7 +161,7 @@ class Beat:
             if not entry.catch_up and last is not None and last > tick:
                 continue  # a later tick went out: without catch_up, a stale one does not
             try:
-                fired = self._fire(entry, tick)  # (contested again if still claimed)
+                fired = self._fire(entry, tick, now)  # (contested again if still claimed)
             except BrokerError:
                 self._contested.add((name, tick))  # kept for the next pass
                 raise
@@ -172,7 +172,7 @@ class Beat:
                 continue
             try:
                 for tick in self._due(entry, lasts.get(entry.name), now):
-                    if self._fire(entry, tick):
+                    if self._fire(entry, tick, now):
                         report.fired.append((entry.name, tick))
                 nxt = entry.schedule.next_after(now)
             except BrokerError:
@@ -225,7 +225,7 @@ class Beat:
         period_s = _MAX_CLAIM_TTL_S if nxt is None else (nxt - tick) / 1000
         return min(_MAX_CLAIM_TTL_S, max(_MIN_CLAIM_TTL_S, period_s * (self.max_catch_up + 2)))
 
-    def _fire(self, entry: ScheduleEntry, tick: int) -> bool:
+    def _fire(self, entry: ScheduleEntry, tick: int, now: int) -> bool:
         broker = self.app.broker
         key, fired_key = _tick_keys(entry.name, tick)
         # A fresh token per attempt: this process must not mistake its own earlier claim
@@ -239,10 +239,26 @@ class Beat:
         if broker.peek(fired_key) is not None:  # fired by one whose claim lapsed since
             self._release(key, token)
             return False
-        delay_ms = jitter_ms(entry.name, tick, entry.jitter_s)
-        # Relative to publishing, like the countdown: a run is dropped if it has not
-        # started expires_s after it became due.
-        expires = None if entry.expires_s is None else delay_ms / 1000 + entry.expires_s
+        # Due at its tick plus its jitter; a tick fired late (after downtime, or caught up)
+        # is due at once. Both are relative to publishing, as countdown and expires are.
+        due_in_ms = tick + jitter_ms(entry.name, tick, entry.jitter_s) - now
+        expires = None
+        if entry.expires_s is not None:
+            # A run is dropped if it has not started expires_s after it became due: one
+            # past that already is not sent at all, and counts as handled.
+            expires = due_in_ms / 1000 + entry.expires_s
+            if expires <= 0:
+                log.warning(
+                    "schedule %r: the tick due %.0fs ago expired (expires_s=%g) before it "
+                    "could be enqueued; skipped",
+                    entry.name,
+                    -due_in_ms / 1000,
+                    entry.expires_s,
+                    extra={"event": "beat-tick-expired", "entry": entry.name, "tick_ms": tick},
+                )
+                self._unrecorded[(entry.name, tick)] = token
+                self._record(entry, tick, token)
+                return False
         task_id = task_id_for(entry.name, tick)
         try:
             self.app.send_task(
@@ -253,7 +269,7 @@ class Beat:
                 queue=entry.queue,
                 priority=entry.priority,
                 expires=expires,
-                countdown=delay_ms / 1000 if delay_ms else None,
+                countdown=due_in_ms / 1000 if due_in_ms > 0 else None,
                 headers={"beat_entry": entry.name, "beat_tick_ms": tick},
             )
         except BrokerTimeoutError as exc:

@@ -275,7 +275,7 @@ def test_a_beat_that_dies_before_publishing_leaves_the_tick_to_another(
     assert b.tick(T0 + S + 600).fired == [("sec", T0 + S)]
     # A pass that read beat:last before b recorded the tick does not fire it again.
     entry = ScheduleStore(rec.app.broker).load().entries["sec"]
-    assert a._fire(entry, T0 + S) is False
+    assert a._fire(entry, T0 + S, T0 + S + 700) is False
     assert ids(rec, twin) == sorted([task_id_for("sec", T0), task_id_for("sec", T0 + S)])
 
 
@@ -351,6 +351,30 @@ def test_entry_options_reach_the_envelope(rec: Recorder) -> None:
         assert before + delay <= env.not_before_ms <= now_ms() + delay
     assert env.expires_ms is not None
     assert before + delay + 30 * S <= env.expires_ms <= now_ms() + delay + 30 * S
+
+
+def test_a_tick_fired_late_counts_its_expiry_from_when_it_was_due(
+    rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """expires_s counted from publishing: a tick fired after downtime (or caught up) ran
+    however late, a nightly 02:30 run with expires_s: 3600 at 14:00. Now one whose
+    expiry has passed is not sent, and counts as handled."""
+    put(rec, "slow", every=20, expires=3)
+    beat = rec.beat()
+    beat.tick(T0)
+    # Down across the next tick; back 2 s after it: sent, with 1 s left to start.
+    before = now_ms()
+    assert beat.tick(T0 + 20 * S + 2 * S).fired == [("slow", T0 + 20 * S)]
+    env = rec.sent[-1]
+    assert env.expires_ms is not None and env.expires_ms <= now_ms() + 1 * S
+    assert env.expires_ms >= before + 1 * S
+    # Back 10 s after the next one: past its expiry, skipped, and not tried again.
+    with caplog.at_level(logging.WARNING, logger="stem.beat"):
+        assert beat.tick(T0 + 40 * S + 10 * S).fired == []
+    assert "expired (expires_s=3)" in caplog.text
+    assert beat.tick(T0 + 40 * S + 11 * S).fired == []
+    assert ScheduleStore(rec.app.broker).last("slow") == T0 + 40 * S
+    assert len(rec.sent) == 2
 
 
 def test_a_broken_stored_entry_is_skipped_and_logged(
