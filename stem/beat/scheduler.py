@@ -92,7 +92,7 @@ class Beat:
         specs: Mapping[str, Mapping[str, Any]] | None = None,
         store: ScheduleStore | None = None,
         max_catch_up: int = 100,
-        prune: bool = False,
+        prune: bool | None = None,
     ) -> None:
         if tick_s <= 0:
             raise ConfigError(f"beat tick must be above 0 seconds, got {tick_s}")
@@ -125,11 +125,20 @@ class Beat:
         return list(entries.values())
 
     def sync(self) -> None:
-        """Write the code and config entries to the store (see :meth:`ScheduleStore.sync`;
-        ``prune`` is off by default because a beat started without the app would otherwise
-        remove every entry the app defines)."""
+        """Write the code and config entries to the store (see :meth:`ScheduleStore.sync`).
+
+        Stored entries no longer defined are removed: with ``prune`` None (the default),
+        config entries (the configuration is always read whole, so one not there was taken
+        out), and code entries only where this beat has the app (tasks or schedules): one
+        started without it would otherwise remove every entry the app defines. ``prune``
+        True removes both, False neither."""
         entries = self.defined_entries()
-        self.store.sync(entries, prune=self.prune)
+        if self.prune is None:
+            has_app = bool(self.app.tasks or self.app.schedules)
+            origins: tuple[str, ...] = ("config", "code") if has_app else ("config",)
+        else:
+            origins = ("config", "code") if self.prune else ()
+        self.store.sync(entries, prune=origins)
         log.info(
             "beat %s: %d schedule(s) from code and config",
             self.beat_id,

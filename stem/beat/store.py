@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,11 +264,13 @@ class ScheduleStore:
             done.append(name)
         return done, skipped
 
-    def sync(self, entries: Iterable[ScheduleEntry], *, prune: bool = True) -> list[str]:
+    def sync(
+        self, entries: Iterable[ScheduleEntry], *, prune: Collection[str] = ("code", "config")
+    ) -> list[str]:
         """Upsert entries defined in code or config, keeping the stored ``enabled`` flag of
-        an entry that already exists (an operator may have disabled it). With ``prune``,
-        stored code/config entries no longer defined anywhere are removed (entries added
-        with ``stem schedule add`` are kept). Returns the names removed."""
+        an entry that already exists (an operator may have disabled it). Stored entries of
+        the origins in ``prune`` that are no longer defined are removed (entries added
+        with ``stem schedule add`` are always kept). Returns the names removed."""
         wanted = {e.name: e for e in entries}
         for entry in wanted.values():
 
@@ -291,7 +293,7 @@ class ScheduleStore:
         if prune:
             stored = self.load()
             for name, entry in stored.entries.items():
-                if name not in wanted and entry.origin in ("code", "config"):
+                if name not in wanted and entry.origin in prune and entry.origin != "cli":
                     self.remove(name)
                     removed.append(name)
             if removed:

@@ -63,13 +63,16 @@ def beat(
         typer.Option("--id", envvar="STEM_BEAT_ID", help="This beat's id (default host:pid)."),
     ] = None,
     prune: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--prune/--no-prune",
             envvar="STEM_BEAT_PRUNE",
-            help="Remove stored code/config schedules that the app and config no longer define.",
+            help=(
+                "Remove stored code/config schedules that the app and config no longer "
+                "define (default: config ones, and code ones when --app is given)."
+            ),
         ),
-    ] = False,
+    ] = None,
 ) -> None:
     """Run the scheduler until SIGTERM/SIGINT. Several may run at once: each tick is
     enqueued exactly once."""
