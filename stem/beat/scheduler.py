@@ -24,6 +24,7 @@ exception: it fires once even when late, and is disabled after it fires.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import signal
@@ -94,8 +95,8 @@ class Beat:
         max_catch_up: int = 100,
         prune: bool | None = None,
     ) -> None:
-        if tick_s <= 0:
-            raise ConfigError(f"beat tick must be above 0 seconds, got {tick_s}")
+        if not 0 < tick_s < math.inf:  # NaN too
+            raise ConfigError(f"beat tick must be a finite number of seconds above 0, got {tick_s}")
         self.app = app
         self.tick_s = tick_s
         self.beat_id = beat_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"

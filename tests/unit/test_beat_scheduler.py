@@ -625,3 +625,12 @@ def test_cli_replaces_removes_and_reseals_entries_that_do_not_verify(tmp_path: P
     assert sealed.exit_code == 0 and "sealed legacy" in sealed.stdout, sealed.output
     listing = json.loads(stem("list", "--json").stdout)
     assert {r["name"]: "error" in r for r in listing} == {"legacy": False, "report": False}
+
+
+@pytest.mark.parametrize("tick_s", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_tick_that_is_not_a_positive_finite_number_is_refused(
+    rec: Recorder, tick_s: float
+) -> None:
+    """--tick nan and inf went past the check (a traceback, exit 1)."""
+    with pytest.raises(ConfigError, match="beat tick must be a finite number of seconds"):
+        rec.beat(tick_s=tick_s)
