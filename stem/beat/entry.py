@@ -31,7 +31,7 @@ from stem.beat.solar import EVENTS, Solar
 from stem.envelope import PRIORITY_MAX, PRIORITY_MIN, dumps, queue_problem
 from stem.errors import ConfigError, EncodeError
 
-__all__ = ["KINDS", "ORIGINS", "ScheduleEntry", "parse_entry", "parse_instant_ms"]
+__all__ = ["KINDS", "ORIGINS", "EntryError", "ScheduleEntry", "parse_entry", "parse_instant_ms"]
 
 KINDS = ("every", "cron", "solar", "calendar", "at")
 ORIGINS = ("code", "config", "cli")
@@ -44,6 +44,20 @@ _KEYS = {
 _UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MAX_DURATION_S = 100 * 365 * 86400.0  # beyond it, ticks leave the calendar (year 9999)
 _DURATION_RE = re.compile(r"\s*([+-]?\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
+
+
+class EntryError(ConfigError):
+    """A spec :func:`parse_entry` refused; ``field`` is its key as the spec wrote it (None:
+    the entry as a whole), ``problem`` the message without the entry and field, ``hint``
+    a likely fix."""
+
+    def __init__(
+        self, message: str, *, field: str | None, problem: str, hint: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.field = field
+        self.problem = problem
+        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -105,18 +119,18 @@ class _Spec:
             canon = _ALIASES.get(key, key)
             if canon not in _KEYS:
                 near = difflib.get_close_matches(key, [*_KEYS, *_ALIASES], n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                self.fail(key, f"unknown field{hint}")
+                self.fail(key, "unknown field", hint=f"did you mean {near[0]!r}?" if near else None)
             if canon in self.raw:
                 self.fail(key, f"given twice (as {canon!r} and an alias)")
             if value is not None:
                 self.raw[canon] = value
                 self.written[canon] = str(key)
 
-    def fail(self, key: str | None, problem: str) -> NoReturn:
+    def fail(self, key: str | None, problem: str, *, hint: str | None = None) -> NoReturn:
         key = self.written.get(key, key) if key else key
         where = self.label or f"schedule {self.name!r}" + (f", field {key!r}" if key else "")
-        raise ConfigError(f"{where}: {problem}")
+        said = f"{problem} ({hint})" if hint else problem
+        raise EntryError(f"{where}: {said}", field=key, problem=problem, hint=hint)
 
     def get(self, key: str) -> Any:
         return self.raw.get(key)

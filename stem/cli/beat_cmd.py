@@ -37,6 +37,7 @@ def config_specs(settings: Any) -> dict[str, dict[str, Any]]:
         else:
             spec = dict(entry)
         spec.pop("name", None)
+        spec.update(spec.pop("options", None) or {})
         if isinstance(spec.get("args"), tuple):
             spec["args"] = list(spec["args"])
         out[name] = {k: v for k, v in spec.items() if v is not None}

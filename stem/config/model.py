@@ -194,6 +194,7 @@ class BeatSettings:
 def _schedule_dict(entry: ScheduleSettings, redact: bool) -> dict[str, Any]:
     data = dataclasses.asdict(entry)
     data.pop("name")
+    data.update(data.pop("options"))
     data["args"] = list(entry.args)
     result: dict[str, Any] = redact_mapping(data) if redact else data
     return result

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from stem.config.fields import Field, FieldProblem, coerce
+from stem.config.fields import Field, FieldProblem
 from stem.config.yamlsafe import Node
 from stem.envelope import queue_problem
+from stem.errors import ConfigError
 
 # Slots one worker process may run (threads, or pool processes); more is a typo.
 MAX_POOL_SIZE = 4096
@@ -127,20 +128,19 @@ def _nonempty(value: Any) -> str | None:
     return None if str(value).strip() else "expected a non-empty string"
 
 
-def _cron(value: Any) -> str | None:
-    from croniter import croniter
-
-    return None if croniter.is_valid(str(value)) else f"invalid cron expression {value!r}"
-
-
 # -- beat schedule entries ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class ScheduleSettings:
-    """One beat entry: run ``task`` every ``every_s`` seconds or on ``cron``.
+    """One beat entry: run ``task`` every ``every_s`` seconds or on ``cron``; ``options``
+    holds the entry's other fields (``tz``, ``jitter_s``, ``catch_up``, ``enabled``,
+    ``start``/``end``, or a ``solar``, ``calendar`` or ``at`` schedule).
 
-    In YAML the interval is written ``every`` (seconds) or ``every_s``.
+    YAML takes what ``app.schedule`` and ``stem schedule add`` take (see
+    :mod:`stem.beat.entry`): the interval is written ``every`` (seconds, or ``"5m"``) or
+    ``every_s``. Each entry is checked as beat checks it, so ``stem config check`` refuses
+    what beat would.
     """
 
     name: str
@@ -152,64 +152,45 @@ class ScheduleSettings:
     queue: str | None = None
     priority: int | None = None
     expires_s: float | None = None
-
-
-_SCHEDULE_FIELDS: dict[str, Field] = {
-    "task": Field("str", check=_nonempty),
-    "every": Field("float", optional=True, above=0),
-    "every_s": Field("float", optional=True, above=0),
-    "cron": Field("str", optional=True, check=_cron),
-    "queue": Field("str", optional=True, check=_name),
-    "priority": Field("int", optional=True, min=0, max=9),
-    "expires_s": Field("float", optional=True, above=0),
-}
-_JSON_SCALARS = (str, int, float, bool, type(None))
-
-
-def _json_like(value: Any) -> bool:
-    if isinstance(value, list):
-        return all(_json_like(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _json_like(v) for k, v in value.items())
-    return isinstance(value, _JSON_SCALARS)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_schedule(name: str, node: Node) -> ScheduleSettings:
-    """Validate one ``beat.schedules`` entry; problems name the sub-key and its line."""
+    """Validate one ``beat.schedules`` entry as beat does; problems name the sub-key and
+    its line."""
+    from stem.beat.entry import EntryError, parse_entry
+
     entry_line = node.key_line or node.line
     if not isinstance(node.value, dict):
         raise FieldProblem("expected a mapping with task and every or cron", line=entry_line)
-    values: dict[str, Any] = {}
-    for key, child in node.value.items():
-        line = child.key_line or child.line
-        if key in ("args", "kwargs"):
-            plain = child.plain()
-            kind = list if key == "args" else dict
-            if not isinstance(plain, kind) or not _json_like(plain):
-                what = "a list" if key == "args" else "a mapping with string keys"
-                raise FieldProblem(f"expected {what} of JSON values", subkey=key, line=line)
-            values[key] = tuple(plain) if key == "args" else plain
-            continue
-        spec = _SCHEDULE_FIELDS.get(key)
-        if spec is None:
-            known = [*_SCHEDULE_FIELDS, "args", "kwargs"]
-            raise FieldProblem(
-                "unknown key", subkey=key, line=child.key_line, hint=did_you_mean(key, known)
-            )
-        try:
-            values[key] = coerce(spec, child)
-        except FieldProblem as exc:
-            raise FieldProblem(exc.message, subkey=key, line=child.line) from None
-    if "task" not in values:
-        raise FieldProblem("missing required key 'task'", line=entry_line)
-    every = values.pop("every", None)
-    every_s = values.pop("every_s", None)
-    if every is not None and every_s is not None:
-        raise FieldProblem("set every or every_s, not both", line=entry_line)
-    every_s = every if every is not None else every_s
-    if (every_s is None) == (values.get("cron") is None):
-        raise FieldProblem("set exactly one of every (seconds) or cron", line=entry_line)
-    return ScheduleSettings(name=name, every_s=every_s, **values)
+    if "origin" in node.value:
+        child = node.value["origin"]
+        raise FieldProblem(
+            "unknown key (entries here are of origin config)", subkey="origin", line=child.key_line
+        )
+    try:
+        spec = parse_entry(name, node.plain(), origin="config").to_spec()
+    except EntryError as exc:
+        child = node.value.get(exc.field) if exc.field else None
+        line = entry_line if child is None else (child.key_line or child.line)
+        raise FieldProblem(exc.problem, subkey=exc.field, line=line, hint=exc.hint) from None
+    except ConfigError as exc:  # the name itself
+        raise FieldProblem(str(exc), line=entry_line) from None
+    spec.pop("origin")
+    if spec.get("enabled") is True:
+        spec.pop("enabled")
+    return ScheduleSettings(
+        name=name,
+        task=spec.pop("task"),
+        every_s=spec.pop("every_s", None),
+        cron=spec.pop("cron", None),
+        args=tuple(spec.pop("args", ())),
+        kwargs=spec.pop("kwargs", {}),
+        queue=spec.pop("queue", None),
+        priority=spec.pop("priority", None),
+        expires_s=spec.pop("expires_s", None),
+        options=spec,
+    )
 
 
 # -- the schema -----------------------------------------------------------------------------

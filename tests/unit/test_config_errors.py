@@ -85,13 +85,26 @@ def yaml_issue(tmp_path: Path, text: str, name: str = "stem.yaml") -> ConfigIssu
             "beat:\n  schedules:\n    x:\n      task: t\n      cron: 'every day'\n",
             "beat.schedules.x.cron",
             5,
-            "invalid cron",
+            "a cron expression has five fields",
+        ),
+        # beat refused these, and config check passed them (exit 78 without a line)
+        (
+            "beat:\n  schedules:\n    x:\n      task: t\n      cron: '0 0 * * * *'\n",
+            "beat.schedules.x.cron",
+            5,
+            "five fields",
+        ),
+        (
+            "beat:\n  schedules:\n    x:\n      task: t\n      cron: '0 0 31 2 *'\n",
+            "beat.schedules.x.cron",
+            5,
+            "never fires",
         ),
         (
             "beat:\n  schedules:\n    x:\n      task: t\n      every: 5\n      priority: 10\n",
             "beat.schedules.x.priority",
             6,
-            "<= 9",
+            "an integer 0..9",
         ),
         (
             "beat:\n  schedules:\n    x:\n      task: t\n      every: 5\n      args: {a: 1}\n",
@@ -350,3 +363,30 @@ def test_an_app_whose_dependency_is_missing_is_not_called_missing_itself(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match=r"importing 'stem_tasks_prod' failed: .*'stem_tasks'"):
         load_app("stem_tasks_prod:app")
+
+
+def test_yaml_schedules_take_every_field_beat_takes(tmp_path: Path) -> None:
+    """A local-time cron (tz), jitter, catch_up, "5m" intervals: refused in YAML as
+    unknown keys, though app.schedule and stem schedule add take them."""
+    from stem.beat import parse_entry
+    from stem.cli.beat_cmd import config_specs
+
+    cfg = write(
+        tmp_path / "beat.yaml",
+        """
+        beat:
+          schedules:
+            nightly: {task: t, cron: "30 2 * * *", tz: Europe/Berlin, jitter: 5m, catch_up: true}
+            often: {task: t, every: 5m, expires: 60, enabled: false}
+        """,
+    )
+    specs = config_specs(load(tmp_path, config_file=str(cfg)))
+    nightly = parse_entry("nightly", specs["nightly"], origin="config")
+    assert (nightly.when["tz"], nightly.jitter_s, nightly.catch_up) == ("Europe/Berlin", 300, True)
+    often = parse_entry("often", specs["often"], origin="config")
+    assert (often.when["every_s"], often.expires_s, often.enabled) == (300, 60, False)
+    bad = write(
+        tmp_path / "bad.yaml", "beat:\n  schedules:\n    x: {task: t, every: 1, origin: cli}\n"
+    )
+    with pytest.raises(ConfigError, match=r"bad\.yaml:3: beat\.schedules\.x\.origin"):
+        load(tmp_path, config_file=str(bad))
