@@ -60,8 +60,9 @@ def _ms(seconds: float) -> int:
 
 def _str(value: Any) -> str:
     """Text read from Redis; what is not UTF-8 (written by something else than Stem) is
-    replaced, not a reason to fail the read it came in."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    escaped (``\\xff``), not a reason to fail the read it came in; escaped, not replaced,
+    so two different ids never read as one."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def _int(value: Any) -> int:

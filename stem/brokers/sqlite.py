@@ -253,9 +253,12 @@ class SQLiteBroker:
         with self._db.session("BEGIN") as conn:  # one snapshot for all the counts
             now = now_ms()
             if queues is None:
-                counts = {r[0]: r[1:] for r in conn.execute(_Q["stats_all"], {"now": now})}
-                dead = dict(conn.execute(_Q["dead_all"]).fetchall())
-                known = {r[0] for r in conn.execute(_Q["known_queues"])}
+                # Queue names read as bytes: one written by something else than Stem
+                # that is not UTF-8 must not fail the depths of every queue.
+                rows = conn.execute(_Q["stats_all"], {"now": now})
+                counts = {_text(r[0]): r[1:] for r in rows}
+                dead = {_text(q): n for q, n in conn.execute(_Q["dead_all"])}
+                known = {_text(r[0]) for r in conn.execute(_Q["known_queues"])}
                 names = sorted(known | counts.keys() | dead.keys())
             else:
                 names = list(dict.fromkeys(queues))
@@ -381,8 +384,9 @@ def _dead(row: tuple[int, bytes, bytes, bytes, bytes, bytes, int, int]) -> DeadL
 
 def _text(value: bytes | str) -> str:
     """A text column read as bytes (``CAST(... AS BLOB)``): what is not UTF-8 (written by
-    something else than Stem) is replaced, not a reason to fail the whole read."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    something else than Stem) is escaped (``\\xff``), not a reason to fail the whole read;
+    escaped, not replaced, so two different ids never read as one."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 # -- helpers shared with stem.backends.sqlite ----------------------------------------------

@@ -63,7 +63,7 @@ VALUES (?, ?, ?, ?, ?);
 INSERT OR IGNORE INTO stem_queues (name) VALUES (?);
 
 -- name: known_queues
-SELECT name FROM stem_queues;
+SELECT CAST(name AS BLOB) FROM stem_queues;
 
 -- name: candidates
 -- CAST: a row written by something else than Stem (a text priority, text that is not
@@ -138,7 +138,7 @@ WHERE (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
   AND (:queue IS NULL OR queue = :queue);
 
 -- name: stats_all
-SELECT queue,
+SELECT CAST(queue AS BLOB),
        sum(CAST(visible_ms AS INTEGER) <= :now),
        sum(CAST(visible_ms AS INTEGER) > :now AND lease_token IS NULL),
        sum(CAST(visible_ms AS INTEGER) > :now AND lease_token IS NOT NULL)
@@ -151,7 +151,7 @@ SELECT sum(CAST(visible_ms AS INTEGER) <= :now),
 FROM stem_messages WHERE queue = :queue;
 
 -- name: dead_all
-SELECT queue, count(*) FROM stem_dead_letters GROUP BY queue;
+SELECT CAST(queue AS BLOB), count(*) FROM stem_dead_letters GROUP BY queue;
 
 -- name: dead_one
 SELECT count(*) FROM stem_dead_letters WHERE queue = ?;

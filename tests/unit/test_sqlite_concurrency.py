@@ -284,8 +284,10 @@ def test_rows_whose_text_is_not_utf8_are_delivered_and_dead_lettered(tmp_path: P
             "INSERT INTO stem_messages (message_id, queue, priority, visible_ms, body) "
             "VALUES (CAST(x'fffe' AS TEXT), 'a', 0, 0, x'7b7d'), "
             "('bad-body', 'a', 0, 0, CAST(x'7bff7d' AS TEXT)), "
-            "('text-time', 'a', 0, 'soon', x'7b7d')"  # was 'delayed' for good
+            "('text-time', 'a', 0, 'soon', x'7b7d'), "
+            "(CAST(x'fe' AS TEXT), 'a', 0, 0, x'7b7d')"  # not to be taken for another
         )
+        raw.execute("INSERT INTO stem_queues (name) VALUES (CAST(x'71ff' AS TEXT))")
         raw.execute(
             "INSERT INTO stem_dead_letters (message_id, queue, priority, body, reason, "
             "detail, dead_ms, delivery_count) VALUES (CAST(x'ff' AS TEXT), 'b', 0, x'7b7d', "
@@ -293,19 +295,20 @@ def test_rows_whose_text_is_not_utf8_are_delivered_and_dead_lettered(tmp_path: P
         )
         raw.commit()
         raw.close()
-        assert [(s.ready, s.delayed) for s in broker.stats(["a"])] == [(4, 0)]
+        assert [(s.ready, s.delayed) for s in broker.stats(["a"])] == [(5, 0)]
+        assert "q\\xff" in {s.queue for s in broker.stats()}  # failed every queue's depths
         got = broker.reserve(["a"], 10, 30.0)
         ids = sorted(d.message_id for d in got)
-        assert ids == ["bad-body", "good", "text-time", "\ufffd\ufffd"]
+        assert ids == ["\\xfe", "\\xff\\xfe", "bad-body", "good", "text-time"]
         assert {d.message_id: d.body for d in got}["bad-body"] == b"{\xff}"
         for d in got:
-            if d.message_id not in ("good", "text-time"):
+            if d.message_id not in ("good", "text-time", "\\xfe"):
                 assert broker.dead_letter(d, "malformed", "not a Stem message")
         letters = {d.message_id: d for d in broker.dlq_list()}
-        assert sorted(letters) == ["bad-body", "\ufffd", "\ufffd\ufffd"]
-        assert letters["\ufffd"].reason == "\ufffdr" and letters["\ufffd"].detail == "\ufffdd"
+        assert sorted(letters) == ["\\xff", "\\xff\\xfe", "bad-body"]
+        assert letters["\\xff"].reason == "\\xffr" and letters["\\xff"].detail == "\\xffd"
         assert letters["bad-body"].body == b"{\xff}" and letters["bad-body"].reason == "malformed"
-        assert broker.dlq_get(letters["\ufffd"].id) is not None
+        assert broker.dlq_get(letters["\\xff"].id) is not None
         assert broker.dlq_replay(queue="a") == 2
     finally:
         broker.close()
