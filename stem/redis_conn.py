@@ -151,6 +151,10 @@ def _check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
                 f"the Redis TLS CA file {ca!r} holds no certificate that can be read "
                 f"({exc.reason or exc})"
             ) from None
+        except OSError as exc:  # a file this user may not read
+            raise ConfigError(
+                f"the Redis TLS CA file {ca!r} cannot be read: {exc.strerror}"
+            ) from None
     if cert:
         files = f"certificate file {cert!r}" + (f" and key file {key!r}" if key else "")
         try:
@@ -165,6 +169,8 @@ def _check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
                 f"the Redis TLS {files} do not hold a PEM certificate and its private key "
                 f"({exc.reason or exc})"
             ) from None
+        except OSError as exc:  # a file this user may not read
+            raise ConfigError(f"the Redis TLS {files} cannot be read: {exc.strerror}") from None
 
 
 class _EncryptedKey(Exception):

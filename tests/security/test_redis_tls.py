@@ -264,3 +264,21 @@ def test_tls_files_that_hold_no_certificate_are_named_at_configuration(
     )
     with pytest.raises(ConfigError, match="the private key is encrypted"):
         parse_url("rediss://h", TLSSettings(cert_file=str(c.client_cert), key_file=str(encrypted)))
+
+
+def test_a_tls_file_this_user_cannot_read_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, redis_test_certs: TestCerts
+) -> None:
+    """Another user's 0600 key (an operator's command on the service's config) ended in
+    a traceback, exit 1: a worker unit restarted it for good (78 stops it)."""
+
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", unreadable)
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", unreadable)
+    c = redis_test_certs
+    with pytest.raises(ConfigError, match=r"CA file '.*' cannot be read: Permission denied"):
+        parse_url(f"rediss://h?ssl_ca_certs={c.ca}")
+    with pytest.raises(ConfigError, match=r"certificate file '.*' cannot be read"):
+        parse_url("rediss://h", TLSSettings(cert_file=str(c.client_cert)))
