@@ -115,10 +115,9 @@ def _redact_url_parts(url: str) -> str:
 # {'client_secret': 'x'}, api_key: x): a key, quoted or not, holding one of these words
 # not followed by a letter (so not "tokenizer" or "max_tokens"), then its value, bare or
 # quoted, on the same line. A match starts only where a word starts and takes the whole
-# word at once (possessive): linear on any input. A word after a path separator is a
-# file name ("/etc/passwd: file is not a database"), not a key.
+# word at once (possessive): linear on any input.
 _KEY_VALUE_SECRET = re.compile(
-    r"""(?<![a-z0-9_/\\])(["']?)"""
+    r"""(?<![a-z0-9_])(["']?)"""
     r"""(?=[a-z0-9_]*?(?:pass(?:word|wd)|secret|token|api_?key)(?![a-z]))([a-z0-9_]++)"""
     r"""\1[ \t]*[=:][ \t]*"""
     r"""('(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|['"]?[^\s'",;}]+)""",
@@ -130,9 +129,17 @@ _BEARER = re.compile(r"(?<![a-z0-9_])(bearer[ \t]+)[a-z0-9._~+/=-]+", re.IGNOREC
 
 
 def _redact_value(m: re.Match[str]) -> str:
-    if m.group(2).lower().endswith(_NOT_SECRET_SUFFIXES):
+    if m.group(2).lower().endswith(_NOT_SECRET_SUFFIXES) or _is_passwd_file(m):
         return m.group(0)
     return m.string[m.start() : m.start(3)] + REDACTED
+
+
+def _is_passwd_file(m: re.Match[str]) -> bool:
+    """``/etc/passwd: file is not a database``: the file, then a message about it. Only
+    this one: another word after a slash may be a key (``vault/password: x``)."""
+    text, start = m.string, m.start()
+    separator = text[m.end(2) : m.start(3)].strip()
+    return m.group(2).lower() == "passwd" and text[start - 1 : start] == "/" and separator == ":"
 
 
 def redact_text(text: str) -> str:
