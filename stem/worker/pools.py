@@ -276,6 +276,7 @@ class AsyncPool:
         self._tasks: dict[Job, asyncio.Task[Any]] = {}
         self._runners = _DaemonThreads(size, "stem-async-sync")
         self._settlers = ThreadPoolExecutor(_SETTLERS, thread_name_prefix="stem-async-settle")
+        self._stopped = False
 
     def start(self) -> None:
         self._thread.start()
@@ -310,6 +311,8 @@ class AsyncPool:
             outcome = failure(_limit_error(job), runtime_s=time.perf_counter() - start)
         finally:
             self._tasks.pop(job, None)
+        if self._stopped:
+            return  # ran past a stop at once that did not wait: handed back, not settled
         # Settling does blocking I/O (backend, broker): keep it off the loop.
         await self._loop.run_in_executor(self._settlers, self._done, job, outcome)
 
@@ -361,6 +364,8 @@ class AsyncPool:
         self.size = size
 
     def stop(self, *, kill: bool) -> None:
+        self._stopped = kill
+
         def _shutdown() -> None:
             for task in list(self._tasks.values()):
                 task.cancel()
