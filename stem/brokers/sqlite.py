@@ -139,7 +139,7 @@ class SQLiteBroker:
             if len(self._idle_since) > _KNOWN_MAX:  # one-off queues (control replies)
                 self._idle_since.clear()
             idle = now - self._idle_since.setdefault(key, started)
-            self._wake.wait(seen, min(poll_interval(idle), remaining))
+            self._wake.wait(seen, min(poll_interval(idle, idle=True), remaining))
             # A read is enough to learn whether taking the write lock is worth it.
             look = self._wake.generation != seen or self._any_visible(names)
 
@@ -563,10 +563,12 @@ def _use_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.005 + secrets.randbelow(20) / 1000)
 
 
-def poll_interval(waited_s: float) -> float:
+def poll_interval(waited_s: float, *, idle: bool = False) -> float:
     """How long a wait that began ``waited_s`` ago sleeps before looking again for what
-    another process wrote (SQLite cannot notify across processes)."""
-    if waited_s >= POLL_IDLE_AFTER_S:
+    another process wrote (SQLite cannot notify across processes). ``idle``: a worker's
+    wait for messages, which past ``POLL_IDLE_AFTER_S`` looks only every ``POLL_IDLE_S``
+    (a caller waiting on a result keeps looking often)."""
+    if idle and waited_s >= POLL_IDLE_AFTER_S:
         return POLL_IDLE_S
     return min(POLL_MAX_S, max(POLL_MIN_S, waited_s / 4))
 

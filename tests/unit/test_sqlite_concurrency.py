@@ -210,6 +210,30 @@ def test_an_idle_worker_polls_less_and_less_across_its_reserves(
         broker.close()
 
 
+def test_a_result_wait_keeps_looking_often_however_long_it_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a worker's wait for messages slows down when idle: get() on a long task saw
+    its result up to POLL_IDLE_S late."""
+    import stem.brokers.sqlite as sqlite_broker
+
+    monkeypatch.setattr(sqlite_broker, "POLL_IDLE_AFTER_S", 0.1)
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'stem.db'}")
+    slept: list[float] = []
+
+    def record(self: Wake, seen: int, timeout_s: float) -> None:
+        slept.append(timeout_s)
+        time.sleep(timeout_s)
+
+    backend.ping()
+    monkeypatch.setattr(Wake, "wait", record)
+    try:
+        assert backend.wait("no-such-task", 0.4) is None
+    finally:
+        backend.close()
+    assert max(slept) == POLL_MAX_S
+
+
 def test_broker_and_backend_share_one_file(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'stem.db'}"
     broker, backend = SQLiteBroker(url), SQLiteBackend(url)
