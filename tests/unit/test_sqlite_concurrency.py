@@ -146,6 +146,18 @@ def test_waiting_reserve_sees_a_publish_from_another_process(tmp_path: Path) -> 
         broker.close()
 
 
+def record_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """From now on, the sleeps of waits (each is still slept), in order."""
+    slept: list[float] = []
+
+    def record(self: Wake, seen: int, timeout_s: float) -> None:
+        slept.append(timeout_s)
+        time.sleep(timeout_s)
+
+    monkeypatch.setattr(Wake, "wait", record)
+    return slept
+
+
 @pytest.mark.parametrize("store", ["broker", "backend"])
 def test_waits_look_often_at_first_then_less_often(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
@@ -154,14 +166,8 @@ def test_waits_look_often_at_first_then_less_often(
     often on its way, as when a caller waits on each result in turn), rarely later."""
     url = f"sqlite:///{tmp_path / 'stem.db'}"
     client = SQLiteBroker(url) if store == "broker" else SQLiteBackend(url)
-    slept: list[float] = []
-
-    def record(self: Wake, seen: int, timeout_s: float) -> None:
-        slept.append(timeout_s)
-        time.sleep(timeout_s)
-
     client.ping()  # the connection opened first: opening it is no part of the wait
-    monkeypatch.setattr(Wake, "wait", record)
+    slept = record_waits(monkeypatch)
     try:
         if isinstance(client, SQLiteBroker):
             assert client.reserve(["q"], 1, 30.0, wait_s=0.3) == []
@@ -187,14 +193,8 @@ def test_an_idle_worker_polls_less_and_less_across_its_reserves(
     monkeypatch.setattr(sqlite_broker, "POLL_IDLE_AFTER_S", 0.4)
     monkeypatch.setattr(sqlite_broker, "POLL_IDLE_S", 0.05)
     broker = SQLiteBroker(f"sqlite:///{tmp_path / 'stem.db'}")
-    slept: list[float] = []
-
-    def record(self: Wake, seen: int, timeout_s: float) -> None:
-        slept.append(timeout_s)
-        time.sleep(timeout_s)
-
     broker.ping()
-    monkeypatch.setattr(Wake, "wait", record)
+    slept = record_waits(monkeypatch)
     try:
         assert broker.reserve(["q"], 1, 30.0, wait_s=0.2) == []
         slept.clear()
@@ -219,14 +219,8 @@ def test_a_result_wait_keeps_looking_often_however_long_it_waits(
 
     monkeypatch.setattr(sqlite_broker, "POLL_IDLE_AFTER_S", 0.1)
     backend = SQLiteBackend(f"sqlite:///{tmp_path / 'stem.db'}")
-    slept: list[float] = []
-
-    def record(self: Wake, seen: int, timeout_s: float) -> None:
-        slept.append(timeout_s)
-        time.sleep(timeout_s)
-
     backend.ping()
-    monkeypatch.setattr(Wake, "wait", record)
+    slept = record_waits(monkeypatch)
     try:
         assert backend.wait("no-such-task", 0.4) is None
     finally:
