@@ -64,28 +64,24 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise SoftTimeLimitExceeded("task exceeded its soft time limit")
 
 
-_POOL_PID = 0  # this pool process (set in main)
-
-
 def _on_stop_signal(signum: int, frame: Any) -> None:
     """SIGINT and SIGTERM do not stop a pool process: its worker stops it, letting its
     task finish or not. A handler, not SIG_IGN: an ignored signal stays ignored through
-    fork and exec, and programs a task starts (``Popen.terminate()``) would not stop.
-    A process the task forked takes the signal as it would by default."""
-    if os.getpid() == _POOL_PID:
-        return
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    fork and exec, and programs a task starts (``Popen.terminate()``) would not stop."""
+
+
+def _stop_signals_as_by_default() -> None:
+    """In a process the task forks: SIGINT and SIGTERM act as they would by default, at
+    once (a Python handler waits for the interpreter, which a long C call holds)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: list[str]) -> int:
-    global _POOL_PID
     in_fd, out_fd, parent_pid = int(argv[0]), int(argv[1]), int(argv[2])
-    _POOL_PID = os.getpid()
     signal.signal(signal.SIGINT, _on_stop_signal)
     signal.signal(signal.SIGTERM, _on_stop_signal)
+    os.register_at_fork(after_in_child=_stop_signals_as_by_default)
     signal.signal(signal.SIGALRM, _on_alarm)
     _die_with_parent(parent_pid)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()

@@ -822,11 +822,13 @@ def undecodable():
 
 @app.task(name="crash.stops_children")
 def stops_children():
-    import multiprocessing, subprocess, time
+    import hashlib, multiprocessing, subprocess, time
     program = subprocess.Popen(["sleep", "30"])
     time.sleep(0.2)
     program.terminate()
-    forked = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    # A long C call: a Python-level handler would wait for it to end (a minute or so).
+    busy = ("sha256", b"x", b"y", 200_000_000)
+    forked = multiprocessing.get_context("fork").Process(target=hashlib.pbkdf2_hmac, args=busy)
     forked.start()
     time.sleep(0.2)
     forked.terminate()
