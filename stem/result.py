@@ -171,10 +171,7 @@ class AsyncResult:
         return self.state in states.EXCEPTION_STATES
 
     def wait_record(self, timeout: float | None = None) -> ResultRecord:
-        if timeout is not None and math.isnan(timeout):
-            raise ConfigError("a result timeout must be a number of seconds, got nan")
-        if timeout == math.inf:
-            timeout = None
+        timeout = _checked_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.05
         while True:
@@ -235,9 +232,17 @@ class GroupResult:
         return sum(1 for r in self.results if r.successful())
 
     def get(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
+        timeout = _checked_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         values = []
         for res in self.results:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             values.append(res.get(timeout=remaining, propagate=propagate))
         return values
+
+
+def _checked_timeout(timeout: float | None) -> float | None:
+    """A result timeout: NaN is refused (no time is ever past it), infinity waits for good."""
+    if timeout is not None and math.isnan(timeout):
+        raise ConfigError("a result timeout must be a number of seconds, got nan")
+    return None if timeout == math.inf else timeout

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from stem import Stem, TaskError, states
+from stem import Stem, TaskError, group, states
 from stem.backends.memory import MemoryBackend
 from stem.brokers.base import Delivery, Message
 from stem.brokers.memory import MemoryBroker
@@ -279,8 +279,12 @@ def test_a_result_timeout_of_nan_is_refused_and_infinity_waits(app: Stem) -> Non
     res = quick.delay()
     with pytest.raises(ConfigError, match="a result timeout must be a number of seconds"):
         res.get(timeout=float("nan"))
+    group_res = group([quick.s(), quick.s()]).delay()
+    with pytest.raises(ConfigError, match="a result timeout must be a number of seconds"):
+        group_res.get(timeout=float("nan"))  # timed out at once
     with Running(app):
         assert res.get(timeout=float("inf")) == 1
+        assert group_res.get(timeout=float("inf")) == [1, 1]
 
 
 def test_ignore_result_writes_nothing(app: Stem) -> None:
