@@ -363,7 +363,14 @@ class Beat:
         log.info("beat %s starting", self.beat_id, extra={"event": "beat-start"})
         while not self._stop.is_set():
             try:
-                if not synced:
+                if not synced or not self.store.synced():
+                    if synced:
+                        log.warning(
+                            "the schedules beat stored are gone from the broker (restarted "
+                            "without persistence, or failed over?): storing the code and "
+                            "config ones again",
+                            extra={"event": "beat-resync"},
+                        )
                     self.sync()
                     synced = True
                 report = self.tick()

@@ -46,6 +46,9 @@ ENTRY_PREFIX = "beat:entry:"
 LAST_PREFIX = "beat:last:"
 TICK_PREFIX = "beat:tick:"
 FIRING_PREFIX = "beat:firing:"
+# Written by every sync: gone, the broker lost what beat stored (restarted without
+# persistence, or failed over to a replica that was behind).
+SYNCED_KEY = "beat:synced"
 _CAS_ATTEMPTS = 20
 
 
@@ -125,6 +128,10 @@ class ScheduleStore:
         """The entry, None if there is none; ConfigError if it does not load."""
         raw = self.broker.peek(ENTRY_PREFIX + name)
         return None if raw is None else self._parse(name, raw)
+
+    def synced(self) -> bool:
+        """Whether a sync's marker is stored (see SYNCED_KEY)."""
+        return self.broker.peek(SYNCED_KEY) is not None
 
     def exists(self, name: str) -> bool:
         """Whether an entry is stored under ``name``, loadable or not."""
@@ -289,6 +296,7 @@ class ScheduleStore:
                 return self._encode(entry)
 
             self._update(ENTRY_PREFIX + entry.name, change)
+        self._update(SYNCED_KEY, lambda current: "1")
         removed: list[str] = []
         if prune:
             stored = self.load()

@@ -530,6 +530,35 @@ def test_a_bad_code_spec_stops_sync_with_a_config_error(rec: Recorder) -> None:
 # -- the loop -----------------------------------------------------------------------------------
 
 
+def test_run_stores_the_schedules_again_when_the_broker_lost_them(
+    rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis restarted without persistence (or a failover) loses what beat stored:
+    its ticks stopped for good, silently, until beat was restarted."""
+    add_schedule(rec.app, "quick", "job", every=0.1)
+    beat = rec.beat(tick_s=0.05)
+    thread = threading.Thread(target=beat.run)
+    thread.start()
+    try:
+
+        def fired_within(seconds: float) -> bool:
+            seen, deadline = len(rec.sent), now_ms() + seconds * 1000
+            while len(rec.sent) == seen and now_ms() < deadline:
+                threading.Event().wait(0.02)
+            return len(rec.sent) > seen
+
+        assert fired_within(5)
+        with caplog.at_level(logging.WARNING, logger="stem.beat"):
+            for key in rec.app.broker.scan("beat:"):  # the broker loses every key
+                rec.app.broker.release(key)
+            assert fired_within(5)
+        assert "storing the code and config ones again" in caplog.text
+    finally:
+        beat.stop()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
 def test_run_fires_on_the_real_clock_and_stops(rec: Recorder) -> None:
     add_schedule(rec.app, "quick", "job", every=0.1)
     beat = rec.beat(tick_s=0.05)
