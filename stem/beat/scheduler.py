@@ -76,6 +76,17 @@ class TickReport:
     next_ms: int | None = None
 
 
+def unknown_task(app: Stem, entry: ScheduleEntry) -> str | None:
+    """What is wrong with an entry whose task this app does not register (None when it
+    does, or when the app registers none: a producer-only app sends tasks by name)."""
+    if not app.tasks or entry.task in app.tasks:
+        return None
+    return (
+        f"schedule {entry.name!r}: task {entry.task!r} is not registered in this app; "
+        "workers without it dead-letter every run (unknown-task)"
+    )
+
+
 class Beat:
     """The scheduler loop (see module docstring).
 
@@ -140,6 +151,9 @@ class Beat:
         else:
             origins = ("config", "code") if self.prune else ()
         self.store.sync(entries, prune=origins)
+        for entry in self.store.load().entries.values():
+            if problem := unknown_task(self.app, entry):
+                log.warning(problem, extra={"event": "beat-unknown-task", "entry": entry.name})
         log.info(
             "beat %s: %d schedule(s) from code and config",
             self.beat_id,

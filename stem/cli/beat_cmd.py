@@ -250,6 +250,7 @@ def add(
 ) -> None:
     """Add (or with --replace, overwrite) a stored schedule; running beats pick it up."""
     from stem.beat import parse_entry
+    from stem.beat.scheduler import unknown_task
 
     spec: dict[str, Any] = {
         "task": task,
@@ -278,6 +279,8 @@ def add(
         fail(f"schedule {name!r} exists; pass --replace to overwrite it", ExitCode.FAILURE)
     verb = "replaced" if existed else "added"
     typer.echo(f"{verb} {name}: {entry.task} {entry.describe()}")
+    if problem := unknown_task(load_app(ctx), entry):
+        typer.echo(f"warning: {problem}", err=True)
 
 
 @app.command("remove")

@@ -133,6 +133,9 @@ def test_schedule_commands_end_to_end(cli: StemCLI) -> None:
     assert dup.returncode == 1 and "--replace" in dup.stderr
     bad = stem(cli, "schedule", "add", "oops", "--task", "x", "--every", "soon", ok=False)
     assert bad.returncode == 78 and "schedule 'oops', field 'every'" in bad.stderr
+    typo = stem(cli, "schedule", "add", "typo", "--task", "acc.sqaure", "--every", "60")
+    assert "task 'acc.sqaure' is not registered in this app" in typo.stderr  # added, warned
+    stem(cli, "schedule", "remove", "typo")
     assert "mon" in stem(cli, "schedule", "list").stdout
 
     rows = listing(cli)

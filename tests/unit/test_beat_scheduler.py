@@ -663,3 +663,22 @@ def test_a_tick_that_is_not_a_positive_finite_number_is_refused(
     """--tick nan and inf went past the check (a traceback, exit 1)."""
     with pytest.raises(ConfigError, match="beat tick must be a finite number of seconds"):
         rec.beat(tick_s=tick_s)
+
+
+def test_an_entry_for_a_task_the_app_does_not_register_is_warned_about(
+    rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in a task name: beat enqueued it every tick and workers dead-lettered each
+    run, with no word at start. (An app that registers no task sends by name: no warning.)"""
+
+    @rec.app.task(name="job")
+    def job() -> None: ...
+
+    put(rec, "typo", task="jbo", every=1)
+    with caplog.at_level(logging.WARNING, logger="stem.beat"):
+        rec.beat(specs={"fine": {"task": "job", "every": 1}}).sync()
+    warned = [r.getMessage() for r in caplog.records if r.name == "stem.beat"]
+    assert warned == [
+        "schedule 'typo': task 'jbo' is not registered in this app; workers without it "
+        "dead-letter every run (unknown-task)"
+    ]
