@@ -154,6 +154,7 @@ def check(
         # Load the keys as a worker will: a key file that is malformed, misnamed or
         # unreadable by this user fails here, not at the next restart.
         settings.signing.to_keyring()
+        _check_store_urls(settings)
     except ConfigError as exc:
         _config_failure(exc, as_json)
     results = run_gates(settings)
@@ -177,6 +178,17 @@ def check(
         typer.echo(f"profile {settings.profile}: configuration {verdict}")
     if failing:
         raise typer.Exit(int(ExitCode.CONFIG))
+
+
+def _check_store_urls(settings: Any) -> None:
+    """Read the Redis URLs as a worker will, with their TLS files loaded: a CA file that
+    holds no certificate, or a key that is not the certificate's, fails here."""
+    from stem.redis_conn import parse_url
+
+    tls = settings.tls.to_tls_settings()
+    for url in dict.fromkeys((settings.broker.url, settings.backend.url)):
+        if url and url.partition(":")[0].lower() in ("redis", "rediss"):
+            parse_url(url, tls)
 
 
 @app.command("gates")
