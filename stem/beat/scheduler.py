@@ -104,7 +104,7 @@ class Beat:
         specs: Mapping[str, Mapping[str, Any]] | None = None,
         store: ScheduleStore | None = None,
         max_catch_up: int = 100,
-        prune: bool | None = None,
+        prune: bool = False,
     ) -> None:
         if not 0 < tick_s < math.inf:  # NaN too
             raise ConfigError(f"beat tick must be a finite number of seconds above 0, got {tick_s}")
@@ -139,18 +139,27 @@ class Beat:
     def sync(self) -> None:
         """Write the code and config entries to the store (see :meth:`ScheduleStore.sync`).
 
-        Stored entries no longer defined are removed: with ``prune`` None (the default),
-        config entries (the configuration is always read whole, so one not there was taken
-        out), and code entries only where this beat has the app (tasks or schedules): one
-        started without it would otherwise remove every entry the app defines. ``prune``
-        True removes both, False neither."""
+        With ``prune``, stored code and config entries no longer defined here are removed.
+        It is off by default: beats of other apps, or with other configuration (a rolling
+        deploy), may share the broker, and a beat started without the app would remove
+        every entry it defines. Without it, such entries are named in a warning: they keep
+        firing until removed (``stem schedule remove``)."""
         entries = self.defined_entries()
-        if self.prune is None:
-            has_app = bool(self.app.tasks or self.app.schedules)
-            origins: tuple[str, ...] = ("config", "code") if has_app else ("config",)
-        else:
-            origins = ("config", "code") if self.prune else ()
-        self.store.sync(entries, prune=origins)
+        self.store.sync(entries, prune=("config", "code") if self.prune else ())
+        defined = {e.name for e in entries}
+        stale = sorted(
+            name
+            for name, entry in self.store.load().entries.items()
+            if entry.origin in ("code", "config") and name not in defined
+        )
+        if stale:
+            log.warning(
+                "stored schedule(s) of origin code or config that this beat's app and "
+                "configuration do not define keep firing: %s (remove them with `stem "
+                "schedule remove NAME`, or start beat with --prune, if nothing defines them)",
+                ", ".join(stale),
+                extra={"event": "beat-undefined-entries", "entries": stale},
+            )
         for entry in self.store.load().entries.values():
             if problem := unknown_task(self.app, entry):
                 log.warning(problem, extra={"event": "beat-unknown-task", "entry": entry.name})

@@ -64,16 +64,16 @@ def beat(
         typer.Option("--id", envvar="STEM_BEAT_ID", help="This beat's id (default host:pid)."),
     ] = None,
     prune: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             "--prune/--no-prune",
             envvar="STEM_BEAT_PRUNE",
             help=(
                 "Remove stored code/config schedules that the app and config no longer "
-                "define (default: config ones, and code ones when --app is given)."
+                "define (without it, beat names them in a warning; they keep firing)."
             ),
         ),
-    ] = None,
+    ] = False,
 ) -> None:
     """Run the scheduler until SIGTERM/SIGINT. Several may run at once: each tick is
     enqueued exactly once."""

@@ -470,32 +470,27 @@ def test_sync_keeps_an_operator_disabled_flag_and_prunes_only_on_request(rec: Re
     assert entry is not None and not entry.enabled and entry.to_spec()["every_s"] == 5.0
     del rec.app.schedules["code-job"]
     beat.sync()
-    assert store.get("code-job") is not None  # a beat without the app prunes no code entry
-    rec.beat(specs={}, prune=False).sync()
-    assert store.get("cfg-job") is not None  # --no-prune
+    assert store.get("code-job") is not None  # no pruning by default
     rec.beat(specs={}, prune=True).sync()
     assert sorted(store.load().entries) == ["cli-job"]
 
 
-def test_a_schedule_taken_out_of_config_or_code_stops_firing(rec: Recorder) -> None:
+def test_a_schedule_taken_out_of_config_or_code_is_named_at_start(
+    rec: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
     """Set to null in a later config file (as config/conf.d/README says to), or deleted:
-    the stored entry kept firing for good unless beat ran with --prune. Code entries go
-    too where beat has the app (a beat without --app knows none of them)."""
+    the stored entry kept firing, and nothing said so. Beat names it now (removing it
+    itself would remove the entries of other apps' beats sharing the broker)."""
     put(rec, "cli-job", every=1)
     add_schedule(rec.app, "code-job", "job", every=1)
     specs = {"cfg-job": {"task": "job", "every_s": 1}, "other": {"task": "job", "every_s": 1}}
     rec.beat(specs=specs).sync()
+    del rec.app.schedules["code-job"]
+    with caplog.at_level(logging.WARNING, logger="stem.beat"):
+        rec.beat(specs={"other": specs["other"]}).sync()
+    assert "do not define keep firing: cfg-job, code-job (remove them" in caplog.text
     store = ScheduleStore(rec.app.broker)
     assert sorted(store.load().entries) == ["cfg-job", "cli-job", "code-job", "other"]
-
-    @rec.app.task(name="job")
-    def job() -> None: ...
-
-    del rec.app.schedules["code-job"]
-    beat = rec.beat(specs={"other": specs["other"]})
-    beat.sync()
-    assert sorted(store.load().entries) == ["cli-job", "other"]
-    assert [name for name, _ in beat.tick(T0).fired] == ["cli-job", "other"]
 
 
 def test_config_settings_become_specs() -> None:
