@@ -134,8 +134,9 @@ def _nonempty(value: Any) -> str | None:
 @dataclass(frozen=True, slots=True)
 class ScheduleSettings:
     """One beat entry: run ``task`` every ``every_s`` seconds or on ``cron``; ``options``
-    holds the entry's other fields (``tz``, ``jitter_s``, ``catch_up``, ``enabled``,
-    ``start``/``end``, or a ``solar``, ``calendar`` or ``at`` schedule).
+    holds the entry's other fields (``tz``, ``jitter_s``, ``catch_up``, ``start``/``end``,
+    or a ``solar``, ``calendar`` or ``at`` schedule). Not ``enabled``: that flag is the
+    operator's (``stem schedule disable``).
 
     YAML takes what ``app.schedule`` and ``stem schedule add`` take (see
     :mod:`stem.beat.entry`): the interval is written ``every`` (seconds, or ``"5m"``) or
@@ -167,6 +168,16 @@ def parse_schedule(name: str, node: Node) -> ScheduleSettings:
         child = node.value["origin"]
         raise FieldProblem(
             "unknown key (entries here are of origin config)", subkey="origin", line=child.key_line
+        )
+    if "enabled" in node.value:
+        # The stored flag is the operator's, kept when beat writes the entry again: one
+        # here would be ignored for an entry already stored.
+        child = node.value["enabled"]
+        raise FieldProblem(
+            "not set here: use `stem schedule disable NAME` (or enable); the flag is kept "
+            "across restarts",
+            subkey="enabled",
+            line=child.key_line,
         )
     try:
         spec = parse_entry(name, node.plain(), origin="config").to_spec()

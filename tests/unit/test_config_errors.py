@@ -377,16 +377,22 @@ def test_yaml_schedules_take_every_field_beat_takes(tmp_path: Path) -> None:
         beat:
           schedules:
             nightly: {task: t, cron: "30 2 * * *", tz: Europe/Berlin, jitter: 5m, catch_up: true}
-            often: {task: t, every: 5m, expires: 60, enabled: false}
+            often: {task: t, every: 5m, expires: 60}
         """,
     )
     specs = config_specs(load(tmp_path, config_file=str(cfg)))
     nightly = parse_entry("nightly", specs["nightly"], origin="config")
     assert (nightly.when["tz"], nightly.jitter_s, nightly.catch_up) == ("Europe/Berlin", 300, True)
     often = parse_entry("often", specs["often"], origin="config")
-    assert (often.when["every_s"], often.expires_s, often.enabled) == (300, 60, False)
+    assert (often.when["every_s"], often.expires_s) == (300, 60)
     bad = write(
         tmp_path / "bad.yaml", "beat:\n  schedules:\n    x: {task: t, every: 1, origin: cli}\n"
     )
     with pytest.raises(ConfigError, match=r"bad\.yaml:3: beat\.schedules\.x\.origin"):
         load(tmp_path, config_file=str(bad))
+    # the operator's flag: one here would be ignored for an entry already stored
+    off = write(
+        tmp_path / "off.yaml", "beat:\n  schedules:\n    x: {task: t, every: 1, enabled: no}\n"
+    )
+    with pytest.raises(ConfigError, match=r"off\.yaml:3: beat\.schedules\.x\.enabled: not set"):
+        load(tmp_path, config_file=str(off))
