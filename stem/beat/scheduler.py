@@ -24,7 +24,6 @@ exception: it fires once even when late, and is disabled after it fires.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 import signal
@@ -87,6 +86,9 @@ def unknown_task(app: Stem, entry: ScheduleEntry) -> str | None:
     )
 
 
+_MAX_TICK_S = 3600.0  # between passes; a longer one is a typo (and overflows a wait)
+
+
 class Beat:
     """The scheduler loop (see module docstring).
 
@@ -106,8 +108,20 @@ class Beat:
         max_catch_up: int = 100,
         prune: bool = False,
     ) -> None:
-        if not 0 < tick_s < math.inf:  # NaN too
-            raise ConfigError(f"beat tick must be a finite number of seconds above 0, got {tick_s}")
+        if not 0 < tick_s <= _MAX_TICK_S:  # NaN too
+            raise ConfigError(
+                f"beat tick must be a number of seconds above 0 and at most {_MAX_TICK_S:g}, "
+                f"got {tick_s}"
+            )
+        keyring = app.keyring
+        if keyring is not None and keyring.required and not keyring.can_sign:
+            # Every tick would fail to be sent: refuse to start (exit 78) rather than run
+            # and log an error each pass.
+            raise ConfigError(
+                "beat sends tasks, and this keyring holds public keys only (verify-only) "
+                "while signatures are required: give beat STEM_SIGNING_KEYS and "
+                "STEM_SIGNING_ACTIVE_KEY (signing.keys, signing.active_key)"
+            )
         self.app = app
         self.tick_s = tick_s
         self.beat_id = beat_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -169,6 +183,23 @@ class Beat:
             len(entries),
             extra={"event": "beat-sync", "entries": [e.name for e in entries]},
         )
+
+    def resync(self, now: int | None = None) -> None:
+        """Store the code and config entries again after the broker lost them (restarted
+        without persistence, or failed over), their last ticks taken as fired: a tick may
+        have been sent before the loss, and a one-off (``at``) must not run twice."""
+        log.warning(
+            "the schedules beat stored are gone from the broker (restarted without "
+            "persistence, or failed over?): storing the code and config ones again; their "
+            "latest ticks are taken as sent",
+            extra={"event": "beat-resync"},
+        )
+        now = now_ms() if now is None else now
+        self.sync()
+        for entry in self.defined_entries():
+            latest = entry.schedule.prev_at_or_before(now)
+            if latest is not None:
+                self.store.advance_last(entry.name, latest)
 
     # -- one pass ----------------------------------------------------------------------------
 
@@ -386,16 +417,11 @@ class Beat:
         log.info("beat %s starting", self.beat_id, extra={"event": "beat-start"})
         while not self._stop.is_set():
             try:
-                if not synced or not self.store.synced():
-                    if synced:
-                        log.warning(
-                            "the schedules beat stored are gone from the broker (restarted "
-                            "without persistence, or failed over?): storing the code and "
-                            "config ones again",
-                            extra={"event": "beat-resync"},
-                        )
+                if not synced:
                     self.sync()
                     synced = True
+                elif not self.store.synced():
+                    self.resync()
                 report = self.tick()
             except BrokerError as exc:
                 wait_s = _ERROR_BACKOFF_S[min(failures, len(_ERROR_BACKOFF_S) - 1)]

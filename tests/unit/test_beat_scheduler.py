@@ -531,6 +531,7 @@ def test_run_stores_the_schedules_again_when_the_broker_lost_them(
     """A Redis restarted without persistence (or a failover) loses what beat stored:
     its ticks stopped for good, silently, until beat was restarted."""
     add_schedule(rec.app, "quick", "job", every=0.1)
+    add_schedule(rec.app, "once", "job", at="2020-01-01T00:00:00Z")  # fired at first sight
     beat = rec.beat(tick_s=0.05)
     thread = threading.Thread(target=beat.run)
     thread.start()
@@ -552,6 +553,8 @@ def test_run_stores_the_schedules_again_when_the_broker_lost_them(
         beat.stop()
         thread.join(5)
     assert not thread.is_alive()
+    once = [e for e in rec.sent if e.headers["beat_entry"] == "once"]
+    assert len(once) == 1  # a one-off runs once, loss or not
 
 
 def test_run_fires_on_the_real_clock_and_stops(rec: Recorder) -> None:
@@ -651,13 +654,27 @@ def test_cli_replaces_removes_and_reseals_entries_that_do_not_verify(tmp_path: P
     assert {r["name"]: "error" in r for r in listing} == {"legacy": False, "report": False}
 
 
-@pytest.mark.parametrize("tick_s", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("tick_s", [0.0, -1.0, float("nan"), float("inf"), 1e12])
 def test_a_tick_that_is_not_a_positive_finite_number_is_refused(
     rec: Recorder, tick_s: float
 ) -> None:
-    """--tick nan and inf went past the check (a traceback, exit 1)."""
-    with pytest.raises(ConfigError, match="beat tick must be a finite number of seconds"):
+    """--tick nan, inf and 1e12 went past the check (a traceback, exit 1)."""
+    with pytest.raises(ConfigError, match="beat tick must be a number of seconds above 0"):
         rec.beat(tick_s=tick_s)
+
+
+def test_a_beat_that_cannot_sign_what_it_sends_does_not_start() -> None:
+    """With public keys only it logged an error each pass, for good, and sent nothing."""
+    from tests.fixtures.keyrings import verify_only_pair
+
+    producer, verify_only = verify_only_pair("vo-beat")
+    try:
+        with pytest.raises(ConfigError, match="beat sends tasks, and this keyring holds public"):
+            Beat(verify_only)
+        Beat(producer)  # holds the private key
+    finally:
+        producer.close()
+        verify_only.close()
 
 
 def test_an_entry_for_a_task_the_app_does_not_register_is_warned_about(
