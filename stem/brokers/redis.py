@@ -61,7 +61,7 @@ def _ms(seconds: float) -> int:
 def _str(value: Any) -> str:
     """Text read from Redis; what is not UTF-8 (written by something else than Stem) is
     escaped (``\\xff``), not a reason to fail the read it came in; escaped, not replaced,
-    so two different ids never read as one."""
+    so two such ids do not read as one."""
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 

@@ -385,7 +385,7 @@ def _dead(row: tuple[int, bytes, bytes, bytes, bytes, bytes, int, int]) -> DeadL
 def _text(value: bytes | str) -> str:
     """A text column read as bytes (``CAST(... AS BLOB)``): what is not UTF-8 (written by
     something else than Stem) is escaped (``\\xff``), not a reason to fail the whole read;
-    escaped, not replaced, so two different ids never read as one."""
+    escaped, not replaced, so two such ids do not read as one."""
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 

@@ -136,10 +136,10 @@ def _redact_value(m: re.Match[str]) -> str:
 
 def _is_passwd_file(m: re.Match[str]) -> bool:
     """``/etc/passwd: file is not a database``: the file, then a message about it. Only
-    this one: another word after a slash may be a key (``vault/password: x``)."""
+    this one: another word after a slash may be a key (``vault/passwd: x``)."""
     text, start = m.string, m.start()
     separator = text[m.end(2) : m.start(3)].strip()
-    return m.group(2).lower() == "passwd" and text[start - 1 : start] == "/" and separator == ":"
+    return text[start - 5 : m.end(2)] == "/etc/passwd" and separator == ":"
 
 
 def redact_text(text: str) -> str:

@@ -141,6 +141,7 @@ def test_postgres_urls_keep_their_unix_socket_form() -> None:
         ("vault/password: s3cret", "vault/password: ***"),
         ("GET /login/token=s3cret", "/login/token=***"),
         ("cat /etc/passwd=s3cret", "/etc/passwd=***"),
+        ("secret/app/passwd: s3cret", "secret/app/passwd: ***"),
     ],
 )
 def test_key_value_connection_strings_lose_their_passwords(text: str, shown: str) -> None:
