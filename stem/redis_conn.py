@@ -42,7 +42,7 @@ from redis.retry import Retry
 
 from stem.errors import ConfigError, StemError
 from stem.observability.redact import redact_error, redact_text, redact_url
-from stem.security.tls import TLSSettings
+from stem.security.tls import TLSSettings, check_tls_files
 from stem.urls import check_url, number_option
 
 log = logging.getLogger("stem.redis")
@@ -134,53 +134,8 @@ def _tls_kwargs(
     }
     if kwargs["ssl_keyfile"] and not kwargs["ssl_certfile"]:
         raise ConfigError("a Redis TLS key file was given without a certificate file")
-    _check_tls_files(kwargs["ssl_ca_certs"], kwargs["ssl_certfile"], kwargs["ssl_keyfile"])
+    check_tls_files("Redis", kwargs["ssl_ca_certs"], kwargs["ssl_certfile"], kwargs["ssl_keyfile"])
     return kwargs, insecure
-
-
-def _check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
-    """Load the CA and the client certificate once here: a file that holds no certificate,
-    or a key that is not the certificate's, is a configuration error naming the file, not
-    a failure to reach Redis on every connect."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if ca:
-        try:
-            ctx.load_verify_locations(cafile=ca)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"the Redis TLS CA file {ca!r} holds no certificate that can be read "
-                f"({exc.reason or exc})"
-            ) from None
-        except OSError as exc:  # a file this user may not read
-            raise ConfigError(
-                f"the Redis TLS CA file {ca!r} cannot be read: {exc.strerror}"
-            ) from None
-    if cert:
-        files = f"certificate file {cert!r}" + (f" and key file {key!r}" if key else "")
-        try:
-            ctx.load_cert_chain(cert, key, password=_no_password)
-        except _EncryptedKey:
-            raise ConfigError(
-                f"the Redis TLS {files}: the private key is encrypted; Stem needs it unencrypted "
-                "(readable by the service user only)"
-            ) from None
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"the Redis TLS {files} do not hold a PEM certificate and its private key "
-                f"({exc.reason or exc})"
-            ) from None
-        except OSError as exc:  # a file this user may not read
-            raise ConfigError(f"the Redis TLS {files} cannot be read: {exc.strerror}") from None
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> str:
-    """Asked for a key's password: there is none to give (OpenSSL would prompt on the
-    terminal, which a service has not got)."""
-    raise _EncryptedKey
 
 
 def parse_url(url: str, tls: TLSSettings | None = None) -> RedisOptions:
