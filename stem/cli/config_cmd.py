@@ -181,14 +181,19 @@ def check(
 
 
 def _check_store_urls(settings: Any) -> None:
-    """Read the Redis URLs as a worker will, with their TLS files loaded: a CA file that
-    holds no certificate, or a key that is not the certificate's, fails here."""
+    """Read the Redis and PostgreSQL URLs as a worker will, with their TLS files loaded:
+    a CA file that holds no certificate, or a key that is not the certificate's, fails
+    here."""
+    from stem.pg import conninfo
     from stem.redis_conn import parse_url
 
     tls = settings.tls.to_tls_settings()
     for url in dict.fromkeys((settings.broker.url, settings.backend.url)):
-        if url and url.partition(":")[0].lower() in ("redis", "rediss"):
+        scheme = url.partition(":")[0].lower() if url else ""
+        if scheme in ("redis", "rediss"):
             parse_url(url, tls)
+        elif scheme in ("postgresql", "postgres"):
+            conninfo.parse(url, tls)
 
 
 @app.command("gates")

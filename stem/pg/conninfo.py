@@ -38,7 +38,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from stem.errors import ConfigError
 from stem.observability.redact import redact_error, redact_url
-from stem.security.tls import TLSSettings
+from stem.security.tls import TLSSettings, check_tls_files
 from stem.urls import bool_option, check_url, number_option
 
 log = logging.getLogger("stem.postgres")
@@ -115,6 +115,19 @@ def tls_params(given: Mapping[str, str], tls: TLSSettings | None) -> dict[str, s
     return out
 
 
+def _check_files(effective: Mapping[str, str]) -> None:
+    """The CA, certificate and key files libpq will load, loaded here first: one that is
+    not what it should be is a configuration error naming it, not a failure to connect.
+    (A key with an ``sslpassword`` is left to libpq; ``sslrootcert=system`` is the
+    operating system's store.)"""
+    if effective.get("sslmode") == "disable":
+        return
+    ca = effective.get("sslrootcert")
+    cert = None if "sslpassword" in effective else effective.get("sslcert")
+    key = effective.get("sslkey") if cert else None
+    check_tls_files("PostgreSQL", None if ca == "system" else ca, cert, key)
+
+
 def parse(url: str, tls: TLSSettings | None = None) -> PgOptions:
     """Validate a Stem PostgreSQL URL; raise :class:`ConfigError` naming what is wrong."""
     check_url(url, "PostgreSQL")
@@ -134,6 +147,7 @@ def parse(url: str, tls: TLSSettings | None = None) -> PgOptions:
             f"one of {', '.join(_SSLMODES)}"
         )
     params = tls_params(given, tls)
+    _check_files({**given, **params})
     if "connect_timeout" not in given:
         params["connect_timeout"] = _DEFAULT_CONNECT_TIMEOUT_S
     sslmode = params.get("sslmode", given.get("sslmode", "prefer"))

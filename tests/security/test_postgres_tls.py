@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from stem.backends.postgres import PostgresBackend
 from stem.brokers.postgres import PostgresBroker
-from stem.errors import BackendConnectionError, BrokerConnectionError
+from stem.errors import BackendConnectionError, BrokerConnectionError, ConfigError
 from stem.pg import conninfo
 from stem.security.tls import TLSSettings
 from tests.fixtures.certs import TestCerts
@@ -145,6 +146,12 @@ def test_allow_insecure_connects_unverified_and_warns(
 Parse = Callable[..., conninfo.PgOptions]
 
 
+@pytest.fixture
+def files_unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests of the keywords alone: the files they name (/ca.pem) do not exist."""
+    monkeypatch.setattr(conninfo, "check_tls_files", lambda *args: None)
+
+
 @pytest.mark.parametrize(
     ("url", "tls", "mode", "rootcert"),
     [
@@ -161,6 +168,7 @@ Parse = Callable[..., conninfo.PgOptions]
         ("postgresql://h/db", TLSSettings(ca_file="/ca.pem", allow_insecure=True), "require", None),
     ],
 )
+@pytest.mark.usefixtures("files_unchecked")
 def test_sslmode_mapping(
     url: str, tls: TLSSettings | None, mode: str, rootcert: str | None
 ) -> None:
@@ -170,6 +178,7 @@ def test_sslmode_mapping(
     assert conninfo.is_verified(options) == (mode in {"verify-ca", "verify-full"})
 
 
+@pytest.mark.usefixtures("files_unchecked")
 def test_tls_settings_fill_in_client_certificate_and_min_version() -> None:
     tls = TLSSettings(ca_file="/ca", cert_file="/c.crt", key_file="/c.key", min_version="TLSv1.3")
     params = conninfo.parse("postgres://h/db", tls).params
@@ -193,3 +202,18 @@ def test_stem_options_never_reach_libpq_and_password_stays_out_of_target() -> No
     assert "listen" not in options.conninfo and "application_name=x" in options.conninfo
     assert options.target == "db.example:6543/app"
     assert "s3cret" not in options.target
+
+
+def test_tls_files_that_hold_no_certificate_are_named_at_configuration(tmp_path: Path) -> None:
+    """They failed every connect, as "cannot reach PostgreSQL" (exit 69); a missing CA
+    file too. A key protected by sslpassword is libpq's to open."""
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"PostgreSQL TLS CA file '.*notes\.txt' holds no"):
+        conninfo.parse("postgresql://h/db", TLSSettings(ca_file=str(not_pem)))
+    with pytest.raises(ConfigError, match=r"CA file '.*missing\.pem' cannot be read"):
+        conninfo.parse(f"postgresql://h/db?sslrootcert={tmp_path / 'missing.pem'}")
+    with pytest.raises(ConfigError, match="do not hold a PEM certificate"):
+        conninfo.parse(f"postgresql://h/db?sslmode=require&sslcert={not_pem}&sslkey={not_pem}")
+    conninfo.parse(f"postgresql://h/db?sslcert={not_pem}&sslkey={not_pem}&sslpassword=x")
+    conninfo.parse(f"postgresql://h/db?sslmode=disable&sslrootcert={not_pem}")

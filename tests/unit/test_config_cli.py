@@ -185,13 +185,15 @@ def test_check_loads_the_keys_a_worker_would_refuse(
     assert expected in result.output
 
 
-def test_check_loads_the_tls_files_a_worker_would_refuse(etc: Path, tmp_path: Path) -> None:
-    """A Redis CA file that holds no certificate passed check; the worker then refused it."""
+@pytest.mark.parametrize("url", ["rediss://cache:6380/0", "postgresql://db/stem"])
+def test_check_loads_the_tls_files_a_worker_would_refuse(
+    etc: Path, tmp_path: Path, url: str
+) -> None:
+    """A CA file that holds no certificate passed check; the worker then refused it (or,
+    for PostgreSQL, failed every connect)."""
     not_a_cert = tmp_path / "ca.pem"
     not_a_cert.write_text("not a certificate\n")
-    (etc / "stem.yaml").write_text(
-        f"broker:\n  url: rediss://cache:6380/0\ntls:\n  ca_file: {not_a_cert}\n"
-    )
+    (etc / "stem.yaml").write_text(f"broker:\n  url: {url}\ntls:\n  ca_file: {not_a_cert}\n")
     result = run(["check"])
     assert result.exit_code == 78, result.output
     assert "holds no certificate that can be read" in result.output
