@@ -29,7 +29,7 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -107,7 +107,6 @@ class Beat:
         store: ScheduleStore | None = None,
         max_catch_up: int = 100,
         prune: bool = False,
-        removed: Collection[str] = (),
     ) -> None:
         if not 0 < tick_s <= _MAX_TICK_S:  # NaN too
             raise ConfigError(
@@ -130,7 +129,6 @@ class Beat:
         self.store = store or ScheduleStore(app.broker, app.keyring)
         self.max_catch_up = max_catch_up
         self.prune = prune
-        self.removed = frozenset(removed)
         self.recent_ms = max(int(2 * tick_s * 1000), 1000)
         self._stop = threading.Event()
         self._warned: set[tuple[str, str]] = set()
@@ -155,28 +153,19 @@ class Beat:
     def sync(self) -> None:
         """Write the code and config entries to the store (see :meth:`ScheduleStore.sync`).
 
-        Stored config entries named in ``removed`` (set to null in a configuration layer)
-        are removed. With ``prune``, so is every stored code and config entry no longer
-        defined here; it is off by default: beats of other apps, or with other
-        configuration (a rolling deploy), may share the broker, and a beat started without
-        the app would remove every entry it defines. Without it, such entries are named in
-        a warning: they keep firing until removed (``stem schedule remove``)."""
+        With ``prune``, stored code and config entries no longer defined here are removed.
+        It is off by default: beats of other apps, or with other configuration (a rolling
+        deploy), may share the broker, and a beat started without the app would remove
+        every entry it defines. Without it, such entries are named in a warning: they keep
+        firing until removed (``stem schedule remove``)."""
         entries = self.defined_entries()
         self.store.sync(entries, prune=("config", "code") if self.prune else ())
         defined = {e.name for e in entries}
-        stale = []
-        for name, entry in sorted(self.store.load().entries.items()):
-            if entry.origin not in ("code", "config") or name in defined:
-                continue
-            if entry.origin == "config" and name in self.removed:
-                self.store.remove(name)
-                log.info(
-                    "removed schedule %r: the configuration sets it to null",
-                    name,
-                    extra={"event": "beat-prune", "entries": [name]},
-                )
-            else:
-                stale.append(name)
+        stale = sorted(
+            name
+            for name, entry in self.store.load().entries.items()
+            if entry.origin in ("code", "config") and name not in defined
+        )
         if stale:
             log.warning(
                 "stored schedule(s) of origin code or config that this beat's app and "

@@ -86,12 +86,7 @@ def beat(
         settings = state(ctx).settings
         tick = tick_s if tick_s is not None else _settings_tick_s(settings) or 0.5
         scheduler = Beat(
-            stem_app,
-            tick_s=tick,
-            beat_id=beat_id,
-            specs=config_specs(settings),
-            prune=prune,
-            removed=getattr(getattr(settings, "beat", None), "removed", ()),
+            stem_app, tick_s=tick, beat_id=beat_id, specs=config_specs(settings), prune=prune
         )
         # For systemd (Type=notify) and stem-multi: ready once the app loaded, the gates
         # passed and the schedules parsed (what fails a start for good); a broker that does

@@ -189,8 +189,6 @@ class MetricsSettings:
 class BeatSettings:
     schedules: Mapping[str, ScheduleSettings] = field(default_factory=lambda: MappingProxyType({}))
     tick_s: float = 1.0
-    # Schedules a layer set to null: beat removes their stored config entries.
-    removed: tuple[str, ...] = ()
 
 
 def _schedule_dict(entry: ScheduleSettings, redact: bool) -> dict[str, Any]:

@@ -205,15 +205,8 @@ def build_settings(merger: Merger, profile: str, files: tuple[str, ...]) -> Sett
         **{k: r.get(f"signing.{k}") for k in SCHEMA["signing"]}, file_keys=file_keys
     )
     schedules = r.entries("beat.schedules")
-    nulled = sorted(
-        path[len("beat.schedules.") :]
-        for path, assigned in r.values.items()
-        if path.startswith("beat.schedules.") and assigned.value is REMOVED
-    )
     sections["beat"] = BeatSettings(
-        schedules=MappingProxyType(dict(sorted(schedules.items()))),
-        tick_s=r.get("beat.tick_s"),
-        removed=tuple(nulled),
+        schedules=MappingProxyType(dict(sorted(schedules.items()))), tick_s=r.get("beat.tick_s")
     )
     provenance = {
         path: assigned.origin

@@ -493,17 +493,6 @@ def test_a_schedule_taken_out_of_config_or_code_is_named_at_start(
     assert sorted(store.load().entries) == ["cfg-job", "cli-job", "code-job", "other"]
 
 
-def test_a_schedule_set_to_null_in_the_configuration_is_removed(rec: Recorder) -> None:
-    """What config/conf.d/README promises: an entry set to null goes (it kept firing).
-    Only a stored config entry of that name: not one added by an operator or by code."""
-    put(rec, "cli-job", every=1)
-    add_schedule(rec.app, "code-job", "job", every=1)
-    rec.beat(specs={"nightly": {"task": "job", "every_s": 1}}).sync()
-    del rec.app.schedules["code-job"]
-    rec.beat(specs={}, removed={"nightly", "cli-job", "code-job"}).sync()
-    assert sorted(ScheduleStore(rec.app.broker).load().entries) == ["cli-job", "code-job"]
-
-
 def test_config_settings_become_specs() -> None:
     from stem.config import ScheduleSettings
 

@@ -396,13 +396,3 @@ def test_yaml_schedules_take_every_field_beat_takes(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"off\.yaml:3: beat\.schedules\.x\.enabled: not set"):
         load(tmp_path, config_file=str(off))
-
-
-def test_schedules_set_to_null_are_listed_for_beat_to_remove(tmp_path: Path) -> None:
-    base = write(
-        tmp_path / "etc" / "stem.yaml", "beat:\n  schedules:\n    a: {task: t, every: 1}\n"
-    )
-    assert base.exists()
-    write(tmp_path / "etc" / "conf.d" / "60-off.yaml", "beat:\n  schedules:\n    a: null\n")
-    settings = load(tmp_path)
-    assert dict(settings.beat.schedules) == {} and settings.beat.removed == ("a",)
