@@ -1,5 +1,6 @@
 """Schedule entries and their dict form (config ``beat.schedules.<name>``, ``app.schedule``,
-``stem schedule add`` and the stored JSON all use it).
+``stem schedule add`` and the stored JSON all use it; the configuration takes every field
+but ``enabled``, which is the operator's, and ``origin``).
 
 Exactly one of ``every`` (seconds, ``"5m"``, or a timedelta), ``cron`` (five fields),
 ``solar`` (``{event, latitude, longitude, offset}``), ``calendar`` (``{months, weekdays,

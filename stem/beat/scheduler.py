@@ -164,7 +164,7 @@ class Beat:
         stale = sorted(
             name
             for name, entry in self.store.load().entries.items()
-            if entry.origin in ("code", "config") and name not in defined
+            if entry.origin in ("code", "config") and name not in defined and entry.enabled
         )
         if stale:
             log.warning(
@@ -184,22 +184,25 @@ class Beat:
             extra={"event": "beat-sync", "entries": [e.name for e in entries]},
         )
 
-    def resync(self, now: int | None = None) -> None:
+    def resync(self, intact_ms: int | None) -> None:
         """Store the code and config entries again after the broker lost them (restarted
-        without persistence, or failed over), their last ticks taken as fired: a tick may
-        have been sent before the loss, and a one-off (``at``) must not run twice."""
+        without persistence, or failed over). A one-off (``at``) whose time came while the
+        store was still intact (``intact_ms``: the last pass that found it so) had its
+        chance to run: its last tick is stored first, so it does not run again. Recurring
+        entries start afresh (a tick due now fires)."""
         log.warning(
             "the schedules beat stored are gone from the broker (restarted without "
-            "persistence, or failed over?): storing the code and config ones again; their "
-            "latest ticks are taken as sent",
+            "persistence, or failed over?): storing the code and config ones again",
             extra={"event": "beat-resync"},
         )
-        now = now_ms() if now is None else now
+        if intact_ms is not None:
+            # Before the entries and the marker: should this fail, the next pass repeats
+            # it, and no beat sees the entry without its last tick.
+            for entry in self.defined_entries():
+                at = entry.schedule.prev_at_or_before(intact_ms) if entry.one_off else None
+                if at is not None:
+                    self.store.advance_last(entry.name, at)
         self.sync()
-        for entry in self.defined_entries():
-            latest = entry.schedule.prev_at_or_before(now)
-            if latest is not None:
-                self.store.advance_last(entry.name, latest)
 
     # -- one pass ----------------------------------------------------------------------------
 
@@ -414,6 +417,7 @@ class Beat:
             signal.signal(signal.SIGINT, self._on_signal)
         failures = 0
         synced = False
+        intact_ms: int | None = None  # when a pass last found the stored schedules there
         log.info("beat %s starting", self.beat_id, extra={"event": "beat-start"})
         while not self._stop.is_set():
             try:
@@ -421,8 +425,9 @@ class Beat:
                     self.sync()
                     synced = True
                 elif not self.store.synced():
-                    self.resync()
-                report = self.tick()
+                    self.resync(intact_ms)
+                intact_ms = now_ms()
+                report = self.tick(intact_ms)
             except BrokerError as exc:
                 wait_s = _ERROR_BACKOFF_S[min(failures, len(_ERROR_BACKOFF_S) - 1)]
                 failures += 1

@@ -138,7 +138,7 @@ class ScheduleSettings:
     or a ``solar``, ``calendar`` or ``at`` schedule). Not ``enabled``: that flag is the
     operator's (``stem schedule disable``).
 
-    YAML takes what ``app.schedule`` and ``stem schedule add`` take (see
+    YAML takes what ``app.schedule`` and ``stem schedule add`` take but ``enabled`` (see
     :mod:`stem.beat.entry`): the interval is written ``every`` (seconds, or ``"5m"``) or
     ``every_s``. Each entry is checked as beat checks it, so ``stem config check`` refuses
     what beat would.
@@ -262,7 +262,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "beat": {
         "schedules": Field("entries", {}, entry=parse_schedule),
-        "tick_s": Field("float", 1.0, above=0),
+        "tick_s": Field("float", 1.0, above=0, max=3600),
     },
 }
 # Top-level keys that are not sections.

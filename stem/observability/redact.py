@@ -139,7 +139,9 @@ def _is_passwd_file(m: re.Match[str]) -> bool:
     this one: another word after a slash may be a key (``vault/passwd: x``)."""
     text, start = m.string, m.start()
     separator = text[m.end(2) : m.start(3)].strip()
-    return text[start - 5 : m.end(2)] == "/etc/passwd" and separator == ":"
+    before = text[start - 6 : start - 5] if start >= 6 else ""
+    whole = before in ("", "/", "(", "'", '"') or before.isspace()  # not kv/etc/passwd
+    return text[start - 5 : m.end(2)] == "/etc/passwd" and separator == ":" and whole
 
 
 def redact_text(text: str) -> str:

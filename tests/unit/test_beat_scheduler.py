@@ -484,13 +484,15 @@ def test_a_schedule_taken_out_of_config_or_code_is_named_at_start(
     put(rec, "cli-job", every=1)
     add_schedule(rec.app, "code-job", "job", every=1)
     specs = {"cfg-job": {"task": "job", "every_s": 1}, "other": {"task": "job", "every_s": 1}}
+    specs["paused"] = {"task": "job", "every_s": 1}
     rec.beat(specs=specs).sync()
+    ScheduleStore(rec.app.broker).set_enabled("paused", False)  # does not fire: not named
     del rec.app.schedules["code-job"]
     with caplog.at_level(logging.WARNING, logger="stem.beat"):
         rec.beat(specs={"other": specs["other"]}).sync()
     assert "do not define keep firing: cfg-job, code-job (remove them" in caplog.text
     store = ScheduleStore(rec.app.broker)
-    assert sorted(store.load().entries) == ["cfg-job", "cli-job", "code-job", "other"]
+    assert sorted(store.load().entries) == ["cfg-job", "cli-job", "code-job", "other", "paused"]
 
 
 def test_config_settings_become_specs() -> None:
@@ -555,6 +557,35 @@ def test_run_stores_the_schedules_again_when_the_broker_lost_them(
     assert not thread.is_alive()
     once = [e for e in rec.sent if e.headers["beat_entry"] == "once"]
     assert len(once) == 1  # a one-off runs once, loss or not
+
+
+def test_a_resync_keeps_one_offs_fired_and_lets_a_due_tick_fire(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the broker lost the schedules: a one-off fired before the loss does not run
+    again, even if storing its last tick fails first time (then nothing is marked synced,
+    so no beat sees it without it); a recurring tick due just after the loss fires."""
+    add_schedule(rec.app, "once", "job", at="2023-11-14T22:13:00Z")  # T0 - 20 s
+    add_schedule(rec.app, "ten", "job", every=10)
+    beat = rec.beat()
+    beat.sync()
+    assert sorted(n for n, _ in beat.tick(T0).fired) == ["once", "ten"]
+    for key in rec.app.broker.scan("beat:"):
+        rec.app.broker.release(key)
+    real = beat.store.advance_last
+
+    def failing(name: str, tick_ms: int) -> bool:
+        monkeypatch.setattr(beat.store, "advance_last", real)
+        raise BrokerConnectionError("broker down (test)")
+
+    monkeypatch.setattr(beat.store, "advance_last", failing)
+    with pytest.raises(BrokerConnectionError):
+        beat.resync(intact_ms=T0)
+    assert not beat.store.synced()
+    beat.resync(intact_ms=T0)
+    assert beat.store.synced()
+    assert beat.tick(T0 + 10 * S + 300).fired == [("ten", T0 + 10 * S)]
+    assert [e.headers["beat_entry"] for e in rec.sent].count("once") == 1
 
 
 def test_run_fires_on_the_real_clock_and_stops(rec: Recorder) -> None:

@@ -56,6 +56,7 @@ def yaml_issue(tmp_path: Path, text: str, name: str = "stem.yaml") -> ConfigIssu
         ("worker:\n  concurrency: 2.5\n", "worker.concurrency", 2, "integer"),
         ("worker:\n  pool: forks\n", "worker.pool", 2, "one of process, thread, async, solo"),
         ("worker:\n  lease_s: 0\n", "worker.lease_s", 2, "> 0.2"),
+        ("beat:\n  tick_s: 7200\n", "beat.tick_s", 2, "3600"),  # beat refused it, no line
         # the worker's own bounds, which the configuration accepted (exit 1, no line)
         ("worker:\n  lease_s: 0.2\n", "worker.lease_s", 2, "> 0.2, got 0.2"),
         ("worker:\n  autoscale: '4,0'\n", "worker.autoscale", 2, "1 <= MIN <= MAX"),

@@ -142,6 +142,7 @@ def test_postgres_urls_keep_their_unix_socket_form() -> None:
         ("GET /login/token=s3cret", "/login/token=***"),
         ("cat /etc/passwd=s3cret", "/etc/passwd=***"),
         ("secret/app/passwd: s3cret", "secret/app/passwd: ***"),
+        ("kv/app/etc/passwd: s3cret", "kv/app/etc/passwd: ***"),
     ],
 )
 def test_key_value_connection_strings_lose_their_passwords(text: str, shown: str) -> None:
@@ -178,6 +179,7 @@ def test_a_long_word_in_a_log_line_does_not_stall_redaction() -> None:
         "KeyError: 'password'",
         # the file, then the message about it
         "SQLite database /etc/passwd: file is not a database",
+        "bad URL sqlite:////etc/passwd: file is not a database",
     ],
 )
 def test_words_that_only_look_like_secrets_are_left_alone(text: str) -> None:
