@@ -536,7 +536,7 @@ class Stem:
         keyring = self.keyring
         if keyring is not None and keyring.can_sign:
             return keyring.seal_envelope(env, max_bytes=self.max_message_bytes, headroom=headroom)
-        if keyring is not None and keyring.required and not unsigned_ok:
+        if keyring is not None and keyring.must_sign_but_cannot and not unsigned_ok:
             raise ConfigError(
                 f"cannot send {env.task!r}: this process's signing keys are public keys only "
                 "(verify-only), and signatures are required, so workers would refuse it "

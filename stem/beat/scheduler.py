@@ -114,7 +114,7 @@ class Beat:
                 f"got {tick_s}"
             )
         keyring = app.keyring
-        if keyring is not None and keyring.required and not keyring.can_sign:
+        if keyring is not None and keyring.must_sign_but_cannot:
             # Every tick would fail to be sent: refuse to start (exit 78) rather than run
             # and log an error each pass.
             raise ConfigError(
@@ -161,9 +161,10 @@ class Beat:
         entries = self.defined_entries()
         self.store.sync(entries, prune=("config", "code") if self.prune else ())
         defined = {e.name for e in entries}
+        stored = self.store.load().entries
         stale = sorted(
             name
-            for name, entry in self.store.load().entries.items()
+            for name, entry in stored.items()
             if entry.origin in ("code", "config") and name not in defined and entry.enabled
         )
         if stale:
@@ -174,7 +175,7 @@ class Beat:
                 ", ".join(stale),
                 extra={"event": "beat-undefined-entries", "entries": stale},
             )
-        for entry in self.store.load().entries.values():
+        for entry in stored.values():
             if problem := unknown_task(self.app, entry):
                 log.warning(problem, extra={"event": "beat-unknown-task", "entry": entry.name})
         log.info(

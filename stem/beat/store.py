@@ -159,14 +159,14 @@ class ScheduleStore:
         raw = encode_entry(entry)
         if self.keyring is None:
             return raw
-        if not self.keyring.can_sign:
-            if not self.keyring.required:
-                return raw
+        if self.keyring.must_sign_but_cannot:
             raise ConfigError(
                 f"schedule {entry.name!r}: writing schedules needs a signing key (this "
                 "keyring is verify-only, and beat refuses unsigned entries): set "
                 "STEM_SIGNING_KEYS and STEM_SIGNING_ACTIVE_KEY"
             )
+        if not self.keyring.can_sign:
+            return raw
         return self.keyring.seal(raw.encode(), context=_context(entry.name)).decode()
 
     def _update(self, key: str, change: Callable[[str | None], str | None]) -> str | None:

@@ -481,6 +481,12 @@ class Keyring:
         return self.signer is not None
 
     @property
+    def must_sign_but_cannot(self) -> bool:
+        """Signatures are required and this keyring holds public keys only: what it would
+        send unsigned is refused by every reader."""
+        return self.required and not self.can_sign
+
+    @property
     def key_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self.verifiers))
 

@@ -101,7 +101,7 @@ class LimitGate:
             return True
         body = None
         keyring = self.app.keyring
-        if keyring is None or not keyring.required or keyring.can_sign:
+        if keyring is None or not keyring.must_sign_but_cannot:
             try:
                 body = self.app.seal(
                     env.replace(

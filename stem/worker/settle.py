@@ -640,7 +640,7 @@ class Settler:
             self._fail(job, Outcome("failure", error=error, runtime_s=outcome.runtime_s))
             return
         keyring = self.app.keyring
-        if keyring is not None and keyring.required and not keyring.can_sign:
+        if keyring is not None and keyring.must_sign_but_cannot:
             self._fail(
                 job,
                 Outcome(
