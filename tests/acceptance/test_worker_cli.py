@@ -208,7 +208,9 @@ def test_enqueue_result_queues_and_dlq_commands(cli: StemCLI) -> None:
 
 
 def test_delayed_task_survives_a_worker_restart(cli: StemCLI) -> None:
-    out = cli.run("enqueue", "acc.square", "--args", "[4]", "--countdown", "2", check=True)
+    # Long enough to be still delayed when counted below, on a loaded machine too (with
+    # 2 s, the count ran after it on a loaded CI run).
+    out = cli.run("enqueue", "acc.square", "--args", "[4]", "--countdown", "8", check=True)
     task_id = out.stdout.strip()
     worker = cli.start_worker("--pool", "thread", "-c", "1")
     time.sleep(0.5)

@@ -190,7 +190,9 @@ class ChaosRun:
 
     def executions(self) -> list[Execution]:
         out = []
-        for line in self.record.read_text().splitlines():
+        text = self.record.read_text()
+        # Whole lines only: a task may be writing the last one as it is read.
+        for line in text[: text.rfind("\n") + 1].splitlines():
             kind, n, pid, ppid, at = line.split()
             if kind == "start":
                 out.append(Execution(int(n), int(pid), int(ppid), float(at)))
